@@ -1,0 +1,558 @@
+"""The recorder: one line attaches it to any PyTorch training loop.
+
+    rec = phasewatch.Recorder("runs/exp1", model, optimizer)
+    for x, y in data:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        rec.loss(loss)          # before or after optimizer.step(): detected on the first call
+        optimizer.step()
+        optimizer.zero_grad()
+    rec.close()                 # or `with phasewatch.Recorder(...) as rec:`
+
+It hooks ``optimizer.step`` (``register_step_pre_hook``/``register_step_post_hook``), so it sees
+exactly the steps the optimizer takes and the gradients it sees: after gradient accumulation, after
+clipping, and after a ``GradScaler`` has unscaled them (a step the scaler skips is not a step).
+
+Per recorded update u_t = θ_t − θ_{t−stride} it computes the band b_t[j] = ⟨u_t, u_{t−j}⟩, j < K,
+per layer group, in float64.  Updates live in a ring of K−1+B rows on the parameters' device; every
+B updates one matrix product (ring × the B new rows) yields B band rows at once.  That turns K
+memory-bound dot products per step into a compute-bound GEMM, the main reason the recorder is cheap.
+When the ring would exceed ``memory_budget`` it holds a seeded sign-fold projection of each large
+parameter tensor instead (see :mod:`phasewatch.record.projection`), and the run says so.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import RecorderError
+from ..store import format as fmt
+from ..store.reader import open_run
+from ..store.writer import RunWriter
+from .projection import fold, fold_signs
+from .schedule import Schedule
+
+log = logging.getLogger("phasewatch")
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    return repr(v)
+
+
+def _group_of(name: str, groups: None | dict | Callable[[str], str]) -> str:
+    if groups is None:
+        return name
+    if callable(groups):
+        return str(groups(name))
+    for label, members in groups.items():
+        for m in members:
+            if name == m or name.startswith(m + ".") or name.startswith(m):
+                return label
+    return "other"
+
+
+class Recorder:
+    """Record a training run to a phasewatch run directory.
+
+    Parameters
+    ----------
+    path: run directory to create (or to continue with ``resume=True``).
+    model, optimizer: the model (for parameter names) and the optimizer whose steps are recorded.
+        Parameters that require grad and belong to the optimizer are recorded.
+    k: band length K: inner products of each update with itself and the K−1 previous ones (32).
+    stride: record displacements θ_t − θ_{t−stride} every ``stride`` steps (1).
+    block: B, updates per band GEMM (16); rows reach the writer every B recorded updates.
+    mode: ``"auto"`` (exact if the ring fits ``memory_budget``), ``"exact"`` or ``"projected"``.
+    memory_budget: bytes allowed for the ring buffer in ``auto`` mode (512 MiB).
+    proj_dim, proj_seed: fold dimension d per parameter tensor and seed for ``projected`` mode;
+        tensors with at most d elements are kept exact.
+    groups: layer groups: ``None`` (one per parameter tensor), a dict label -> list of parameter
+        names or prefixes, or a callable name -> label.
+    snapshot_every: schedule of stored update vectors (int N, ``"log"``, list of steps, callable).
+    snapshot_kind: ``"raw"`` (u_t itself; needs exact mode or stride 1) or ``"projected"``.
+    snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
+    checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
+    flush_rows, flush_seconds: write to disk every this many rows or seconds (256, 5 s).
+    resume: continue an existing run in a new segment; steps continue from the last recorded step
+        unless ``start_step`` says where training resumed.
+    strict: re-raise the recorder's own errors (for tests) instead of disabling it.
+    seeds, meta: anything to store in the run's metadata.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        k: int = 32,
+        stride: int = 1,
+        block: int = 16,
+        mode: str = "auto",
+        memory_budget: int = 512 * 2**20,
+        proj_dim: int = 8192,
+        proj_seed: int = 0,
+        groups: None | dict[str, Iterable[str]] | Callable[[str], str] = None,
+        snapshot_every: Any = None,
+        snapshot_kind: str = "raw",
+        snapshot_dtype: str = "float64",
+        checkpoint_every: Any = None,
+        flush_rows: int = 256,
+        flush_seconds: float = 5.0,
+        rotate_rows: int = 1_000_000,
+        rotate_seconds: float = 3600.0,
+        resume: bool = False,
+        start_step: int | None = None,
+        strict: bool = False,
+        seeds: dict | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        if k < 2:
+            raise RecorderError(f"k={k}: the band needs K >= 2 (the window W must satisfy W <= K-1)")
+        if stride < 1 or block < 1:
+            raise RecorderError("stride and block must be positive integers")
+        if mode not in ("auto", "exact", "projected"):
+            raise RecorderError(f"mode={mode!r}: use 'auto', 'exact' or 'projected'")
+        if snapshot_kind not in ("raw", "projected"):
+            raise RecorderError(f"snapshot_kind={snapshot_kind!r}: use 'raw' or 'projected'")
+        self.path = Path(path)
+        self.strict = strict
+        self.k, self.stride, self.block = int(k), int(stride), int(block)
+        self.enabled = True
+        self._hooks: list[Any] = []
+        self._closed = False
+
+        # -- which parameters, in which layout --------------------------------------------
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
+        if not named:
+            raise RecorderError("the model has no trainable parameters in this optimizer; nothing to record")
+        seen_ids = {id(p) for _, p in named}
+        if len(in_opt - seen_ids):
+            log.warning("phasewatch: %d optimizer parameters are not in model.named_parameters(); "
+                        "they are not recorded", len(in_opt - seen_ids))
+        labels = [_group_of(n, groups) for n, _ in named]
+        order = list(dict.fromkeys(labels))
+        named = sorted(zip(labels, named), key=lambda t: order.index(t[0]))
+        self.group_labels = order
+        self.params = [p for _, (_, p) in named]
+        self.param_names = [n for _, (n, _) in named]
+        param_group_idx = [order.index(lbl) for lbl, _ in named]
+        self.n_params = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+
+        # -- exact or projected -------------------------------------------------------------
+        self.rows = self.k - 1 + self.block  # ring rows R
+        exact_bytes = self.rows * self.n_params * 8
+        if mode == "auto":
+            mode = "exact" if exact_bytes <= memory_budget else "projected"
+            if mode == "projected":
+                log.info("phasewatch: an exact ring of %d updates would take %.2f GiB > budget %.2f GiB; "
+                         "recording a sign-fold projection to d=%d per tensor (inner products within ~%.1f%%)",
+                         self.rows, exact_bytes / 2**30, memory_budget / 2**30, proj_dim,
+                         100 * math.sqrt(2 / proj_dim))
+        self.mode = mode
+        self.proj_dim, self.proj_seed = int(proj_dim), int(proj_seed)
+        projected = [mode == "projected" and p.numel() > self.proj_dim for p in self.params]
+        dims = [self.proj_dim if pr else p.numel() for p, pr in zip(self.params, projected)]
+        self.dim = sum(dims)
+        offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+        n_groups = len(order)
+        self._group_slices = []
+        for g in range(n_groups):
+            idx = [i for i, gi in enumerate(param_group_idx) if gi == g]
+            self._group_slices.append(slice(int(offsets[idx[0]]), int(offsets[idx[-1] + 1])))
+
+        if snapshot_every is not None and snapshot_kind == "raw" and mode == "projected" and any(projected):
+            if self.stride != 1:
+                raise RecorderError("raw snapshots in projected mode need stride=1; use "
+                                    "snapshot_kind='projected' or mode='exact'")
+        self.snapshot_kind = snapshot_kind
+        self.snapshots = Schedule(snapshot_every)
+        self.checkpoints = Schedule(checkpoint_every)
+
+        # -- device state -------------------------------------------------------------------
+        with torch.no_grad():
+            dev = self.device
+            self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
+            self._exact = [i for i, pr in enumerate(projected) if not pr]
+            self._folded = [i for i, pr in enumerate(projected) if pr]
+            self._prev = {i: self.params[i].detach().clone() for i in self._exact}
+            self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
+                                         self.params[i].dtype, dev) for i in self._folded}
+            self._prev_fold = {i: fold(self.params[i].detach(), self._signs[i], self.proj_dim)
+                               for i in self._folded}
+            self._fold_tmp = {i: torch.empty(self.proj_dim, dtype=torch.float64, device=dev)
+                              for i in self._folded}
+            # per ring slot: views of that row for each parameter (exact: shaped like the param)
+            self._slot_views = []
+            for r in range(self.rows):
+                row = self._ring[r]
+                views = {}
+                for i, p in enumerate(self.params):
+                    v = row[offsets[i]: offsets[i + 1]]
+                    views[i] = v.view(p.shape) if i in self._prev else v
+                self._slot_views.append(views)
+            self._ex_params = [self.params[i] for i in self._exact]
+            self._ex_prev = [self._prev[i] for i in self._exact]
+            self._ex_views = [[self._slot_views[r][i] for i in self._exact] for r in range(self.rows)]
+
+        # -- host-side buffers --------------------------------------------------------------
+        self._n_updates = 0          # updates written into the ring so far (this session)
+        self._n_banded = 0           # updates whose band row has been computed
+        self._pending_update_steps: list[tuple[int, float]] = []  # (step, lr) awaiting band
+        self._step_rows: list[dict] = []  # per step: step, wall, lr list, grad norms tensor, losses
+        self._loss_mode: str | None = None  # "before" or "after" optimizer.step()
+        self._losses: dict[int, list] = {}
+        self._cur_grad: torch.Tensor | None = None
+        self._cur_lr: list[float] = []
+        self._param_group = param_group_idx
+        self._warned_nonfinite = False
+
+        # -- the run on disk ----------------------------------------------------------------
+        n_lr = len(optimizer.param_groups)
+        snap_dim = self.n_params if snapshot_kind == "raw" else self.dim
+        self._snap_dtype = snapshot_dtype if snapshot_kind == "raw" else "float64"
+        tables = [
+            fmt.steps_table(n_groups, n_lr),
+            fmt.band_table(n_groups, self.k),
+            fmt.metrics_table(),
+            fmt.snapshots_table(snap_dim, self._snap_dtype),
+            fmt.checkpoints_table(self.n_params, "float32"),
+        ]
+        config = {
+            "k": self.k, "stride": self.stride, "block": self.block, "mode": self.mode,
+            "memory_budget": memory_budget, "proj_dim": self.proj_dim if mode == "projected" else None,
+            "proj_seed": self.proj_seed if mode == "projected" else None,
+            "proj_method": "sign-fold" if mode == "projected" else None,
+            "projected_tensors": [self.param_names[i] for i in self._folded],
+            "snapshot_every": self.snapshots.describe(), "snapshot_kind": snapshot_kind,
+            "snapshot_dtype": self._snap_dtype, "checkpoint_every": self.checkpoints.describe(),
+            "accumulate": "float64", "device": str(self.device),
+        }
+        model_meta = {
+            "class": type(model).__name__,
+            "n_params": self.n_params,
+            "params": [
+                {"name": n, "shape": list(p.shape), "numel": p.numel(), "dtype": str(p.dtype).replace("torch.", ""),
+                 "group": order[g], "projected_dim": dims[i] if projected[i] else None}
+                for i, (n, p, g) in enumerate(zip(self.param_names, self.params, param_group_idx))
+            ],
+            "groups": [
+                {"name": lbl, "numel": sum(p.numel() for p, g in zip(self.params, param_group_idx) if g == gi),
+                 "dim": self._group_slices[gi].stop - self._group_slices[gi].start}
+                for gi, lbl in enumerate(order)
+            ],
+        }
+        opt_meta = {
+            "class": type(optimizer).__name__,
+            "defaults": _json_safe({k: v for k, v in optimizer.defaults.items()}),
+            "param_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
+                             for g in optimizer.param_groups],
+        }
+        opt_meta["hyper"] = opt_meta["param_groups"][0]
+        run_meta = {
+            "model": model_meta, "optimizer": opt_meta, "recorder": config,
+            "versions": {"phasewatch": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "seeds": {"torch_initial_seed": int(torch.initial_seed()), **(_json_safe(seeds or {}))},
+            "user": _json_safe(meta or {}),
+            "command": " ".join(sys.argv),
+        }
+        last_step = 0
+        if resume and (self.path / fmt.META_FILE).exists():
+            try:
+                prev_run = open_run(self.path)
+                st = prev_run.steps["step"]
+                last_step = int(st[-1]) if len(st) else 0
+            except Exception as e:  # noqa: BLE001 - resume from what can be read
+                log.warning("phasewatch: could not read the run to resume (%s); steps restart at 1", e)
+        self.writer = RunWriter(self.path, run_meta, tables, resume=resume, block_rows=flush_rows,
+                                flush_seconds=flush_seconds, rotate_rows=rotate_rows,
+                                rotate_seconds=rotate_seconds)
+        self.step = int(start_step) if start_step is not None else last_step  # last completed step
+        self._resume_step = self.step
+
+        self.optimizer = optimizer
+        self._hooks.append(optimizer.register_step_pre_hook(self._pre_hook))
+        self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
+        self._atexit = weakref.WeakMethod(self.close)
+        atexit.register(_close_at_exit, self._atexit)
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    def loss(self, value: float | torch.Tensor, step: int | None = None) -> None:
+        """Record the training loss of a step.  Call it before or after ``optimizer.step()``:
+        the first call tells which (before any step: the loss belongs to the coming step; after
+        the first step: to the step just taken).  Several calls per step (gradient accumulation)
+        are averaged."""
+        if not self.enabled:
+            return
+        try:
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            if step is None:
+                if self._loss_mode is None:
+                    self._loss_mode = "before" if self.step == self._resume_step else "after"
+                step = self.step + 1 if self._loss_mode == "before" else self.step
+            self._losses.setdefault(int(step), []).append(value)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def log(self, step: int | None = None, **metrics: float | torch.Tensor) -> None:
+        """Store evaluation metrics (test accuracy, eval loss ...) at a step (default: the last
+        completed step)."""
+        if not self.enabled:
+            return
+        try:
+            s = self.step if step is None else int(step)
+            names, vals = [], []
+            for name, v in metrics.items():
+                if len(name.encode()) > 64:
+                    raise RecorderError(f"metric name {name[:20]}... is longer than 64 bytes")
+                names.append(name.encode())
+                vals.append(float(v.detach().cpu()) if isinstance(v, torch.Tensor) else float(v))
+            if names:
+                self.writer.append("metrics", step=np.full(len(names), s, dtype="i8"),
+                                   name=np.array(names, dtype="S64"), value=np.array(vals))
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def flush(self) -> None:
+        """Compute pending band rows and write everything buffered to disk."""
+        if not self.enabled:
+            return
+        try:
+            self._drain(final=True)
+            self.writer.flush_buffers_only()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def close(self) -> None:
+        """Write what is pending, close the run, remove the hooks.  Idempotent."""
+        if self._closed:
+            return
+        if self.enabled:
+            try:
+                self._drain(final=True)
+                self.writer.close()
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+        self._remove_hooks()
+        self._closed = True
+        self.enabled = False
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            with torch.no_grad():
+                grads = [p.grad for p in self.params if p.grad is not None]
+                if len(grads) == len(self.params):
+                    norms = torch.stack(torch._foreach_norm(grads))
+                else:
+                    norms = torch.stack([p.grad.detach().norm() if p.grad is not None
+                                         else torch.zeros((), device=p.device) for p in self.params])
+                self._cur_grad = norms
+            self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def _post_hook(self, optimizer, args, kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.step += 1
+            step = self.step
+            self._step_rows.append({"step": step, "wall": time.time(), "lr": self._cur_lr,
+                                    "grad": self._cur_grad})
+            self._cur_grad = None
+            if (step - self._resume_step) % self.stride == 0:
+                self._record_update(step)
+            if self.checkpoints(step):
+                self._checkpoint(step)
+            if len(self._pending_update_steps) >= self.block:
+                self._drain(final=False)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    # ------------------------------------------------------------------------------------------
+    # per-step work
+    @torch.no_grad()
+    def _record_update(self, step: int) -> None:
+        slot = self._n_updates % self.rows
+        views = self._slot_views[slot]
+        if self._exact:
+            ex_views = self._ex_views[slot]
+            torch._foreach_copy_(ex_views, self._ex_params)
+            torch._foreach_sub_(ex_views, self._ex_prev)
+            torch._foreach_copy_(self._ex_prev, self._ex_params)
+        for i in self._folded:
+            cur = fold(self.params[i].detach(), self._signs[i], self.proj_dim, out=self._fold_tmp[i])
+            torch.sub(cur, self._prev_fold[i], out=views[i])
+            self._fold_tmp[i], self._prev_fold[i] = self._prev_fold[i], cur
+        self._n_updates += 1
+        self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
+        if self.snapshots(step):
+            self._snapshot(step, slot)
+
+    @torch.no_grad()
+    def _snapshot(self, step: int, slot: int) -> None:
+        if self.snapshot_kind == "projected" or not self._folded:
+            data = self._ring[slot]  # exact tensors: the raw update in layout order
+        else:
+            raise RecorderError("raw snapshots in projected mode are not available yet; "
+                                "use snapshot_kind='projected'")
+        arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
+        self.writer.append("snapshots", step=np.array([step]), update=arr)
+
+    @torch.no_grad()
+    def _checkpoint(self, step: int) -> None:
+        theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        self.writer.append("checkpoints", step=np.array([step]), theta=theta.numpy()[None])
+
+    @torch.no_grad()
+    def _drain(self, final: bool) -> None:
+        """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer."""
+        pend = self._pending_update_steps
+        band_by_step: dict[int, float] = {}
+        if pend:
+            n1 = self._n_updates
+            n0 = n1 - len(pend)
+            slots = torch.arange(n0, n1) % self.rows
+            slots_dev = slots.to(self.device)
+            per_group = []
+            for sl in self._group_slices:
+                block = self._ring[:, sl]
+                new = block.index_select(0, slots_dev)
+                per_group.append(block @ new.T)  # (R, nb)
+            m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
+            i = np.arange(n0, n1)[:, None]
+            j = np.arange(self.k)[None, :]
+            src = i - j  # (nb, K)
+            valid = src >= 0
+            src_slot = np.where(valid, src, 0) % self.rows
+            cols = np.broadcast_to(np.arange(n1 - n0)[:, None], src.shape)
+            layer = m[:, src_slot, cols]  # (G, nb, K)
+            layer = np.where(valid[None], layer, np.nan).transpose(1, 0, 2)
+            band = layer.sum(axis=1)
+            steps = np.array([s for s, _ in pend], dtype="i8")
+            lrs = np.array([lr for _, lr in pend], dtype="f8")
+            self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
+            band_by_step = dict(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
+            nonfinite_update = {int(s) for s, b in zip(steps, band[:, 0]) if not np.isfinite(b)}
+            self._pending_update_steps = []
+        else:
+            nonfinite_update = set()
+
+        rows = self._step_rows
+        if not rows:
+            return
+        # with losses given after optimizer.step(), the newest step's loss may still come
+        keep = 1 if (self._loss_mode == "after" and not final) else 0
+        out, self._step_rows = rows[: len(rows) - keep], rows[len(rows) - keep:]
+        if not out:
+            return
+        n = len(out)
+        steps = np.array([r["step"] for r in out], dtype="i8")
+        grads = [r["grad"] for r in out]
+        if all(g is not None for g in grads):
+            gn = torch.stack(grads).to(torch.float64).cpu().numpy()  # (n, n_params)
+        else:
+            gn = np.full((n, len(self.params)), np.nan)
+            for a, g in enumerate(grads):
+                if g is not None:
+                    gn[a] = g.to(torch.float64).cpu().numpy()
+        layer_sq = np.zeros((n, len(self.group_labels)))
+        for i, p in enumerate(self.params):
+            layer_sq[:, self._param_group[i]] += gn[:, i] ** 2
+        grad_norm = np.sqrt(layer_sq.sum(axis=1))
+        loss = np.full(n, np.nan)
+        loss_nan = np.zeros(n, dtype=bool)  # a loss was given and it is NaN (not merely missing)
+        for a, s in enumerate(steps.tolist()):
+            vals = self._losses.pop(s, None)
+            if vals:
+                loss[a] = float(np.mean([float(v) for v in vals]))
+                loss_nan[a] = np.isnan(loss[a])
+        for s in [s for s in self._losses if s < int(steps[0])]:
+            del self._losses[s]  # losses for steps never taken (e.g. skipped by a GradScaler)
+        n_lr = len(self.optimizer.param_groups)
+        lr = np.array([(r["lr"] + [np.nan] * n_lr)[:n_lr] for r in out], dtype="f8")
+        upd = np.array([band_by_step.get(s, np.nan) for s in steps.tolist()])
+        flags = np.zeros(n, dtype="i4")
+        flags |= np.where(np.isinf(loss) | loss_nan, fmt.FLAG_LOSS_NONFINITE, 0).astype("i4")
+        flags |= np.where(np.isfinite(grad_norm), 0, fmt.FLAG_GRAD_NONFINITE).astype("i4")
+        flags |= np.array([fmt.FLAG_UPDATE_NONFINITE if s in nonfinite_update else 0 for s in steps.tolist()],
+                          dtype="i4")
+        if np.any(flags) and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            bad = int(steps[np.nonzero(flags)[0][0]])
+            log.warning("phasewatch: non-finite loss/gradient/update at step %d (flagged in the run; "
+                        "analysis skips windows that contain it)", bad)
+        self.writer.append("steps", step=steps, wall_time=np.array([r["wall"] for r in out]),
+                           loss=loss, lr=lr, grad_norm=grad_norm, layer_grad_norm=np.sqrt(layer_sq),
+                           update_norm=upd, flags=flags)
+
+    # ------------------------------------------------------------------------------------------
+    # failure policy
+    def _fail(self, e: BaseException) -> None:
+        if self.strict:
+            raise e
+        if self.enabled:
+            log.error("phasewatch: recorder disabled after an error (%s: %s); training continues, "
+                      "the %s run keeps what was written", type(e).__name__, e, self.path)
+        self.enabled = False
+        self._remove_hooks()
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            try:
+                writer.close()  # keep what is buffered if the writer itself still works
+            except Exception:  # noqa: BLE001
+                writer.abandon()
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            try:
+                h.remove()
+            except Exception:  # noqa: BLE001
+                pass
+        self._hooks = []
+
+
+def _close_at_exit(ref: weakref.WeakMethod) -> None:
+    close = ref()
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001
+            pass

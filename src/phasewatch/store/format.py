@@ -1,0 +1,121 @@
+"""The run format: every name, dtype and attribute of a phasewatch run, in one place.
+
+A run is a directory::
+
+    RUN/meta.json              self-describing metadata (atomic write: temp file + rename)
+    RUN/segment-000000.h5      HDF5 segments; a closed segment is never written again
+    RUN/segment-000001.h5      (rotation every N rows or minutes, and on every resume)
+
+or one packed file (``phasewatch pack``) whose ``/segments/NNNNNN`` groups hold the segments.
+
+Each segment holds one group per *table*.  A table is a set of columnar, chunked, resizable
+datasets that grow together, plus a one-element ``committed_rows`` dataset written after the
+data has been flushed: readers trust ``committed_rows`` and ignore anything beyond it.
+Segments are written in HDF5 SWMR mode, so a reader can open them while training runs and a
+killed writer leaves a file whose committed rows are intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT_NAME = "phasewatch-run"
+PACKED_FORMAT_NAME = "phasewatch-packed-run"
+SCHEMA_VERSION = 1
+META_FILE = "meta.json"
+SEGMENT_GLOB = "segment-*.h5"
+COMMITTED = "committed_rows"
+PACKED_SEGMENTS = "segments"
+
+
+def segment_name(index: int) -> str:
+    return f"segment-{index:06d}.h5"
+
+
+# Bits of the per-step ``flags`` column.
+FLAG_LOSS_NONFINITE = 1
+FLAG_GRAD_NONFINITE = 2
+FLAG_UPDATE_NONFINITE = 4
+FLAG_NAMES = {
+    FLAG_LOSS_NONFINITE: "loss not finite",
+    FLAG_GRAD_NONFINITE: "gradient not finite",
+    FLAG_UPDATE_NONFINITE: "update not finite",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One dataset of a table: dtype and the shape of one row (``()`` for a scalar column)."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    def empty(self, n: int) -> np.ndarray:
+        return np.empty((n, *self.shape), dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: named columns that grow together; ``step`` is always the first column."""
+
+    name: str
+    columns: dict[str, Column] = field(default_factory=dict)
+
+    def chunk_rows(self) -> int:
+        row_bytes = max(
+            1,
+            sum(int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize
+                for c in self.columns.values()),
+        )
+        # aim for chunks of ~256 KiB, between 1 and 1024 rows
+        return int(min(1024, max(1, (256 * 1024) // row_bytes)))
+
+
+def steps_table(n_layers: int, n_lr_groups: int) -> TableSpec:
+    """Per optimizer step: scalars that cost O(P) at most."""
+    return TableSpec(
+        "steps",
+        {
+            "step": Column("i8"),
+            "wall_time": Column("f8"),
+            "loss": Column("f8"),
+            "lr": Column("f8", (n_lr_groups,)),
+            "grad_norm": Column("f8"),
+            "layer_grad_norm": Column("f8", (n_layers,)),
+            "update_norm": Column("f8"),
+            "flags": Column("i4"),
+        },
+    )
+
+
+def band_table(n_layers: int, k: int) -> TableSpec:
+    """Per recorded update u_t: the band b_t[j] = <u_t, u_{t-j}>, j < K, global and per layer."""
+    return TableSpec(
+        "band",
+        {
+            "step": Column("i8"),
+            "lr": Column("f8"),
+            "band": Column("f8", (k,)),
+            "layer_band": Column("f8", (n_layers, k)),
+        },
+    )
+
+
+def metrics_table() -> TableSpec:
+    """Evaluation metrics logged by the user at any steps, in long form (step, name, value)."""
+    return TableSpec(
+        "metrics",
+        {"step": Column("i8"), "name": Column("S64"), "value": Column("f8")},
+    )
+
+
+def snapshots_table(dim: int, dtype: str) -> TableSpec:
+    """Update vectors u_t (raw, or projected to ``dim`` coordinates) at scheduled steps."""
+    return TableSpec("snapshots", {"step": Column("i8"), "update": Column(dtype, (dim,))})
+
+
+def checkpoints_table(n_params: int, dtype: str) -> TableSpec:
+    """Flattened parameters θ_t at scheduled steps, in the order of ``meta['model']['params']``."""
+    return TableSpec("checkpoints", {"step": Column("i8"), "theta": Column(dtype, (n_params,))})

@@ -1,0 +1,445 @@
+"""Reading a run: a run directory or a packed file, complete, crashed or still being written.
+
+The reader trusts each table's ``committed_rows`` (and trims to the shortest column), reads
+segments in order, reports a segment it cannot open and goes on, refuses external links and
+virtual datasets, and reports (never silently merges) steps that overlap or leave a gap between
+segments.  Where a resumed segment overlaps an earlier one, the later rows win: they are the
+trajectory training actually continued on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import RunFormatError, SchemaVersionError
+from . import format as fmt
+
+log = logging.getLogger("phasewatch")
+
+# Tables whose rows are keyed by training step and cut where a resumed segment starts.
+_STEP_TABLES = ("steps", "band", "metrics", "snapshots", "checkpoints")
+# Tables with wide rows: only their ``step`` column is read up front, the rest on first access.
+HEAVY_TABLES = ("snapshots", "checkpoints")
+
+
+@dataclass
+class SegmentInfo:
+    label: str
+    index: int
+    rows: dict[str, int] = field(default_factory=dict)
+    first_step: int | None = None
+    last_step: int | None = None
+    error: str | None = None
+
+
+def _open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only, also while a SWMR writer has it open or after it was killed."""
+    try:
+        return h5py.File(path, "r", swmr=True)
+    except OSError:
+        return h5py.File(path, "r")
+
+
+def check_schema(attrs_or_meta, where: str) -> None:
+    fmt_name = attrs_or_meta.get("format")
+    if isinstance(fmt_name, bytes):
+        fmt_name = fmt_name.decode()
+    if fmt_name not in (fmt.FORMAT_NAME, fmt.PACKED_FORMAT_NAME):
+        raise RunFormatError(f"{where}: not a phasewatch run (no '{fmt.FORMAT_NAME}' format mark)")
+    version = int(attrs_or_meta.get("schema_version", 0))
+    if version > fmt.SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where}: written with run schema {version}, newer than this phasewatch reads "
+            f"({fmt.SCHEMA_VERSION}); upgrade phasewatch (pip install -U phasewatch)"
+        )
+    if version < 1:
+        raise RunFormatError(f"{where}: invalid schema version {version}")
+
+
+def _check_safe(group: h5py.Group, where: str) -> None:
+    """Refuse external links, soft links, external raw storage and virtual datasets."""
+    for name in group:
+        link = group.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise RunFormatError(
+                f"{where}/{name}: is a {type(link).__name__}; phasewatch refuses links that may "
+                "point outside the run"
+            )
+        obj = group[name]
+        if isinstance(obj, h5py.Group):
+            _check_safe(obj, f"{where}/{name}")
+        elif isinstance(obj, h5py.Dataset):
+            if obj.is_virtual or obj.external:
+                raise RunFormatError(
+                    f"{where}/{name}: virtual or external dataset; phasewatch refuses data stored "
+                    "outside the run file"
+                )
+
+
+def read_table(
+    group: h5py.Group, spec_cols: dict | None, where: str, only: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Read one table's committed rows (trimmed to the shortest column); ``only`` some columns."""
+    if fmt.COMMITTED not in group:
+        raise RunFormatError(f"{where}: table without '{fmt.COMMITTED}'; not a phasewatch table")
+    committed = int(np.asarray(group[fmt.COMMITTED][()]).reshape(-1)[0])
+    names = [n for n in group if n != fmt.COMMITTED]
+    if spec_cols is not None:
+        names = [n for n in spec_cols if n in group] + [n for n in names if n not in spec_cols]
+    lengths = [group[n].shape[0] for n in names if group[n].ndim]
+    n = max(0, min([committed, *lengths]))
+    out = {}
+    for name in names:
+        if only is not None and name not in only:
+            continue
+        ds = group[name]
+        if spec_cols is not None and name in spec_cols:
+            want_dtype, want_shape = spec_cols[name]
+            if tuple(ds.shape[1:]) != tuple(want_shape) or np.dtype(ds.dtype).kind != np.dtype(want_dtype).kind:
+                raise RunFormatError(
+                    f"{where}/{name}: shape {ds.shape[1:]} / dtype {ds.dtype} do not match the run's "
+                    f"schema ({tuple(want_shape)} / {want_dtype}); the file is damaged or foreign"
+                )
+        try:
+            out[name] = ds[:n]
+        except OSError as e:
+            msg = str(e).splitlines()[0]
+            if "fletcher" in msg.lower() or "checksum" in msg.lower() or "filter" in msg.lower():
+                raise RunFormatError(
+                    f"{where}/{name}: checksum mismatch (data corrupted on disk); run "
+                    "`phasewatch repair` to drop the damaged segment"
+                ) from None
+            raise RunFormatError(f"{where}/{name}: cannot read ({msg})") from None
+    return out
+
+
+class Run:
+    """A recorded run, read-only.  Use :func:`open_run`.
+
+    Attributes
+    ----------
+    meta: the run's metadata (model, optimizer, recorder configuration, versions, seeds).
+    segments: one :class:`SegmentInfo` per segment, including ones that could not be read.
+    warnings: one-line messages about skipped segments, overlaps and gaps.
+    """
+
+    def __init__(self, path: Path, meta: dict, sources: list[tuple[str, int, object]], packed: bool):
+        self.path = path
+        self.meta = meta
+        self.packed = packed
+        self._sources = sources
+        self.warnings: list[str] = []
+        self.segments: list[SegmentInfo] = []
+        self._tables: dict[str, dict[str, np.ndarray]] = {}
+        self._openers: dict[str, object] = {}
+        self._heavy_rows: dict[str, list[tuple[str, np.ndarray]]] = {}
+        self._load()
+
+    # -- loading ----------------------------------------------------------------------------
+    def _load(self) -> None:
+        spec = self.meta.get("tables", {})
+        per_segment: list[tuple[SegmentInfo, dict[str, dict[str, np.ndarray]]]] = []
+        for label, index, opener in self._sources:
+            info = SegmentInfo(label=label, index=index)
+            try:
+                with opener() as (group, where):
+                    check_schema(group.attrs, where) if "format" in group.attrs else None
+                    _check_safe(group, where)
+                    tables = {}
+                    for tname in group:
+                        if isinstance(group[tname], h5py.Group):
+                            only = ("step",) if tname in HEAVY_TABLES else None
+                            tables[tname] = read_table(
+                                group[tname], spec.get(tname), f"{where}:{tname}", only
+                            )
+                            info.rows[tname] = len(next(iter(tables[tname].values()), []))
+            except RunFormatError as e:
+                if isinstance(e, SchemaVersionError):
+                    raise
+                info.error = str(e)
+                self.warnings.append(f"skipped {label}: {e}")
+                self.segments.append(info)
+                continue
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                info.error = f"{label}: cannot open ({first})"
+                self.warnings.append(
+                    f"skipped {label}: unreadable ({first}); a segment truncated by a crash or "
+                    "copied while written; `phasewatch repair` sets it aside"
+                )
+                self.segments.append(info)
+                continue
+            steps = tables.get("steps", {}).get("step")
+            if steps is not None and len(steps):
+                info.first_step, info.last_step = int(steps[0]), int(steps[-1])
+                if np.any(np.diff(steps) <= 0):
+                    self.warnings.append(f"{label}: steps do not increase within the segment")
+            self.segments.append(info)
+            per_segment.append((info, tables))
+            self._openers[info.label] = opener
+
+        # Continuity: later segments win where they overlap earlier ones.
+        prev_last = None
+        for i, (info, _) in enumerate(per_segment):
+            if info.first_step is None:
+                continue
+            if prev_last is not None:
+                if info.first_step <= prev_last:
+                    self.warnings.append(
+                        f"{info.label} starts at step {info.first_step} but earlier segments reach "
+                        f"step {prev_last}: overlap of {prev_last - info.first_step + 1} steps "
+                        "(resumed from an earlier checkpoint); keeping the later rows"
+                    )
+                    for _, earlier in per_segment[:i]:
+                        for tname in _STEP_TABLES:
+                            t = earlier.get(tname)
+                            if t and "step" in t:
+                                keep = t["step"] < info.first_step
+                                if not keep.all():
+                                    for c in t:
+                                        t[c] = t[c][keep]
+                elif info.first_step > prev_last + 1:
+                    self.warnings.append(
+                        f"{info.label} starts at step {info.first_step} after step {prev_last}: "
+                        f"{info.first_step - prev_last - 1} steps are not recorded"
+                    )
+            prev_last = info.last_step if prev_last is None else max(prev_last, info.last_step)
+
+        for tname in HEAVY_TABLES:
+            self._heavy_rows[tname] = [
+                (info.label, tables[tname]["step"]) for info, tables in per_segment if tname in tables
+            ]
+        names = {t for _, tables in per_segment for t in tables if t not in HEAVY_TABLES}
+        for tname in names:
+            parts = [tables[tname] for _, tables in per_segment if tname in tables]
+            cols = parts[0].keys()
+            self._tables[tname] = {
+                c: np.concatenate([p[c] for p in parts if c in p]) for c in cols
+            }
+        for w in self.warnings:
+            log.warning("%s", w)
+
+    # -- access -----------------------------------------------------------------------------
+    def table(self, name: str, steps=None) -> dict[str, np.ndarray]:
+        """Columns of a table as arrays (empty arrays if the run has no such rows).
+
+        Wide tables (snapshots, checkpoints) are read on first access; pass ``steps`` to read
+        only the rows of those steps.
+        """
+        if name in HEAVY_TABLES and name in self._heavy_rows and self._heavy_rows[name]:
+            return self._read_heavy(name, steps)
+        if name in self._tables:
+            return self._tables[name]
+        cols = self.meta.get("tables", {}).get(name)
+        if cols is None:
+            raise KeyError(f"{self.path}: no table {name!r} in this run")
+        return {c: np.empty((0, *shape), dtype=dt) for c, (dt, shape) in cols.items()}
+
+    def heavy_steps(self, name: str) -> np.ndarray:
+        """The steps at which a wide table (snapshots, checkpoints) has rows, without reading them."""
+        parts = [st for _, st in self._heavy_rows.get(name, [])]
+        return np.concatenate(parts) if parts else np.empty(0, dtype="i8")
+
+    def _read_heavy(self, name: str, steps=None) -> dict[str, np.ndarray]:
+        want = None if steps is None else np.asarray(steps, dtype="i8")
+        parts = []
+        spec = self.meta.get("tables", {}).get(name)
+        for label, kept in self._heavy_rows[name]:
+            with self._openers[label]() as (group, where):
+                t = read_table(group[name], spec, f"{where}:{name}")
+            sel = np.isin(t["step"], kept)
+            if want is not None:
+                sel &= np.isin(t["step"], want)
+            parts.append({c: v[sel] for c, v in t.items()})
+        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+    @property
+    def steps(self) -> dict[str, np.ndarray]:
+        return self.table("steps")
+
+    @property
+    def band(self) -> dict[str, np.ndarray]:
+        return self.table("band")
+
+    def metrics(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Evaluation metrics as ``{name: (steps, values)}``, sorted by step."""
+        t = self.table("metrics") if "metrics" in self._tables else None
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if not t or not len(t["step"]):
+            return out
+        names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in t["name"]])
+        for name in dict.fromkeys(names):
+            sel = names == name
+            order = np.argsort(t["step"][sel], kind="stable")
+            out[name] = (t["step"][sel][order], t["value"][sel][order])
+        return out
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [g["name"] for g in self.meta.get("model", {}).get("groups", [])]
+
+    @property
+    def n_params(self) -> int:
+        return int(self.meta.get("model", {}).get("n_params", 0))
+
+    def summary(self) -> str:
+        """A few lines for ``phasewatch info``."""
+        m = self.meta
+        model = m.get("model", {})
+        rec = m.get("recorder", {})
+        steps = self.steps["step"]
+        lines = [
+            f"run        {self.path}{' (packed)' if self.packed else ''}",
+            f"schema     {m.get('format')} v{m.get('schema_version')}  phasewatch {m.get('versions', {}).get('phasewatch', '?')}"
+            f"  torch {m.get('versions', {}).get('torch', '?')}",
+            f"model      {model.get('class', '?')}: {model.get('n_params', 0):,} parameters in "
+            f"{len(model.get('groups', []))} layer groups",
+            f"optimizer  {m.get('optimizer', {}).get('class', '?')} {m.get('optimizer', {}).get('hyper', {})}",
+            f"recorder   K={rec.get('k')} stride={rec.get('stride')} mode={rec.get('mode')}"
+            + (f" (d={rec.get('proj_dim')} per layer, seed {rec.get('proj_seed')})" if rec.get("mode") == "projected" else ""),
+            f"steps      {len(steps):,} rows" + (f", steps {int(steps[0])}..{int(steps[-1])}" if len(steps) else ""),
+            f"band rows  {len(self.band['step']):,}",
+        ]
+        mets = self.metrics()
+        if mets:
+            lines.append("metrics    " + ", ".join(f"{k} ({len(v[0])})" for k, v in mets.items()))
+        for name in HEAVY_TABLES:
+            n = len(self.heavy_steps(name))
+            if n:
+                lines.append(f"{name:<10} {n} rows")
+        flags = self.steps.get("flags")
+        if flags is not None and np.any(flags):
+            lines.append(f"flags      {int(np.count_nonzero(flags))} steps with non-finite loss/gradient/update")
+        lines.append(f"segments   {len(self.segments)}" + "".join(
+            f"\n  {s.label}: " + (s.error or ", ".join(f"{k}={v}" for k, v in s.rows.items()))
+            for s in self.segments))
+        for w in self.warnings:
+            lines.append(f"warning    {w}")
+        return "\n".join(lines)
+
+
+class _FileSegment:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.f = _open_h5(self.path)
+        return self.f, str(self.path)
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+class _PackedSegment:
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, path
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.f = _open_h5(self.path)
+        return self.f[fmt.PACKED_SEGMENTS][self.name], f"{self.path}:{self.name}"
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(str(path))
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a run directory or a packed run file for reading.
+
+    Raises :class:`RunFormatError` with a one-line message for a missing path, a foreign file or
+    directory, or an unreadable packed file, and :class:`SchemaVersionError` for a newer schema.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunFormatError(f"{p}: no such file or directory; pass a run directory or a packed .h5 run")
+    if p.is_dir():
+        meta_path = p / fmt.META_FILE
+        segs = sorted(p.glob(fmt.SEGMENT_GLOB))
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                meta = None
+                if not segs:
+                    raise RunFormatError(f"{meta_path}: unreadable metadata and no segments; not a usable run") from None
+        else:
+            meta = None
+        if meta is None:
+            if not segs:
+                raise RunFormatError(
+                    f"{p}: not a phasewatch run (no {fmt.META_FILE} and no segment-*.h5 files)"
+                )
+            meta = _meta_from_segments(segs)
+        check_schema(meta, str(meta_path))
+        sources = []
+        for s in segs:
+            try:
+                index = int(s.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            sources.append((s.name, index, _FileSegment(s)))
+        return Run(p, meta, sources, packed=False)
+    if not _is_hdf5(p):
+        raise RunFormatError(f"{p}: not an HDF5 file; pass a run directory or a file made by `phasewatch pack`")
+    try:
+        f = _open_h5(p)
+    except OSError as e:
+        raise RunFormatError(
+            f"{p}: HDF5 file cannot be opened ({str(e).splitlines()[0]}); it may be truncated"
+        ) from None
+    try:
+        fmt_name = f.attrs.get("format")
+        if isinstance(fmt_name, bytes):
+            fmt_name = fmt_name.decode()
+        if fmt_name == fmt.FORMAT_NAME:
+            # a single segment file given directly: read it as a one-segment run
+            check_schema(f.attrs, str(p))
+            meta = json.loads(f.attrs["meta_json"])
+            single = True
+        elif fmt_name != fmt.PACKED_FORMAT_NAME:
+            raise RunFormatError(f"{p}: HDF5 file but not a phasewatch run (no format mark); foreign file?")
+        else:
+            single = False
+            check_schema(f.attrs, str(p))
+            meta = json.loads(f.attrs["meta_json"])
+            link = f.get(fmt.PACKED_SEGMENTS, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise RunFormatError(f"{p}: '{fmt.PACKED_SEGMENTS}' is missing or a link; refused")
+            names = sorted(f[fmt.PACKED_SEGMENTS])
+    finally:
+        f.close()
+    if single:
+        return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False)
+    sources = [(f"{p.name}:{n}", int(n), _PackedSegment(n, p)) for n in names if n.isdigit()]
+    return Run(p, meta, sources, packed=True)
+
+
+def _meta_from_segments(segs: list[Path]) -> dict:
+    for s in reversed(segs):
+        try:
+            with _open_h5(s) as f:
+                return json.loads(f.attrs["meta_json"])
+        except (OSError, KeyError, ValueError):
+            continue
+    raise RunFormatError(f"{segs[0].parent}: {fmt.META_FILE} missing and no segment readable; not a usable run")

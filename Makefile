@@ -1,0 +1,36 @@
+# The whole set-up on a fresh machine:  make demo   (train, record, analyse, plot)
+#                                       make test   (the test suite)
+# torch is installed first, pinned to a CPU wheel: resolved as a plain dependency it would pull
+# several GB of CUDA packages.  Set TORCH_SPEC= to keep a torch you installed yourself.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/phasewatch demo --out $(DEMO_OUT) --control --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks examples
+
+bench: install
+	$(BIN)/python benchmarks/recorder_overhead.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

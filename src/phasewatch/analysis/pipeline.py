@@ -1,0 +1,321 @@
+"""``analyze(run)``: compose the pure estimators over a recorded run.
+
+Reads the band from a :class:`~phasewatch.store.Run` (or takes arrays), computes per window the
+Gram spectrum, k* (plain and weighted), gap ratio, gap, g₂₃, BBP reference and the adiabatic
+parameter (canonical and ``eigen``), and returns an :class:`Analysis` with a per-window table that
+exports to CSV, JSON and pandas.  Vectorised over windows and processed in chunks, so memory stays
+bounded for long runs; a progress bar shows on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import PhasewatchError, RunTooShortError
+from . import adiabatic as adia
+from . import gram
+from .events import Event, first_crossing, jumps
+
+log = logging.getLogger("phasewatch")
+
+CHUNK_WINDOWS = 100_000
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`.
+
+    table: per window (indexed by the step at which the window ends) columns: ``step``, ``lr``,
+        ``update_norm``, ``kstar``, ``gap_ratio``, ``gap``, ``kstar_weighted``, ``g23``,
+        ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical), ``A_eigen``, ``regime``,
+        ``valid``, and ``sigma`` (N, W) for the singular values.
+    scalars: the per-step table of the run (loss, lr, gradient and update norms, flags).
+    metrics: evaluation metrics ``{name: (steps, values)}``.
+    events: grokking step and accuracy jumps found in the metrics.
+    conventions: which definition each column uses.
+    """
+
+    source: str
+    window: int
+    n_params: int
+    table: dict[str, np.ndarray]
+    scalars: dict[str, np.ndarray]
+    metrics: dict[str, tuple[np.ndarray, np.ndarray]]
+    events: list[Event] = field(default_factory=list)
+    conventions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    # -- export -----------------------------------------------------------------------------
+    def columns(self) -> dict[str, np.ndarray]:
+        """Flat per-window columns (``sigma`` split into ``sigma_1`` … ``sigma_W``)."""
+        out = {k: v for k, v in self.table.items() if k != "sigma"}
+        for j in range(self.table["sigma"].shape[1]):
+            out[f"sigma_{j + 1}"] = self.table["sigma"][:, j]
+        return out
+
+    def to_dataframe(self):
+        """The per-window table as a pandas DataFrame indexed by step (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise PhasewatchError("to_dataframe needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.columns()).set_index("step")
+
+    def to_csv(self, path: str | Path) -> Path:
+        cols = self.columns()
+        names = list(cols)
+        path = Path(path)
+        with open(path, "w") as fh:
+            fh.write("# phasewatch analysis; " + "; ".join(f"{k}: {v}" for k, v in self.conventions.items()) + "\n")
+            fh.write(",".join(names) + "\n")
+            data = np.column_stack([np.asarray(cols[n], dtype=float) for n in names])
+            ints = {i for i, n in enumerate(names) if cols[n].dtype.kind in "iub"}
+            for row in data:
+                fh.write(",".join(
+                    (str(int(x)) if i in ints else ("" if math.isnan(x) else repr(float(x))))
+                    for i, x in enumerate(row)) + "\n")
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(a: np.ndarray) -> list:
+            a = np.asarray(a)
+            if a.dtype.kind == "f":
+                return [None if not math.isfinite(x) else float(x) for x in a.ravel().tolist()]
+            return a.ravel().tolist()
+
+        return {
+            "source": self.source,
+            "window": self.window,
+            "n_params": self.n_params,
+            "conventions": self.conventions,
+            "events": [e.__dict__ for e in self.events],
+            "warnings": self.warnings,
+            "summary": self.summary_dict(),
+            "table": {k: clean(v) for k, v in self.columns().items()},
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    # -- summaries --------------------------------------------------------------------------
+    def summary_dict(self) -> dict[str, Any]:
+        t = self.table
+        v = t["valid"]
+        d: dict[str, Any] = {"windows": int(v.size), "valid_windows": int(v.sum())}
+        if v.any():
+            k = t["kstar"][v]
+            vals, counts = np.unique(k[k > 0], return_counts=True)
+            d["kstar_mode"] = int(vals[np.argmax(counts)]) if vals.size else None
+            d["kstar_changes"] = int(np.count_nonzero(np.diff(k) != 0))
+            d["gap_ratio_median"] = float(np.nanmedian(t["gap_ratio"][v]))
+            a = t["A"][v]
+            if np.isfinite(a).any():
+                d["A_median"] = float(np.nanmedian(a))
+                reg = t["regime"][v]
+                d["A_regime_fraction"] = {
+                    name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
+                }
+        for e in self.events:
+            d.setdefault("events", []).append(f"{e.kind} at step {e.step} ({e.rule})")
+        return d
+
+    def summary(self) -> str:
+        d = self.summary_dict()
+        lines = [f"windows      {d['valid_windows']} valid of {d['windows']} (W={self.window}, source={self.source})"]
+        if "kstar_mode" in d:
+            lines.append(f"k*           mostly {d['kstar_mode']}, changes {d['kstar_changes']} times; "
+                         f"median gap ratio {d['gap_ratio_median']:.3g}")
+        if "A_median" in d:
+            fr = d["A_regime_fraction"]
+            lines.append(f"A (canon.)   median {d['A_median']:.3g}; " +
+                         ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
+        for e in d.get("events", []):
+            lines.append(f"event        {e}")
+        for w in self.warnings:
+            lines.append(f"warning      {w}")
+        return "\n".join(lines)
+
+
+def _progress(total: int, desc: str):
+    if total < 3 or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="win", file=sys.stderr, leave=False)
+
+
+def analyze_band(
+    band: np.ndarray,
+    lr: np.ndarray,
+    steps: np.ndarray,
+    window: int = 10,
+    *,
+    n_params: int | None = None,
+    rel_floor: float = gram.DEFAULT_REL_FLOOR,
+    plateau_below: float = 0.1,
+    forgetting_above: float = 10.0,
+    where: str = "run",
+) -> dict[str, np.ndarray]:
+    """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks."""
+    b = gram.global_band(np.asarray(band, dtype=np.float64))
+    T, K = b.shape
+    if window < 2:
+        raise PhasewatchError(f"window={window}: the Gram window needs W >= 2")
+    if window > K:
+        raise PhasewatchError(f"{where}: window W={window} exceeds the recorded band K={K}; "
+                              f"pass --window {K - 1} or less (or record with a larger k)")
+    if T < window:
+        raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
+                               f"record longer or pass a smaller --window")
+    if window + 1 > K:
+        log.warning("phasewatch: K=%d < W+1=%d: the canonical A needs lag W; only A_eigen is computed", K, window + 1)
+    n_win = T - window + 1
+    parts: list[dict[str, np.ndarray]] = []
+    bar = _progress(n_win, "spectra")
+    for start in range(window - 1, T, CHUNK_WINDOWS):  # start = first window end of the chunk
+        stop = min(T, start + CHUNK_WINDOWS)
+        lo = max(0, start - window)  # room for lag W (canonical A) and the previous window (eigen A)
+        sub = b[lo:stop]
+        spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
+        sub_lr = np.asarray(lr, dtype=float)[lo:stop]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            import warnings as _w
+
+            with _w.catch_warnings():
+                _w.simplefilter("ignore", RuntimeWarning)
+                a_can = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "canonical",
+                                       plateau_below=plateau_below, forgetting_above=forgetting_above)
+            a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
+                                   plateau_below=plateau_below, forgetting_above=forgetting_above)
+        keep = spec.ends + lo >= start
+        if n_params:
+            ref = gram.bbp_reference(spec.eigs, n_params, window)
+            s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
+        else:
+            s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
+        rows = spec.ends[keep] + lo
+        parts.append({
+            "step": np.asarray(steps)[rows].astype("i8"),
+            "lr": np.asarray(lr, dtype=float)[rows],
+            "update_norm": np.sqrt(np.maximum(b[rows, 0], 0)),
+            "kstar": spec.kstar[keep].astype("i8"),
+            "gap_ratio": spec.ratio[keep],
+            "gap": spec.gap[keep],
+            "kstar_weighted": spec.kstar_weighted[keep].astype("i8"),
+            "g23": spec.g23[keep],
+            "sigma1_over_dcrit": s1_dcrit[keep],
+            "sigma1_over_edge": s1_edge[keep],
+            "A": a_can.A[keep],
+            "A_eigen": a_eig.A[keep],
+            "regime": a_can.regime[keep].astype("i8"),
+            "valid": spec.valid[keep],
+            "sigma": spec.sigma[keep],
+        })
+        if bar is not None:
+            bar.update(int(keep.sum()))
+    if bar is not None:
+        bar.close()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def analyze(
+    run,
+    window: int = 10,
+    *,
+    source: str = "band",
+    grok_metric: str | None = None,
+    grok_threshold: float = 0.95,
+    rel_floor: float = gram.DEFAULT_REL_FLOOR,
+    plateau_below: float = 0.1,
+    forgetting_above: float = 10.0,
+) -> Analysis:
+    """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
+
+    Parameters
+    ----------
+    window: Gram window W (≤ K−1 for the canonical adiabatic parameter).
+    source: ``"band"`` (default; every recorded update) or ``"snapshots"`` (stored update vectors;
+        consecutive snapshot steps only): both give the same spectra where both exist.
+    grok_metric, grok_threshold: the metric whose first crossing is the grokking event (default:
+        the first of ``test_acc``, ``test_accuracy``, ``val_acc``, ``eval_accuracy`` present).
+    """
+    from ..store import open_run
+
+    if not hasattr(run, "table"):
+        run = open_run(run)
+    where = str(run.path)
+    warnings = list(run.warnings)
+    if source == "band":
+        bt = run.band
+        if not len(bt["step"]):
+            raise RunTooShortError(f"{where}: the run has no recorded updates (empty run); train "
+                                   "at least W steps with the recorder attached")
+        table = analyze_band(bt["layer_band"] if bt["layer_band"].ndim == 3 and bt["layer_band"].size else bt["band"],
+                             bt["lr"], bt["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
+                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
+        conv_src = "band (exact float64 inner products)" if run.meta.get("recorder", {}).get("mode") != "projected" \
+            else f"band of sign-fold projections, d={run.meta['recorder'].get('proj_dim')}"
+    elif source == "snapshots":
+        snap = run.table("snapshots")
+        if len(snap["step"]) < window:
+            raise RunTooShortError(f"{where}: {len(snap['step'])} snapshots, fewer than W={window}; record with "
+                                   "snapshot_every=1 over the range to analyse, or use source='band'")
+        u = np.asarray(snap["update"], dtype=np.float64)
+        k = window + 1
+        band = gram.band_from_updates(u, k)
+        # rows whose predecessor is not the previous recorded update break the window
+        stride = int(run.meta.get("recorder", {}).get("stride", 1) or 1)
+        gaps = np.nonzero(np.diff(snap["step"]) != stride)[0] + 1
+        for g in gaps:
+            band[g: g + k] = np.where(np.arange(k)[None, :] > (np.arange(g, min(g + k, len(band)))[:, None] - g),
+                                      np.nan, band[g: g + k])
+        bt = run.band
+        lr = np.interp(snap["step"], bt["step"], bt["lr"]) if len(bt["step"]) else np.full(len(u), np.nan)
+        table = analyze_band(band, lr, snap["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
+                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
+        conv_src = f"stored {run.meta.get('recorder', {}).get('snapshot_kind', 'raw')} update snapshots"
+    else:
+        raise PhasewatchError(f"source={source!r}: use 'band' or 'snapshots'")
+
+    flags = run.steps.get("flags")
+    if flags is not None and np.any(flags):
+        bad = run.steps["step"][flags != 0]
+        warnings.append(f"{bad.size} steps flagged non-finite (first at step {int(bad[0])}); "
+                        "windows containing a non-finite update are marked invalid")
+    n_invalid = int((~table["valid"]).sum())
+    if n_invalid:
+        warnings.append(f"{n_invalid} of {table['valid'].size} windows invalid (non-finite updates, or "
+                        "the start of a resumed segment)")
+
+    metrics = run.metrics()
+    events: list[Event] = []
+    name = grok_metric or next((m for m in ("test_acc", "test_accuracy", "val_acc", "eval_accuracy")
+                                if m in metrics), None)
+    if name and name in metrics:
+        s, v = metrics[name]
+        ev = first_crossing(s, v, grok_threshold, name, kind="grokking")
+        if ev:
+            events.append(ev)
+        events.extend(jumps(s, v, metric=name))
+    conventions = {
+        "source": conv_src,
+        "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
+        "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
+        "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
+        "regime": "0 plateau (A<%g), 1 transition, 2 forgetting (A>%g), -1 undefined" % (plateau_below, forgetting_above),
+        "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
+    }
+    return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
+                    metrics=metrics, events=events, conventions=conventions, warnings=warnings)

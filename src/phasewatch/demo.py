@@ -1,0 +1,129 @@
+"""The demo: record a small grokking run on modular addition, analyse it, write figures.
+
+Model (Gromov, "Grokking modular arithmetic", arXiv:2301.02679, 2023): a two-layer network without
+biases, ŷ = (x W)^{∘2} V, on x = one-hot(a) ⊕ one-hot(b), predicting (a + b) mod p.  MSE against
+the zero-mean one-hot target, Adam with coupled L2 weight decay, full batch.  With p = 71, width
+2048, 40 % of the pairs for training, lr 1e-3 and weight decay 2e-4, test accuracy jumps past 0.95
+after ~100-150 steps, long after the training set is fitted; without weight decay it does not.
+
+``x W`` for one-hot x is the sum of two rows of W, computed as a gather (the same function and
+gradients as the dense product, ~70× cheaper on a CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("phasewatch")
+
+
+class QuadraticMLP(torch.nn.Module):
+    """ŷ = (x W)^{∘2} V on x = one-hot(a) ⊕ one-hot(b); no biases."""
+
+    def __init__(self, p: int = 71, width: int = 2048, generator: torch.Generator | None = None):
+        super().__init__()
+        self.p = p
+        # h = W[a] + W[p+b] has variance 2·std²: std 1/(2√(2p)) keeps h² (and the outputs) small at
+        # initialisation, the regime in which this model groks quickly
+        self.W = torch.nn.Parameter(torch.randn(2 * p, width, generator=generator) / (2 * (2 * p) ** 0.5))
+        self.V = torch.nn.Parameter(torch.randn(width, p, generator=generator) / width ** 0.5)
+
+    def forward(self, ab: torch.Tensor) -> torch.Tensor:
+        h = self.W[ab[:, 0]] + self.W[self.p + ab[:, 1]]  # = one-hot(a) ⊕ one-hot(b) @ W
+        return (h * h) @ self.V
+
+
+@dataclass
+class GrokData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def modular_addition(p: int = 71, train_fraction: float = 0.4, seed: int = 0) -> GrokData:
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    x = torch.stack([a.reshape(-1), b.reshape(-1)], dim=1)
+    y = (x[:, 0] + x[:, 1]) % p
+    perm = torch.randperm(p * p, generator=g)
+    n = int(round(train_fraction * p * p))
+    tr, te = perm[:n], perm[n:]
+    return GrokData(x[tr], y[tr], x[te], y[te])
+
+
+def train_grokking(
+    out: str | Path | None,
+    *,
+    p: int = 71,
+    width: int = 2048,
+    steps: int = 300,
+    lr: float = 1e-3,
+    weight_decay: float = 2e-4,
+    train_fraction: float = 0.4,
+    seed: int = 0,
+    eval_every: int = 2,
+    recorder_kwargs: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train the demo model, recording into ``out`` (None: no recorder).  Returns a small summary."""
+    torch.manual_seed(seed)
+    data = modular_addition(p, train_fraction, seed)
+    model = QuadraticMLP(p, width, torch.Generator().manual_seed(seed + 1))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    target = torch.nn.functional.one_hot(data.train_y, p).float() - 1.0 / p
+
+    rec = None
+    if out is not None:
+        from .record.recorder import Recorder
+
+        cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None}
+        cfg.update(recorder_kwargs or {})
+        rec = Recorder(out, model, opt, seeds={"seed": seed},
+                       meta={"task": f"modular addition mod {p}", "width": width,
+                             "train_fraction": train_fraction, "weight_decay": weight_decay}, **cfg)
+
+    def evaluate() -> tuple[float, float]:
+        with torch.no_grad():
+            tr = (model(data.train_x).argmax(1) == data.train_y).float().mean().item()
+            te = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()
+        return tr, te
+
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        if sys.stderr.isatty():
+            bar = tqdm(total=steps, desc="training", file=sys.stderr, leave=False)
+    grok_step = None
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(data.train_x) - target) ** 2).sum(1).mean()
+        loss.backward()
+        if rec is not None:
+            rec.loss(loss)
+        opt.step()
+        if step % eval_every == 0 or step == 1:
+            tr, te = evaluate()
+            if rec is not None:
+                rec.log(step, train_acc=tr, test_acc=te)
+            if grok_step is None and te >= 0.95:
+                grok_step = step
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if rec is not None:
+        rec.close()
+    tr, te = evaluate()
+    return {"grok_step": grok_step, "final_train_acc": tr, "final_test_acc": te, "seconds": seconds,
+            "n_params": sum(q.numel() for q in model.parameters())}

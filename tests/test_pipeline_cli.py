@@ -53,8 +53,15 @@ def test_planted_gap_is_found_and_moves(tmp_path):
     assert res.table["gap_ratio"][steps <= 40].min() > 100
     ev = [e for e in res.events if e.kind == "grokking"]
     assert ev and ev[0].step == 51 and ev[0].metric == "test_acc"
-    # the transition window straddling the change has A far above the quiet windows
     assert res.table["valid"].all()
+    # stability coefficients against the definition, by brute force on the stored updates
+    r = 30  # window ending at row 30 (step 31)
+    n = int(np.nonzero(res.table["step"] == r + 1)[0][0])
+    G = U[r - 7: r + 1] @ U[r - 7: r + 1].T
+    lam = np.sort(np.linalg.eigvalsh(G))[::-1]
+    dC = np.linalg.norm(np.outer(U[r], U[r]) - np.outer(U[r - 8], U[r - 8]))
+    gaps = [min(abs(lam[j] - lam[i]) for i in range(8) if i != j) for j in range(8)]
+    np.testing.assert_allclose(res.table["stability"][n, :2], 1 - dC**2 / np.array(gaps[:2]) ** 2, rtol=1e-6)
 
 
 def test_too_short_empty_and_bad_window(tmp_path):

@@ -36,7 +36,8 @@ class Analysis:
     table: per window (indexed by the step at which the window ends) columns: ``step``, ``lr``,
         ``update_norm``, ``kstar``, ``gap_ratio``, ``gap``, ``kstar_weighted``, ``g23``,
         ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical), ``A_eigen``, ``regime``,
-        ``valid``, and ``sigma`` (N, W) for the singular values.
+        ``valid``, ``sigma`` (N, W) for the singular values and ``stability`` (N, W) for the
+        per-mode stability coefficients s_j = 1 − ‖ΔC‖_F²/gap_j² (the paper's "α"; Davis–Kahan).
     scalars: the per-step table of the run (loss, lr, gradient and update norms, flags).
     metrics: evaluation metrics ``{name: (steps, values)}``.
     events: grokking step and accuracy jumps found in the metrics.
@@ -56,9 +57,11 @@ class Analysis:
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
         """Flat per-window columns (``sigma`` split into ``sigma_1`` … ``sigma_W``)."""
-        out = {k: v for k, v in self.table.items() if k != "sigma"}
+        out = {k: v for k, v in self.table.items() if k not in ("sigma", "stability")}
         for j in range(self.table["sigma"].shape[1]):
             out[f"sigma_{j + 1}"] = self.table["sigma"][:, j]
+        for j in range(self.table["stability"].shape[1]):
+            out[f"stability_{j + 1}"] = self.table["stability"][:, j]
         return out
 
     def to_dataframe(self):
@@ -200,6 +203,7 @@ def analyze_band(
             a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
                                    plateau_below=plateau_below, forgetting_above=forgetting_above)
         keep = spec.ends + lo >= start
+        stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
         if n_params:
             ref = gram.bbp_reference(spec.eigs, n_params, window)
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
@@ -222,6 +226,7 @@ def analyze_band(
             "regime": a_can.regime[keep].astype("i8"),
             "valid": spec.valid[keep],
             "sigma": spec.sigma[keep],
+            "stability": stab[keep],
         })
         if bar is not None:
             bar.update(int(keep.sum()))
@@ -262,8 +267,7 @@ def analyze(
         if not len(bt["step"]):
             raise RunTooShortError(f"{where}: the run has no recorded updates (empty run); train "
                                    "at least W steps with the recorder attached")
-        table = analyze_band(bt["layer_band"] if bt["layer_band"].ndim == 3 and bt["layer_band"].size else bt["band"],
-                             bt["lr"], bt["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
+        table = analyze_band(bt["band"], bt["lr"], bt["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
                              plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
         conv_src = "band (exact float64 inner products)" if run.meta.get("recorder", {}).get("mode") != "projected" \
             else f"band of sign-fold projections, d={run.meta['recorder'].get('proj_dim')}"
@@ -315,6 +319,7 @@ def analyze(
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
         "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
         "regime": "0 plateau (A<%g), 1 transition, 2 forgetting (A>%g), -1 undefined" % (plateau_below, forgetting_above),
+        "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,

@@ -139,6 +139,11 @@ class Recorder:
             raise RecorderError(f"snapshot_kind={snapshot_kind!r}: use 'raw' or 'projected'")
         self.path = Path(path)
         self.strict = strict
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            # under DDP the parameters are the same on every rank: rank 0 records, the others idle
+            self.enabled, self._closed, self._hooks = False, True, []
+            return
         self.k, self.stride, self.block = int(k), int(stride), int(block)
         self.enabled = True
         self._hooks: list[Any] = []

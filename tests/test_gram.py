@@ -138,7 +138,7 @@ def test_band_route_equals_snapshot_route_and_svd() -> None:
 def test_planted_spectrum_kstar_three() -> None:
     """Every window has exactly the singular values (9, 8, 7, 0.5, 0.4, 0.3)."""
     rng = np.random.default_rng(4)
-    W, P, T = 6, 40, 6
+    W, P = 6, 40
     s = np.array([9.0, 8.0, 7.0, 0.5, 0.4, 0.3])
     L, _ = np.linalg.qr(rng.standard_normal((W, W)))
     R, _ = np.linalg.qr(rng.standard_normal((P, W)))

@@ -26,8 +26,9 @@ Everything is float64 and vectorised over windows (batched ``eigvalsh``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view

@@ -318,7 +318,7 @@ def analyze(
         "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
         "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
-        "regime": "0 plateau (A<%g), 1 transition, 2 forgetting (A>%g), -1 undefined" % (plateau_below, forgetting_above),
+        "regime": f"0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting (A>{forgetting_above:g}), -1 undefined",
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }

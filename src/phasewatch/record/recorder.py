@@ -499,8 +499,7 @@ class Recorder:
                 if g is not None:
                     gn[a] = g.to(torch.float64).cpu().numpy()
         layer_sq = np.zeros((n, len(self.group_labels)))
-        for i, p in enumerate(self.params):
-            layer_sq[:, self._param_group[i]] += gn[:, i] ** 2
+        np.add.at(layer_sq.T, np.asarray(self._param_group), (gn**2).T)
         grad_norm = np.sqrt(layer_sq.sum(axis=1))
         loss = np.full(n, np.nan)
         loss_nan = np.zeros(n, dtype=bool)  # a loss was given and it is NaN (not merely missing)

@@ -235,6 +235,8 @@ class Recorder:
         self._cur_lr: list[float] = []
         self._param_group = param_group_idx
         self._warned_nonfinite = False
+        self._update_norms: dict[int, float] = {}
+        self._nonfinite_updates: set[int] = set()
 
         # -- the run on disk ----------------------------------------------------------------
         n_lr = len(optimizer.param_groups)
@@ -450,7 +452,6 @@ class Recorder:
     def _drain(self, final: bool) -> None:
         """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer."""
         pend = self._pending_update_steps
-        band_by_step: dict[int, float] = {}
         if pend:
             n1 = self._n_updates
             n0 = n1 - len(pend)
@@ -474,11 +475,10 @@ class Recorder:
             steps = np.array([s for s, _ in pend], dtype="i8")
             lrs = np.array([lr for _, lr in pend], dtype="f8")
             self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
-            band_by_step = dict(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
-            nonfinite_update = {int(s) for s, b in zip(steps, band[:, 0]) if not np.isfinite(b)}
+            # kept until their steps rows are written (a row may be held back for a late loss)
+            self._update_norms.update(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
+            self._nonfinite_updates.update(int(s) for s, b in zip(steps, band[:, 0]) if not np.isfinite(b))
             self._pending_update_steps = []
-        else:
-            nonfinite_update = set()
 
         rows = self._step_rows
         if not rows:
@@ -512,7 +512,9 @@ class Recorder:
             del self._losses[s]  # losses for steps never taken (e.g. skipped by a GradScaler)
         n_lr = len(self.optimizer.param_groups)
         lr = np.array([(r["lr"] + [np.nan] * n_lr)[:n_lr] for r in out], dtype="f8")
-        upd = np.array([band_by_step.get(s, np.nan) for s in steps.tolist()])
+        upd = np.array([self._update_norms.pop(s, np.nan) for s in steps.tolist()])
+        nonfinite_update = {s for s in steps.tolist() if s in self._nonfinite_updates}
+        self._nonfinite_updates -= nonfinite_update
         flags = np.zeros(n, dtype="i4")
         flags |= np.where(np.isinf(loss) | loss_nan, fmt.FLAG_LOSS_NONFINITE, 0).astype("i4")
         flags |= np.where(np.isfinite(grad_norm), 0, fmt.FLAG_GRAD_NONFINITE).astype("i4")

@@ -20,8 +20,13 @@ def _copy_table(
 ) -> None:
     g = dst.create_group(name)
     n = len(next(iter(cols.values()))) if cols else 0
+    spec = fmt.TableSpec(name, {c: fmt.Column(a.dtype.str, a.shape[1:]) for c, a in cols.items()})
+    rows = spec.chunk_rows()  # as the writer: ~256 KiB chunks, a wide row alone in its chunk
     for c, a in cols.items():
-        chunks = (max(1, min(n, 1024)), *a.shape[1:]) if n else None
+        tail = a.shape[1:]
+        if len(tail) == 1 and tail[0] > (1 << 22):
+            tail = (1 << 22,)  # rows of more than 4 Mi values are split, as by the writer
+        chunks = (max(1, min(n, rows)), *tail) if n else None
         g.create_dataset(
             c, data=a, maxshape=(None, *a.shape[1:]), chunks=chunks or True,
             fletcher32=True, compression=compression, compression_opts=level if compression else None,
@@ -54,6 +59,15 @@ def pack_run(src: str | os.PathLike, dst: str | os.PathLike, *, gzip: int | None
     return dst
 
 
+def _verify_checksums(g: h5py.Group) -> None:
+    """Read every chunk of a table's datasets, one chunk at a time: an OSError if a fletcher32
+    checksum does not match (a plain metadata walk would not notice a damaged data chunk)."""
+    for d in g.values():
+        if isinstance(d, h5py.Dataset) and d.chunks is not None and d.size:
+            for sl in d.iter_chunks():
+                d[sl]
+
+
 def repair_run(path: str | os.PathLike) -> list[str]:
     """Make every readable segment of a run directory clean; set unreadable ones aside.
 
@@ -61,7 +75,9 @@ def repair_run(path: str | os.PathLike) -> list[str]:
     it, and may hold rows beyond ``committed_rows``.  Each such segment is rewritten with exactly
     its committed rows (temp file + rename); the original is kept as ``*.h5.orig``.  A segment that
     does not open at all is renamed ``*.h5.unreadable`` so readers stop warning about it.  A
-    missing ``meta.json`` is restored from the segments.  Returns one line per action.
+    missing ``meta.json`` is restored from the segments.  Every data chunk is read to verify its
+    checksum; a segment with a damaged chunk is set aside as unreadable.  Returns one line per
+    action.
     """
     p = Path(path)
     if not p.is_dir():
@@ -86,6 +102,7 @@ def repair_run(path: str | os.PathLike) -> list[str]:
                         c = int(g[fmt.COMMITTED][0])
                         if any(g[d].shape[0] != c for d in g if d != fmt.COMMITTED):
                             clean = False
+                        _verify_checksums(g)
         except OSError:
             clean = False
         if clean:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,21 +41,61 @@ class SegmentInfo:
     error: str | None = None
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _superblock_eof(path: Path) -> int | None:
+    """The end-of-file address a version 2/3 superblock at offset 0 records, or None."""
+    with open(path, "rb") as fh:
+        head = fh.read(44)
+    if len(head) < 44 or head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
+        return None
+    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
+    return base + eof
+
+
 def _open_h5(path: Path) -> h5py.File:
-    """Open an HDF5 file read-only, also while a SWMR writer has it open or after it was killed."""
+    """Open an HDF5 file read-only, also while a SWMR writer has it open or after it was killed.
+
+    A plain open comes first: it checks the file's length and fails fast on a truncated file.
+    Only a file whose superblock says a writer has it open (running, or killed) is opened in
+    SWMR-read mode, and only after checking that it is not shorter than its superblock says:
+    HDF5 retries SWMR metadata reads with an exponentially growing sleep, so a SWMR open of a
+    truncated file does not fail, it hangs.
+    """
     try:
-        return h5py.File(path, "r", swmr=True)
-    except OSError:
         return h5py.File(path, "r")
+    except OSError as e:
+        if "already open" not in str(e) and "lock" not in str(e):
+            raise
+    for _ in range(4):
+        eof, size = _superblock_eof(path), os.path.getsize(path)
+        if eof is None or size >= eof:
+            break
+        time.sleep(0.05)  # a live writer extends the file right after writing its superblock
+    else:
+        raise OSError(f"truncated file: {size} bytes but its superblock records {eof}")
+    return h5py.File(path, "r", swmr=True)
+
+
+class _UnsafeContentError(RunFormatError):
+    """A link or dataset that may point outside the run: the run is refused, not skipped."""
 
 
 def check_schema(attrs_or_meta, where: str) -> None:
+    if not hasattr(attrs_or_meta, "get"):
+        raise RunFormatError(f"{where}: not a phasewatch run (metadata is not a JSON object)")
     fmt_name = attrs_or_meta.get("format")
     if isinstance(fmt_name, bytes):
         fmt_name = fmt_name.decode()
     if fmt_name not in (fmt.FORMAT_NAME, fmt.PACKED_FORMAT_NAME):
         raise RunFormatError(f"{where}: not a phasewatch run (no '{fmt.FORMAT_NAME}' format mark)")
-    version = int(attrs_or_meta.get("schema_version", 0))
+    try:
+        version = int(attrs_or_meta.get("schema_version", 0))
+    except (TypeError, ValueError):
+        raise RunFormatError(
+            f"{where}: invalid schema version {attrs_or_meta.get('schema_version')!r}"
+        ) from None
     if version > fmt.SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{where}: written with run schema {version}, newer than this phasewatch reads "
@@ -68,7 +110,7 @@ def _check_safe(group: h5py.Group, where: str) -> None:
     for name in group:
         link = group.get(name, getlink=True)
         if not isinstance(link, h5py.HardLink):
-            raise RunFormatError(
+            raise _UnsafeContentError(
                 f"{where}/{name}: is a {type(link).__name__}; phasewatch refuses links that may "
                 "point outside the run"
             )
@@ -77,16 +119,18 @@ def _check_safe(group: h5py.Group, where: str) -> None:
             _check_safe(obj, f"{where}/{name}")
         elif isinstance(obj, h5py.Dataset):
             if obj.is_virtual or obj.external:
-                raise RunFormatError(
+                raise _UnsafeContentError(
                     f"{where}/{name}: virtual or external dataset; phasewatch refuses data stored "
                     "outside the run file"
                 )
 
 
 def read_table(
-    group: h5py.Group, spec_cols: dict | None, where: str, only: tuple[str, ...] | None = None
+    group: h5py.Group, spec_cols: dict | None, where: str, only: tuple[str, ...] | None = None,
+    rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read one table's committed rows (trimmed to the shortest column); ``only`` some columns."""
+    """Read one table's committed rows (trimmed to the shortest column); ``only`` some columns;
+    ``rows``: only these (increasing) row indices."""
     if fmt.COMMITTED not in group:
         raise RunFormatError(f"{where}: table without '{fmt.COMMITTED}'; not a phasewatch table")
     committed = int(np.asarray(group[fmt.COMMITTED][()]).reshape(-1)[0])
@@ -107,16 +151,29 @@ def read_table(
                     f"{where}/{name}: shape {ds.shape[1:]} / dtype {ds.dtype} do not match the run's "
                     f"schema ({tuple(want_shape)} / {want_dtype}); the file is damaged or foreign"
                 )
-        try:
-            out[name] = ds[:n]
-        except OSError as e:
-            msg = str(e).splitlines()[0]
-            if "fletcher" in msg.lower() or "checksum" in msg.lower() or "filter" in msg.lower():
-                raise RunFormatError(
-                    f"{where}/{name}: checksum mismatch (data corrupted on disk); run "
-                    "`phasewatch repair` to drop the damaged segment"
-                ) from None
-            raise RunFormatError(f"{where}/{name}: cannot read ({msg})") from None
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) and (rows[-1] >= n or np.any(np.diff(rows) <= 0)):
+                raise ValueError(f"{where}: rows must increase and lie below {n}")
+        # A writer that has the file open (SWMR) rewrites the chunk holding the newest rows in
+        # place; a read overlapping that write sees a torn chunk that fails its checksum.  Such a
+        # read is retried a few times before the chunk is called corrupted.
+        tries = 6 if group.file.swmr_mode else 1
+        for attempt in range(tries):
+            try:
+                out[name] = ds[:n] if rows is None else (ds[rows] if len(rows) else ds[:0])
+                break
+            except OSError as e:
+                msg = str(e).splitlines()[0]
+                if "fletcher" in msg.lower() or "checksum" in msg.lower() or "filter" in msg.lower():
+                    if attempt + 1 < tries:
+                        time.sleep(0.005 * 2**attempt)
+                        continue
+                    raise RunFormatError(
+                        f"{where}/{name}: checksum mismatch (data corrupted on disk); run "
+                        "`phasewatch repair` to drop the damaged segment"
+                    ) from None
+                raise RunFormatError(f"{where}/{name}: cannot read ({msg})") from None
     return out
 
 
@@ -161,7 +218,7 @@ class Run:
                             )
                             info.rows[tname] = len(next(iter(tables[tname].values()), []))
             except RunFormatError as e:
-                if isinstance(e, SchemaVersionError):
+                if isinstance(e, (SchemaVersionError, _UnsafeContentError)):
                     raise
                 info.error = str(e)
                 self.warnings.append(f"skipped {label}: {e}")
@@ -185,26 +242,36 @@ class Run:
             per_segment.append((info, tables))
             self._openers[info.label] = opener
 
-        # Continuity: later segments win where they overlap earlier ones.
+        # Continuity: later segments win where they overlap earlier ones.  Where a resumed
+        # session starts, rows of earlier sessions at or after its first step are dropped even
+        # when the steps tables do not overlap: they belong to the interrupted trajectory (a
+        # crash can leave rows of other tables, e.g. the band, committed ahead of their steps row).
+        sessions = self.meta.get("sessions")
+        resumed_at = {
+            s.get("first_segment") for s in (sessions if isinstance(sessions, list) else [])
+            if isinstance(s, dict) and s.get("resumed")
+        }
         prev_last = None
         for i, (info, _) in enumerate(per_segment):
             if info.first_step is None:
                 continue
+            overlap = prev_last is not None and info.first_step <= prev_last
+            if overlap or (i and info.index in resumed_at):
+                for _, earlier in per_segment[:i]:
+                    for tname in _STEP_TABLES:
+                        t = earlier.get(tname)
+                        if t and "step" in t:
+                            keep = t["step"] < info.first_step
+                            if not keep.all():
+                                for c in t:
+                                    t[c] = t[c][keep]
             if prev_last is not None:
-                if info.first_step <= prev_last:
+                if overlap:
                     self.warnings.append(
                         f"{info.label} starts at step {info.first_step} but earlier segments reach "
                         f"step {prev_last}: overlap of {prev_last - info.first_step + 1} steps "
                         "(resumed from an earlier checkpoint); keeping the later rows"
                     )
-                    for _, earlier in per_segment[:i]:
-                        for tname in _STEP_TABLES:
-                            t = earlier.get(tname)
-                            if t and "step" in t:
-                                keep = t["step"] < info.first_step
-                                if not keep.all():
-                                    for c in t:
-                                        t[c] = t[c][keep]
                 elif info.first_step > prev_last + 1:
                     self.warnings.append(
                         f"{info.label} starts at step {info.first_step} after step {prev_last}: "
@@ -253,11 +320,12 @@ class Run:
         spec = self.meta.get("tables", {}).get(name)
         for label, kept in self._heavy_rows[name]:
             with self._openers[label]() as (group, where):
-                t = read_table(group[name], spec, f"{where}:{name}")
-            sel = np.isin(t["step"], kept)
-            if want is not None:
-                sel &= np.isin(t["step"], want)
-            parts.append({c: v[sel] for c, v in t.items()})
+                # read the wide columns of the wanted rows only, not the whole table
+                st = read_table(group[name], spec, f"{where}:{name}", only=("step",))["step"]
+                sel = np.isin(st, kept)
+                if want is not None:
+                    sel &= np.isin(st, want)
+                parts.append(read_table(group[name], spec, f"{where}:{name}", rows=np.flatnonzero(sel)))
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     @property
@@ -381,6 +449,8 @@ def open_run(path: str | os.PathLike) -> Run:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 meta = None
+            if not isinstance(meta, dict):  # unreadable, or JSON but not an object
+                meta = None
                 if not segs:
                     raise RunFormatError(f"{meta_path}: unreadable metadata and no segments; not a usable run") from None
         else:
@@ -427,6 +497,11 @@ def open_run(path: str | os.PathLike) -> Run:
             if not isinstance(link, h5py.HardLink):
                 raise RunFormatError(f"{p}: '{fmt.PACKED_SEGMENTS}' is missing or a link; refused")
             names = sorted(f[fmt.PACKED_SEGMENTS])
+        if not isinstance(meta, dict):
+            raise ValueError("meta_json is not a JSON object")
+    except (KeyError, ValueError) as e:  # missing or broken meta_json
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RunFormatError(f"{p}: damaged phasewatch file, no readable metadata ({first})") from None
     finally:
         f.close()
     if single:

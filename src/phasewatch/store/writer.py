@@ -23,7 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import RunFormatError
+from ..errors import RunFormatError, SchemaVersionError
 from . import format as fmt
 
 log = logging.getLogger("phasewatch")
@@ -174,10 +174,14 @@ class RunWriter:
             raise RunFormatError(
                 f"{meta_path}: cannot read run metadata ({e}); run `phasewatch repair` first"
             ) from None
-        if meta.get("format") != fmt.FORMAT_NAME:
+        if not isinstance(meta, dict) or meta.get("format") != fmt.FORMAT_NAME:
             raise RunFormatError(f"{meta_path}: not a phasewatch run; choose another path")
-        if int(meta.get("schema_version", 0)) > fmt.SCHEMA_VERSION:
-            raise RunFormatError(
+        try:
+            version = int(meta.get("schema_version", 0))
+        except (TypeError, ValueError):
+            raise RunFormatError(f"{meta_path}: invalid schema version; cannot resume this run") from None
+        if version > fmt.SCHEMA_VERSION:
+            raise SchemaVersionError(
                 f"{meta_path}: written with schema {meta['schema_version']}, newer than this "
                 f"phasewatch ({fmt.SCHEMA_VERSION}); upgrade phasewatch to resume it"
             )
@@ -188,16 +192,26 @@ class RunWriter:
         index = self._next_segment
         self._next_segment += 1
         name = self.path / fmt.segment_name(index)
-        f = h5py.File(name, "w", libver="latest")
-        f.attrs["format"] = fmt.FORMAT_NAME
-        f.attrs["schema_version"] = fmt.SCHEMA_VERSION
-        f.attrs["segment"] = index
-        f.attrs["run_id"] = self.meta["run_id"]
-        f.attrs["created"] = time.time()
-        f.attrs["meta_json"] = json.dumps(self.meta, sort_keys=True, default=_json_default)
-        for spec in self.tables.values():
-            create_table(f, spec)
-        f.swmr_mode = True
+        # Built under a temporary name and renamed once in SWMR mode: until then HDF5 holds an
+        # exclusive lock, so a reader listing the run in between would fail on a half-made segment
+        # (and a crash in between would leave one behind).
+        tmp = name.with_name(name.name + ".new")
+        f = h5py.File(tmp, "w", libver="latest")
+        try:
+            f.attrs["format"] = fmt.FORMAT_NAME
+            f.attrs["schema_version"] = fmt.SCHEMA_VERSION
+            f.attrs["segment"] = index
+            f.attrs["run_id"] = self.meta["run_id"]
+            f.attrs["created"] = time.time()
+            f.attrs["meta_json"] = json.dumps(self.meta, sort_keys=True, default=_json_default)
+            for spec in self.tables.values():
+                create_table(f, spec)
+            f.swmr_mode = True
+            os.replace(tmp, name)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
         self._file = f
         self.segment_index = index
         self._segment_started = time.monotonic()

@@ -41,6 +41,23 @@ def fold(x: torch.Tensor, signs: torch.Tensor, d: int, out: torch.Tensor | None 
     return out
 
 
+def fold_sum(signed: torch.Tensor, d: int, out: torch.Tensor) -> torch.Tensor:
+    """Sum an already sign-multiplied flat tensor into ``out`` (d,), blockwise: the fold's second half.
+
+    Accumulates in at least float32 (the float32 rounding, ~1e-7 relative, is far below the
+    projection's own √(2/d)); ``out`` is preallocated so the per-step path allocates nothing.
+    """
+    n = signed.numel()
+    full = (n // d) * d
+    if full:
+        torch.sum(signed[:full].view(-1, d), dim=0, dtype=out.dtype, out=out)
+    else:
+        out.zero_()
+    if full < n:
+        out[: n - full] += signed[full:]
+    return out
+
+
 def fold_matrix(n: int, d: int, signs: torch.Tensor) -> torch.Tensor:
     """The dense (d, n) matrix of the fold, for tests on small n."""
     m = torch.zeros(d, n, dtype=torch.float64)

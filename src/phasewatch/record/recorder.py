@@ -43,7 +43,7 @@ from ..errors import RecorderError
 from ..store import format as fmt
 from ..store.reader import open_run
 from ..store.writer import RunWriter
-from .projection import fold, fold_signs
+from .projection import fold_signs, fold_sum
 from .schedule import Schedule
 
 log = logging.getLogger("phasewatch")
@@ -169,7 +169,8 @@ class Recorder:
         self.device = self.params[0].device
 
         # -- exact or projected -------------------------------------------------------------
-        self.rows = self.k - 1 + self.block  # ring rows R
+        # ring rows R >= K-1+B, a multiple of B so that a block of new rows never wraps around
+        self.rows = self.block * -(-(self.k - 1 + self.block) // self.block)
         exact_bytes = self.rows * self.n_params * 8
         if mode == "auto":
             mode = "exact" if exact_bytes <= memory_budget else "projected"
@@ -204,13 +205,15 @@ class Recorder:
             self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
             self._exact = [i for i, pr in enumerate(projected) if not pr]
             self._folded = [i for i, pr in enumerate(projected) if pr]
-            self._prev = {i: self.params[i].detach().clone() for i in self._exact}
+            # θ_{t-stride} of every recorded tensor, in its own dtype (u_t is computed in it)
+            self._prev = {i: p.detach().clone() for i, p in enumerate(self.params)}
             self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
                                          self.params[i].dtype, dev) for i in self._folded}
-            self._prev_fold = {i: fold(self.params[i].detach(), self._signs[i], self.proj_dim)
-                               for i in self._folded}
-            self._fold_tmp = {i: torch.empty(self.proj_dim, dtype=torch.float64, device=dev)
-                              for i in self._folded}
+            # preallocated scratch: no allocation (and no page faults) on the per-step path
+            self._scratch = {i: torch.empty(self.params[i].numel(), dtype=self.params[i].dtype, device=dev)
+                             for i in self._folded}
+            self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
+                self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
             # per ring slot: views of that row for each parameter (exact: shaped like the param)
             self._slot_views = []
             for r in range(self.rows):
@@ -218,11 +221,8 @@ class Recorder:
                 views = {}
                 for i, p in enumerate(self.params):
                     v = row[offsets[i]: offsets[i + 1]]
-                    views[i] = v.view(p.shape) if i in self._prev else v
+                    views[i] = v if i in self._signs else v.view(p.shape)
                 self._slot_views.append(views)
-            self._ex_params = [self.params[i] for i in self._exact]
-            self._ex_prev = [self._prev[i] for i in self._exact]
-            self._ex_views = [[self._slot_views[r][i] for i in self._exact] for r in range(self.rows)]
 
         # -- host-side buffers --------------------------------------------------------------
         self._n_updates = 0          # updates written into the ring so far (this session)
@@ -419,15 +419,17 @@ class Recorder:
     def _record_update(self, step: int) -> None:
         slot = self._n_updates % self.rows
         views = self._slot_views[slot]
-        if self._exact:
-            ex_views = self._ex_views[slot]
-            torch._foreach_copy_(ex_views, self._ex_params)
-            torch._foreach_sub_(ex_views, self._ex_prev)
-            torch._foreach_copy_(self._ex_prev, self._ex_params)
+        for i in self._exact:
+            # u = θ_t − θ_{t−stride} in the parameters' dtype, stored in the float64 ring
+            p, prev = self.params[i], self._prev[i]
+            torch.sub(p, prev, out=views[i])
+            prev.copy_(p)
         for i in self._folded:
-            cur = fold(self.params[i].detach(), self._signs[i], self.proj_dim, out=self._fold_tmp[i])
-            torch.sub(cur, self._prev_fold[i], out=views[i])
-            self._fold_tmp[i], self._prev_fold[i] = self._prev_fold[i], cur
+            p, prev, u = self.params[i], self._prev[i], self._scratch[i]
+            torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
+            prev.copy_(p)
+            u.mul_(self._signs[i])
+            views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
         self._n_updates += 1
         self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
         if self.snapshots(step):
@@ -455,13 +457,14 @@ class Recorder:
         if pend:
             n1 = self._n_updates
             n0 = n1 - len(pend)
-            slots = torch.arange(n0, n1) % self.rows
-            slots_dev = slots.to(self.device)
+            first = n0 % self.rows
+            wraps = first + (n1 - n0) > self.rows  # only after a flush between block boundaries
+            slots_dev = (torch.arange(n0, n1) % self.rows).to(self.device) if wraps else None
             per_group = []
             for sl in self._group_slices:
                 block = self._ring[:, sl]
-                new = block.index_select(0, slots_dev)
-                per_group.append(block @ new.T)  # (R, nb)
+                new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
+                per_group.append(block @ new.T)  # (R, nb): one GEMM per group and block
             m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
             i = np.arange(n0, n1)[:, None]
             j = np.arange(self.k)[None, :]

@@ -130,6 +130,20 @@ def test_projection_is_unbiased_and_within_stated_error(tmp_path):
         assert np.max(rel) < 5 * math.sqrt(2 / d)
 
 
+def test_raw_snapshots_in_projected_mode_are_the_raw_update(tmp_path):
+    model = _mlp(hidden=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()
+    with phasewatch.Recorder(tmp_path / "r", model, opt, k=4, stride=2, mode="projected", proj_dim=100,
+                             snapshot_every=4, checkpoint_every=2, strict=True) as rec:
+        _train(rec, model, opt, 16, x, y)
+    run = phasewatch.open_run(tmp_path / "r")
+    snap = run.table("snapshots")
+    assert snap["step"].tolist() == [4, 8, 12, 16]
+    theta = run.table("checkpoints")["theta"].astype(np.float64)  # steps 2, 4, ..., 16
+    np.testing.assert_allclose(snap["update"], (theta[1::2] - theta[0::2]), atol=2e-7)
+
+
 def test_auto_mode_switches_to_projection_above_budget(tmp_path, caplog):
     model = _mlp(hidden=64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

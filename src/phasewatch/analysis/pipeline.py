@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,8 @@ def analyze_band(
         spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
         sub_lr = np.asarray(lr, dtype=float)[lo:stop]
         with np.errstate(invalid="ignore", divide="ignore"):
-            import warnings as _w
-
-            with _w.catch_warnings():
-                _w.simplefilter("ignore", RuntimeWarning)
+            with warnings.catch_warnings():  # K < W+1 was reported above, once
+                warnings.simplefilter("ignore", RuntimeWarning)
                 a_can = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "canonical",
                                        plateau_below=plateau_below, forgetting_above=forgetting_above)
             a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
@@ -261,7 +260,7 @@ def analyze(
     if not hasattr(run, "table"):
         run = open_run(run)
     where = str(run.path)
-    warnings = list(run.warnings)
+    warns = list(run.warnings)
     if source == "band":
         bt = run.band
         if not len(bt["step"]):
@@ -296,11 +295,11 @@ def analyze(
     flags = run.steps.get("flags")
     if flags is not None and np.any(flags):
         bad = run.steps["step"][flags != 0]
-        warnings.append(f"{bad.size} steps flagged non-finite (first at step {int(bad[0])}); "
+        warns.append(f"{bad.size} steps flagged non-finite (first at step {int(bad[0])}); "
                         "windows containing a non-finite update are marked invalid")
     n_invalid = int((~table["valid"]).sum())
     if n_invalid:
-        warnings.append(f"{n_invalid} of {table['valid'].size} windows invalid (non-finite updates, or "
+        warns.append(f"{n_invalid} of {table['valid'].size} windows invalid (non-finite updates, or "
                         "the start of a resumed segment)")
 
     metrics = run.metrics()
@@ -323,4 +322,4 @@ def analyze(
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
-                    metrics=metrics, events=events, conventions=conventions, warnings=warnings)
+                    metrics=metrics, events=events, conventions=conventions, warnings=warns)

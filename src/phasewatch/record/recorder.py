@@ -68,7 +68,7 @@ def _group_of(name: str, groups: None | dict | Callable[[str], str]) -> str:
         return str(groups(name))
     for label, members in groups.items():
         for m in members:
-            if name == m or name.startswith(m + ".") or name.startswith(m):
+            if name == m or name.startswith(m + "."):  # a parameter, or every parameter of a module
                 return label
     return "other"
 
@@ -91,7 +91,7 @@ class Recorder:
     groups: layer groups: ``None`` (one per parameter tensor), a dict label -> list of parameter
         names or prefixes, or a callable name -> label.
     snapshot_every: schedule of stored update vectors (int N, ``"log"``, list of steps, callable).
-    snapshot_kind: ``"raw"`` (u_t itself; needs exact mode or stride 1) or ``"projected"``.
+    snapshot_kind: ``"raw"`` (u_t itself, in either mode) or ``"projected"`` (the ring row).
     snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
     checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
     flush_rows, flush_seconds: write to disk every this many rows or seconds (256, 5 s).
@@ -191,10 +191,6 @@ class Recorder:
             idx = [i for i, gi in enumerate(param_group_idx) if gi == g]
             self._group_slices.append(slice(int(offsets[idx[0]]), int(offsets[idx[-1] + 1])))
 
-        if snapshot_every is not None and snapshot_kind == "raw" and mode == "projected" and any(projected):
-            if self.stride != 1:
-                raise RecorderError("raw snapshots in projected mode need stride=1; use "
-                                    "snapshot_kind='projected' or mode='exact'")
         self.snapshot_kind = snapshot_kind
         self.snapshots = Schedule(snapshot_every)
         self.checkpoints = Schedule(checkpoint_every)
@@ -440,8 +436,10 @@ class Recorder:
         if self.snapshot_kind == "projected" or not self._folded:
             data = self._ring[slot]  # exact tensors: the raw update in layout order
         else:
-            raise RecorderError("raw snapshots in projected mode are not available yet; "
-                                "use snapshot_kind='projected'")
+            # projected tensors keep their signed update u·s in the scratch buffer: s² = 1
+            views = self._slot_views[slot]
+            data = torch.cat([(self._scratch[i] * self._signs[i]).to(torch.float64) if i in self._signs
+                              else views[i].reshape(-1) for i in range(len(self.params))])
         arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
         self.writer.append("snapshots", step=np.array([step]), update=arr)
 

@@ -160,3 +160,46 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and err.startswith("phasewatch: error:")
+
+
+def test_gradient_noise_table_from_recorded_statistics(tmp_path):
+    """A run holding gradient-sample statistics gets C, p, phase and band per measurement, equal
+    to the estimators applied to the raw samples."""
+    from phasewatch.analysis import noise
+    from phasewatch.store.format import Column, TableSpec
+
+    rng = np.random.default_rng(5)
+    P, L = 40, 2
+    spec = TableSpec("grad_samples", {
+        "step": Column("i8"), "n": Column("i8"), "b": Column("f8"), "source": Column("S16"),
+        "mean_sq_norm": Column("f8"), "trace": Column("f8"), "quad": Column("f8"), "trace_sq": Column("f8"),
+        "fourth": Column("f8"), "third": Column("f8"), "layer_mean_sq_norm": Column("f8", (L,)),
+        "layer_trace": Column("f8", (L,)), "sample_norms": Column("f8", (8,)),
+    })
+    meta = {"model": {"n_params": P}, "recorder": {"k": 4}}
+    raws, rows = [], []
+    for i, mu in enumerate([0.05, 0.2, 0.6, 1.5]):
+        G = rng.standard_normal((32, P)) + mu
+        raws.append(G)
+        st = noise.sufficient_statistics(G)
+        lm = [float(np.sum(G[:, :20].mean(0) ** 2)), float(np.sum(G[:, 20:].mean(0) ** 2))]
+        lt = [float(np.sum(G[:, :20].var(0, ddof=1))), float(np.sum(G[:, 20:].var(0, ddof=1)))]
+        rows.append(dict(step=[10 * (i + 1)], n=[32], b=[1.0], source=[b"per_example"],
+                         mean_sq_norm=[st.mean_sq_norm], trace=[st.trace], quad=[st.quad],
+                         trace_sq=[st.trace_sq], fourth=[st.fourth], third=[st.third],
+                         layer_mean_sq_norm=[lm], layer_trace=[lt],
+                         sample_norms=[np.linalg.norm(G, axis=1)[:8]]))
+    with RunWriter(tmp_path / "r", meta, [fmt.steps_table(1, 1), fmt.band_table(1, 4), spec]) as w:
+        for r in rows:
+            w.append("grad_samples", **{k: np.asarray(v) for k, v in r.items()})
+    run = phasewatch.open_run(tmp_path / "r")
+    pr = phasewatch.analysis.pipeline.noise_table(run.table("grad_samples"))
+    assert pr["step"].tolist() == [10, 20, 30, 40]
+    for i, G in enumerate(raws):
+        ref = noise.consolidation_ratio(G, ci="delta")
+        assert abs(pr["C"][i] - ref.C) <= 1e-12 * max(1.0, ref.C)
+        np.testing.assert_allclose([pr["C_lo"][i], pr["C_hi"][i]], ref.ci, rtol=1e-10)
+        assert pr["phase"][i] == ref.phase and pr["band"][i] == ref.band
+    # C grows with the mean; the last measurement is clearly in the generalisation phase
+    assert np.all(np.diff(pr["C"]) > 0) and pr["phase"][-1] == "generalization"
+    assert pr["layer_C"].shape == (4, 2) and np.all(pr["B_simple"] > 0)

@@ -58,6 +58,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
         for f in _formats(a.format):
             if f == "csv":
                 print(f"wrote {res.to_csv(out / 'analysis.csv')}")
+                if res.probes:
+                    print(f"wrote {res.probes_to_csv(out / 'gradient_noise.csv')}")
             elif f == "json":
                 print(f"wrote {res.to_json(out / 'analysis.json')}")
             else:

@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import PhasewatchError, RunTooShortError
 from . import adiabatic as adia
 from . import gram
+from . import noise as nz
 from .events import Event, first_crossing, jumps
 
 log = logging.getLogger("phasewatch")
@@ -54,6 +55,7 @@ class Analysis:
     events: list[Event] = field(default_factory=list)
     conventions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    probes: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -104,6 +106,8 @@ class Analysis:
             "warnings": self.warnings,
             "summary": self.summary_dict(),
             "table": {k: clean(v) for k, v in self.columns().items()},
+            "probes": {k: (clean(v) if np.asarray(v).dtype.kind in "fiub" else [str(x) for x in v])
+                       for k, v in self.probes.items() if np.asarray(v).ndim == 1},
         }
 
     def to_json(self, path: str | Path) -> Path:
@@ -129,9 +133,42 @@ class Analysis:
                 d["A_regime_fraction"] = {
                     name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
                 }
+        pr = self.probes
+        if pr and len(pr.get("step", [])):
+            d["gradient_measurements"] = int(len(pr["step"]))
+            d["C_last"] = float(pr["C"][-1])
+            d["C_last_ci"] = [float(pr["C_lo"][-1]), float(pr["C_hi"][-1])]
+            d["p_last"] = float(pr["p"][-1])
+            d["phase_last"] = str(pr["phase"][-1])
+            d["band_last"] = str(pr["band"][-1])
+            d["b_last"] = float(pr["b"][-1])
+            d["n_last"] = int(pr["n"][-1])
+            d["early_stopping_first"] = {k: v for k, v in self.probe_flags.items()}
         for e in self.events:
             d.setdefault("events", []).append(f"{e.kind} at step {e.step} ({e.rule})")
         return d
+
+    @property
+    def probe_flags(self) -> dict[str, int | None]:
+        """Early-stopping flags (DEFINITIONS §6): the step at which each first fires, or None."""
+        pr = self.probes
+        if not pr or not len(pr.get("step", [])):
+            return {}
+        fl = nz.early_stopping_flags(pr["p"], pr["C"], pr["p_hi"])
+        return {k: (None if i is None else int(pr["step"][i])) for k, i in fl.first.items()}
+
+    def probes_to_csv(self, path: str | Path) -> Path:
+        """The per-measurement gradient-noise table as CSV (one row per gradient-sample measurement)."""
+        path = Path(path)
+        cols = {k: v for k, v in self.probes.items() if np.asarray(v).ndim == 1}
+        names = list(cols)
+        with open(path, "w") as fh:
+            fh.write("# phasewatch gradient-noise measurements; C: canonical bias-corrected "
+                     "(||g||^2 - T/n)/T, CI by the delta method; p = C/(1+C)\n")
+            fh.write(",".join(names) + "\n")
+            for i in range(len(cols["step"])):
+                fh.write(",".join(_fmt_cell(cols[n][i]) for n in names) + "\n")
+        return path
 
     def summary(self) -> str:
         d = self.summary_dict()
@@ -143,11 +180,72 @@ class Analysis:
             fr = d["A_regime_fraction"]
             lines.append(f"A (canon.)   median {d['A_median']:.3g}; " +
                          ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
+        if "C_last" in d:
+            lines.append(f"C (canon.)   {d['gradient_measurements']} measurements; last C = {d['C_last']:.3g} "
+                         f"[{d['C_last_ci'][0]:.3g}, {d['C_last_ci'][1]:.3g}], p = {d['p_last']:.2f} "
+                         f"({d['phase_last']}, {d['band_last']}); b={d['b_last']:g}, n={d['n_last']}")
         for e in d.get("events", []):
             lines.append(f"event        {e}")
         for w in self.warnings:
             lines.append(f"warning      {w}")
         return "\n".join(lines)
+
+
+def _fmt_cell(x) -> str:
+    if isinstance(x, (bytes, np.bytes_)):
+        return x.decode()
+    if isinstance(x, (str, np.str_)):
+        return str(x)
+    if isinstance(x, (np.integer, int)):
+        return str(int(x))
+    x = float(x)
+    return "" if math.isnan(x) else repr(x)
+
+
+def noise_table(gs: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.ndarray]:
+    """Per gradient-sample measurement: consolidation ratio (canonical, delta-method CI), its naive
+    variant, C_1 = C_b/b, p with CI, phase, decision band, B_simple = 1/C_1, and per-layer canonical C.
+
+    Input: the ``grad_samples`` table of a run (sufficient statistics written by the recorder).
+    """
+    n = np.asarray(gs["n"], dtype=float)
+    out: dict[str, np.ndarray] = {"step": np.asarray(gs["step"], dtype="i8")}
+    if not len(n):
+        return {}
+    src = gs.get("source")
+    out["source"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in src]) if src is not None \
+        else np.full(len(n), "")
+    out["n"] = n.astype("i8")
+    out["b"] = np.asarray(gs["b"], dtype=float)
+    stats = {k: np.asarray(gs[k], dtype=float) for k in ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third")}
+    ok = n >= 2
+    cols = ("C", "C_lo", "C_hi", "p", "p_lo", "p_hi", "C_per_example", "C_naive", "B_simple")
+    for c in cols:
+        out[c] = np.full(len(n), np.nan)
+    out["phase"] = np.full(len(n), "", dtype=object)
+    out["band"] = np.full(len(n), "", dtype=object)
+    if ok.any():
+        b = np.where(np.isfinite(out["b"]), out["b"], 1.0)[ok]
+        r = nz.consolidation_ratio(n=out["n"][ok], b=b, ci="delta", level=level,
+                                   **{k: v[ok] for k, v in stats.items()})
+        out["C"][ok], out["p"][ok] = r.C, r.p
+        out["C_lo"][ok], out["C_hi"][ok] = r.ci[:, 0], r.ci[:, 1]
+        out["p_lo"][ok], out["p_hi"][ok] = r.p_ci[:, 0], r.p_ci[:, 1]
+        out["C_per_example"][ok] = r.C_per_example
+        out["phase"][ok], out["band"][ok] = r.phase, r.band
+        rn = nz.consolidation_ratio(n=out["n"][ok], b=b, variant="naive", ci="none",
+                                    mean_sq_norm=stats["mean_sq_norm"][ok], trace=stats["trace"][ok])
+        out["C_naive"][ok] = rn.C
+        with np.errstate(divide="ignore"):
+            out["B_simple"][ok] = np.where(r.C_per_example > 0, 1.0 / r.C_per_example, np.inf)
+    if "layer_trace" in gs and np.asarray(gs["layer_trace"]).ndim == 2:
+        lt = np.asarray(gs["layer_trace"], dtype=float)
+        lm = np.asarray(gs["layer_mean_sq_norm"], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["layer_C"] = np.maximum(lm - lt / n[:, None], 0.0) / lt
+    out["phase"] = out["phase"].astype(str)
+    out["band"] = out["band"].astype(str)
+    return out
 
 
 def _progress(total: int, desc: str):
@@ -312,7 +410,14 @@ def analyze(
         if ev:
             events.append(ev)
         events.extend(jumps(s, v, metric=name))
+    probes: dict[str, np.ndarray] = {}
+    if "grad_samples" in run.meta.get("tables", {}):
+        gs = run.table("grad_samples")
+        if len(gs["step"]):
+            probes = noise_table(gs)
     conventions = {
+        "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
+             "C_per_example = C/b; B_simple = 1/C_per_example",
         "source": conv_src,
         "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
@@ -322,4 +427,4 @@ def analyze(
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
-                    metrics=metrics, events=events, conventions=conventions, warnings=warns)
+                    metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes)

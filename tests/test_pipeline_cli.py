@@ -132,6 +132,7 @@ def test_cli_commands(tmp_path, capsys):
     assert main(["analyze", str(SAMPLE), "--window", "8", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "analysis.csv").exists() and (tmp_path / "a" / "analysis.json").exists()
     assert main(["plot", str(SAMPLE), "--out", str(tmp_path / "p"), "--format", "pdf", "png"]) == 0
+    assert (tmp_path / "p" / "noise.pdf").read_bytes().startswith(b"%PDF")
     pdf = (tmp_path / "p" / "overview.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and b"/Type3" not in pdf and b"FontFile2" in pdf
     png = tmp_path / "p" / "overview.png"

@@ -404,3 +404,25 @@ def test_results_are_frozen() -> None:
             r.flags = ()  # type: ignore[misc]
     with pytest.raises(TypeError):
         hill(x, rule="double_bootstrap", seed=0).selection["k1"] = 3  # type: ignore[index]
+
+
+def test_rolling_hill_equals_hill_per_window_and_covers_pareto():
+    from phasewatch.analysis.tails import hill, rolling_hill
+
+    rng = np.random.default_rng(11)
+    x = rng.pareto(1.5, 400) + 1.0
+    r = rolling_hill(x, window=100, fraction=0.1)
+    assert r.ends[0] == 99 and len(r.alpha) == 301 and r.k == 10
+    for i in (0, 57, 300):
+        ref = hill(x[i: i + 100], k=10, ci="exact")
+        assert abs(r.alpha[i] - ref.estimate) < 1e-10
+        np.testing.assert_allclose(r.ci[i], ref.ci, rtol=1e-10)
+    # coverage of the exact interval over disjoint windows of iid Pareto data
+    x = rng.pareto(1.5, 100 * 400) + 1.0
+    r = rolling_hill(x, window=100)
+    disjoint = r.ci[::100]
+    cover = np.mean((disjoint[:, 0] <= 1.5) & (1.5 <= disjoint[:, 1]))
+    assert 0.9 <= cover <= 0.99
+    x[150] = np.nan
+    r = rolling_hill(x[:300], window=100)
+    assert np.isnan(r.alpha[51:151]).all() and np.isfinite(r.alpha[:51]).all()

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import PhasewatchError, RunTooShortError
 from . import adiabatic as adia
-from . import gram
+from . import gram, tails
 from . import noise as nz
 from .events import Event, first_crossing, jumps
 
@@ -56,6 +56,7 @@ class Analysis:
     conventions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     probes: dict[str, np.ndarray] = field(default_factory=dict)
+    tail_index: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -144,6 +145,9 @@ class Analysis:
             d["b_last"] = float(pr["b"][-1])
             d["n_last"] = int(pr["n"][-1])
             d["early_stopping_first"] = {k: v for k, v in self.probe_flags.items()}
+        ti = self.tail_index
+        if ti and np.isfinite(ti["alpha"]).any():
+            d["alpha_gradnorm_median"] = float(np.nanmedian(ti["alpha"]))
         for e in self.events:
             d.setdefault("events", []).append(f"{e.kind} at step {e.step} ({e.rule})")
         return d
@@ -184,6 +188,10 @@ class Analysis:
             lines.append(f"C (canon.)   {d['gradient_measurements']} measurements; last C = {d['C_last']:.3g} "
                          f"[{d['C_last_ci'][0]:.3g}, {d['C_last_ci'][1]:.3g}], p = {d['p_last']:.2f} "
                          f"({d['phase_last']}, {d['band_last']}); b={d['b_last']:g}, n={d['n_last']}")
+        if "alpha_gradnorm_median" in d:
+            a = d["alpha_gradnorm_median"]
+            lines.append(f"alpha (Hill) median {a:.2f} over 100-step windows of gradient norms"
+                         + ("; > 2: no evidence of a stable heavy tail" if a > 2 else ""))
         for e in d.get("events", []):
             lines.append(f"event        {e}")
         for w in self.warnings:
@@ -415,7 +423,15 @@ def analyze(
         gs = run.table("grad_samples")
         if len(gs["step"]):
             probes = noise_table(gs)
+    tail_index: dict[str, np.ndarray] = {}
+    gn = run.steps.get("grad_norm")
+    if gn is not None and len(gn) >= 100:
+        rh = tails.rolling_hill(gn, window=100, fraction=0.1)
+        tail_index = {"step": run.steps["step"][rh.ends], "alpha": rh.alpha,
+                      "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1]}
     conventions = {
+        "alpha": "Hill MLE on the top 10% of the last 100 gradient norms (the note's choice), exact chi2 CI; "
+                 "alpha > 2: no evidence of a stable heavy tail",
         "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
              "C_per_example = C/b; B_simple = 1/C_per_example",
         "source": conv_src,
@@ -427,4 +443,5 @@ def analyze(
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
-                    metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes)
+                    metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
+                    tail_index=tail_index)

@@ -119,3 +119,35 @@ def snapshots_table(dim: int, dtype: str) -> TableSpec:
 def checkpoints_table(n_params: int, dtype: str) -> TableSpec:
     """Flattened parameters θ_t at scheduled steps, in the order of ``meta['model']['params']``."""
     return TableSpec("checkpoints", {"step": Column("i8"), "theta": Column(dtype, (n_params,))})
+
+
+GRAD_SOURCES = ("per_example", "micro_batch")
+
+
+def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
+    """Sufficient statistics of n gradient samples at (nearly) one θ, each a mean over b examples
+    (``phasewatch.analysis.noise.SufficientStatistics``): one row per measurement.
+
+    ``source`` says where the samples came from (``per_example``: b = 1, on a probe batch after
+    the step; ``micro_batch``: the micro-batch gradients of gradient accumulation, b = micro-batch
+    size or NaN).  ``layer_mean_sq_norm`` and ``layer_trace`` are per layer group (they add up to
+    the global values); ``sample_norms`` are the first ``n_max`` sample norms, NaN-padded.
+    """
+    return TableSpec(
+        "grad_samples",
+        {
+            "step": Column("i8"),
+            "n": Column("i8"),
+            "b": Column("f8"),
+            "source": Column("S16"),
+            "mean_sq_norm": Column("f8"),
+            "trace": Column("f8"),
+            "quad": Column("f8"),
+            "trace_sq": Column("f8"),
+            "fourth": Column("f8"),
+            "third": Column("f8"),
+            "layer_mean_sq_norm": Column("f8", (n_layers,)),
+            "layer_trace": Column("f8", (n_layers,)),
+            "sample_norms": Column("f8", (n_max,)),
+        },
+    )

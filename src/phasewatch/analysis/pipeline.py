@@ -239,13 +239,15 @@ def noise_table(gs: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.
         out["C"][ok], out["p"][ok] = r.C, r.p
         out["C_lo"][ok], out["C_hi"][ok] = r.ci[:, 0], r.ci[:, 1]
         out["p_lo"][ok], out["p_hi"][ok] = r.p_ci[:, 0], r.p_ci[:, 1]
-        out["C_per_example"][ok] = r.C_per_example
+        # with b unknown (micro-batches of unstated size) C is per sample; C_1 and B_simple are not known
+        out["C_per_example"][ok] = np.where(np.isfinite(out["b"][ok]), r.C_per_example, np.nan)
         out["phase"][ok], out["band"][ok] = r.phase, r.band
         rn = nz.consolidation_ratio(n=out["n"][ok], b=b, variant="naive", ci="none",
                                     mean_sq_norm=stats["mean_sq_norm"][ok], trace=stats["trace"][ok])
         out["C_naive"][ok] = rn.C
         with np.errstate(divide="ignore"):
-            out["B_simple"][ok] = np.where(r.C_per_example > 0, 1.0 / r.C_per_example, np.inf)
+            c1 = out["C_per_example"][ok]
+            out["B_simple"][ok] = np.where(c1 > 0, 1.0 / c1, np.where(np.isnan(c1), np.nan, np.inf))
     if "layer_trace" in gs and np.asarray(gs["layer_trace"]).ndim == 2:
         lt = np.asarray(gs["layer_trace"], dtype=float)
         lm = np.asarray(gs["layer_mean_sq_norm"], dtype=float)

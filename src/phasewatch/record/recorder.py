@@ -24,6 +24,7 @@ parameter tensor instead (see :mod:`phasewatch.record.projection`), and the run 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
@@ -37,12 +38,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from .. import __version__
 from ..errors import RecorderError
 from ..store import format as fmt
 from ..store.reader import open_run
 from ..store.writer import RunWriter
+from . import signals
+from .probes import MicroBatchCapture, gram_statistics, per_example_gradients, training_batchnorm
 from .projection import fold_signs, fold_sum
 from .schedule import Schedule
 
@@ -99,6 +103,26 @@ class Recorder:
         unless ``start_step`` says where training resumed.
     strict: re-raise the recorder's own errors (for tests) instead of disabling it.
     seeds, meta: anything to store in the run's metadata.
+    grad_samples_every: schedule (int N, ``"log"``, list, callable) of gradient-noise measurements,
+        stored as sufficient statistics in the ``grad_samples`` table (DEFINITIONS §2).  With
+        ``grad_probe``: per-example gradients on that batch, after the step (on the new θ),
+        source ``per_example``, b = 1.  Without: the micro-batch gradients of gradient
+        accumulation of the scheduled step (on the θ the step starts from), source
+        ``micro_batch``; needs ≥ 2 backward passes per step, else the step is skipped.
+    grad_probe: ``(inputs, targets)`` with examples along dim 0 (inputs may be a tuple of
+        positional arguments); ``grad_loss(outputs, targets)`` returns per-example losses or
+        their mean.  Computed with ``torch.func`` (``vmap(grad(functional_call))``), buffers passed
+        through, ``grad_chunk`` examples at a time (default: all).  A model with BatchNorm in
+        training mode is refused unless ``grad_probe_eval=True`` (the probe then runs in eval mode).
+    grad_samples_max: stored per-sample norms per row (64, NaN-padded); all samples enter the
+        statistics.
+    grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
+    grad_microbatch_scale: factor applied to each captured micro-batch gradient (the difference
+        of p.grad between successive backward passes).  ``"n_micro"`` (default) multiplies by the
+        number of micro-batches n, so a sample is the micro-batch *mean* gradient when the user
+        divides each micro-batch loss by n (the usual convention); pass ``1.0`` if the losses are
+        not divided.  Samples are captured at backward time: before clipping and, under a
+        ``GradScaler``, still multiplied by the loss scale.
     """
 
     def __init__(
@@ -128,6 +152,14 @@ class Recorder:
         strict: bool = False,
         seeds: dict | None = None,
         meta: dict | None = None,
+        grad_samples_every: Any = None,
+        grad_probe: tuple[Any, Any] | None = None,
+        grad_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        grad_samples_max: int = 64,
+        grad_chunk: int | None = None,
+        grad_probe_eval: bool = False,
+        grad_microbatch_size: int | None = None,
+        grad_microbatch_scale: str | float = "n_micro",
     ) -> None:
         if k < 2:
             raise RecorderError(f"k={k}: the band needs K >= 2 (the window W must satisfy W <= K-1)")
@@ -193,6 +225,40 @@ class Recorder:
 
         self.snapshot_kind = snapshot_kind
         self.snapshots = Schedule(snapshot_every)
+
+        # -- gradient samples (noise statistics) ---------------------------------------------
+        if int(grad_samples_max) < 1:
+            raise RecorderError(f"grad_samples_max={grad_samples_max}: must be a positive integer")
+        self.grad_samples_max = int(grad_samples_max)
+        self.grad_samples = Schedule(grad_samples_every)
+        self._grad_on = grad_samples_every is not None
+        if grad_probe is not None and not self._grad_on:
+            raise RecorderError("grad_probe is given but grad_samples_every is not; say when to probe")
+        if grad_probe is not None:
+            if grad_loss is None:
+                raise RecorderError("grad_probe needs grad_loss=callable(outputs, targets) -> per-example or mean loss")
+            if not (isinstance(grad_probe, (tuple, list)) and len(grad_probe) == 2):
+                raise RecorderError("grad_probe must be a pair (inputs, targets)")
+            bn = training_batchnorm(model)
+            if bn and not grad_probe_eval:
+                raise RecorderError(
+                    f"grad_probe: the model has BatchNorm in training mode ({bn[0]}), which mixes the "
+                    "examples of a batch, so per-example gradients are undefined; pass "
+                    "grad_probe_eval=True to probe in eval mode, or use micro-batch samples (no grad_probe)")
+        if grad_microbatch_scale != "n_micro" and not isinstance(grad_microbatch_scale, (int, float)):
+            raise RecorderError(f"grad_microbatch_scale={grad_microbatch_scale!r}: use 'n_micro' or a number")
+        self._grad_source = None if not self._grad_on else ("per_example" if grad_probe is not None
+                                                             else "micro_batch")
+        self._model = model
+        self._grad_probe = None if grad_probe is None else tuple(pytree.tree_map(
+            lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, tuple(grad_probe)))
+        self._grad_loss = grad_loss
+        self._grad_chunk = int(grad_chunk) if grad_chunk else None
+        self._grad_probe_eval = bool(grad_probe_eval)
+        self._grad_mb_size = float(grad_microbatch_size) if grad_microbatch_size else float("nan")
+        self._grad_mb_scale = grad_microbatch_scale
+        self._mb = (MicroBatchCapture(self.params, on_error=self._fail)
+                    if self._grad_source == "micro_batch" else None)
         self.checkpoints = Schedule(checkpoint_every)
 
         # -- device state -------------------------------------------------------------------
@@ -245,6 +311,30 @@ class Recorder:
             fmt.snapshots_table(snap_dim, self._snap_dtype),
             fmt.checkpoints_table(self.n_params, "float32"),
         ]
+        # grad_samples is always declared (segments are SWMR: no datasets can be added later).
+        # Resuming a run recorded before the table existed: without sampling, keep its tables;
+        # with sampling, say so in one line.  An existing table's n_max is kept.
+        grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max)
+        old_tables = None
+        if resume and (self.path / fmt.META_FILE).exists():
+            try:
+                old_tables = json.loads((self.path / fmt.META_FILE).read_text()).get("tables")
+            except Exception:  # noqa: BLE001 - the writer reports an unreadable meta.json
+                old_tables = None
+        if isinstance(old_tables, dict) and "grad_samples" not in old_tables:
+            if self._grad_on:
+                raise RecorderError(
+                    f"{self.path}: cannot resume with grad_samples_every: the run was recorded without "
+                    "a grad_samples table; resume without gradient sampling or record into a new path")
+            grad_spec = None
+        elif isinstance(old_tables, dict):
+            old_norms = old_tables["grad_samples"].get("sample_norms")
+            if old_norms and old_norms[1] and old_norms[1][0] != self.grad_samples_max:
+                self.grad_samples_max = int(old_norms[1][0])
+                grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max)
+        if grad_spec is not None:
+            tables.append(grad_spec)
+        self._grad_table = grad_spec is not None
         config = {
             "k": self.k, "stride": self.stride, "block": self.block, "mode": self.mode,
             "memory_budget": memory_budget, "proj_dim": self.proj_dim if mode == "projected" else None,
@@ -254,6 +344,12 @@ class Recorder:
             "snapshot_every": self.snapshots.describe(), "snapshot_kind": snapshot_kind,
             "snapshot_dtype": self._snap_dtype, "checkpoint_every": self.checkpoints.describe(),
             "accumulate": "float64", "device": str(self.device),
+            "grad_samples_every": self.grad_samples.describe() if self._grad_on else None,
+            "grad_samples_source": self._grad_source, "grad_samples_max": self.grad_samples_max,
+            "grad_probe_size": (None if self._grad_probe is None else _probe_size(self._grad_probe[0])),
+            "grad_chunk": self._grad_chunk, "grad_probe_eval": self._grad_probe_eval,
+            "grad_microbatch_size": None if math.isnan(self._grad_mb_size) else self._grad_mb_size,
+            "grad_microbatch_scale": self._grad_mb_scale,
         }
         model_meta = {
             "class": type(model).__name__,
@@ -303,6 +399,8 @@ class Recorder:
         self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
         self._atexit = weakref.WeakMethod(self.close)
         atexit.register(_close_at_exit, self._atexit)
+        signals.register(self)  # SIGTERM: flush and close, then the signal's previous action
+        self._arm_micro_batches()
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -364,6 +462,7 @@ class Recorder:
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
         self._remove_hooks()
+        signals.unregister(self)
         self._closed = True
         self.enabled = False
 
@@ -388,6 +487,8 @@ class Recorder:
                                          else torch.zeros((), device=p.device) for p in self.params])
                 self._cur_grad = norms
             self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
+            if self._mb is not None and self._mb.armed:
+                self._micro_batch_samples(self.step + 1)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -404,6 +505,9 @@ class Recorder:
                 self._record_update(step)
             if self.checkpoints(step):
                 self._checkpoint(step)
+            if self._grad_source == "per_example" and self.grad_samples(step):
+                self._per_example_samples(step)
+            self._arm_micro_batches()
             if len(self._pending_update_steps) >= self.block:
                 self._drain(final=False)
         except Exception as e:  # noqa: BLE001
@@ -531,6 +635,76 @@ class Recorder:
                            update_norm=upd, flags=flags)
 
     # ------------------------------------------------------------------------------------------
+    # gradient samples
+    def _arm_micro_batches(self) -> None:
+        """Install the per-parameter accumulate hooks for the coming step if it is scheduled."""
+        if self._mb is None:
+            return
+        if self.grad_samples(self.step + 1):
+            self._mb.arm()
+        else:
+            self._mb.disarm()
+
+    def _write_grad_row(self, step: int, source: str, b: float, st: dict) -> None:
+        if not self._grad_table:
+            return
+        self.writer.append(
+            "grad_samples", step=np.array([step], dtype="i8"), n=np.array([st["n"]], dtype="i8"),
+            b=np.array([b], dtype="f8"), source=np.array([source.encode()], dtype="S16"),
+            **{k: np.array([st[k]], dtype="f8") for k in
+               ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third")},
+            layer_mean_sq_norm=st["layer_mean_sq_norm"][None], layer_trace=st["layer_trace"][None],
+            sample_norms=st["sample_norms"][None])
+
+    def _per_example_samples(self, step: int) -> None:
+        model = self._model
+        modes = None
+        if self._grad_probe_eval:
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+        else:
+            bn = training_batchnorm(model)
+            if bn:
+                raise RecorderError(f"grad_probe: BatchNorm {bn[0]} is in training mode; per-example "
+                                    "gradients are undefined (pass grad_probe_eval=True)")
+        try:
+            inputs, targets = self._grad_probe
+            samples = per_example_gradients(model, self.param_names, inputs, targets, self._grad_loss,
+                                            self._grad_chunk)
+        finally:
+            if modes is not None:
+                for m, tr in modes:
+                    m.training = tr
+        st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
+        del samples
+        if st is None:
+            log.debug("phasewatch: step %d: fewer than 2 finite per-example gradients; no grad_samples row",
+                      step)
+            return
+        self._write_grad_row(step, "per_example", 1.0, st)
+
+    def _micro_batch_samples(self, step: int) -> None:
+        per_param = self._mb.take()
+        counts = {int(s.shape[0]) if s.ndim else 0 for s in per_param}
+        if len(counts) != 1:
+            log.debug("phasewatch: step %d: parameters saw different numbers of backward passes %s; "
+                      "no micro-batch grad_samples row", step, sorted(counts))
+            return
+        n_micro = counts.pop()
+        if n_micro < 2:
+            log.debug("phasewatch: step %d: %d backward pass(es) before the step; micro-batch samples "
+                      "need >= 2; no grad_samples row", step, n_micro)
+            return
+        scale = float(n_micro) if self._grad_mb_scale == "n_micro" else float(self._grad_mb_scale)
+        samples = [s.mul_(scale) for s in per_param]
+        del per_param
+        st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
+        if st is None:
+            log.debug("phasewatch: step %d: fewer than 2 finite micro-batch gradients; no row", step)
+            return
+        self._write_grad_row(step, "micro_batch", self._grad_mb_size, st)
+
+    # ------------------------------------------------------------------------------------------
     # failure policy
     def _fail(self, e: BaseException) -> None:
         if self.strict:
@@ -548,12 +722,23 @@ class Recorder:
                 writer.abandon()
 
     def _remove_hooks(self) -> None:
+        mb = getattr(self, "_mb", None)
+        if mb is not None:
+            try:
+                mb.disarm()
+            except Exception:  # noqa: BLE001
+                pass
         for h in self._hooks:
             try:
                 h.remove()
             except Exception:  # noqa: BLE001
                 pass
         self._hooks = []
+
+
+def _probe_size(inputs: Any) -> int | None:
+    t = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.ndim else None
 
 
 def _close_at_exit(ref: weakref.WeakMethod) -> None:

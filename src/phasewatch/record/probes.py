@@ -36,33 +36,34 @@ def gram_statistics(samples: Sequence[torch.Tensor], group_of: Sequence[int], n_
     CPU float64 arrays, or None if fewer than 2 finite samples remain.  Rows with a NaN/Inf in
     any tensor are dropped (as ``noise.sufficient_statistics`` does); ``sample_norms`` keeps them.
     """
-    G = [s.reshape(s.shape[0], -1).to(torch.float64) for s in samples]
-    dev = G[0].device
-    n_all = G[0].shape[0]
-    sq = torch.zeros(n_all, dtype=torch.float64, device=dev)
-    for g in G:
-        sq += (g * g).sum(dim=1)
-    norms = sq.sqrt()
-    ok = torch.ones(n_all, dtype=torch.bool, device=dev)
-    for g in G:
-        ok &= torch.isfinite(g).all(dim=1)
+    # Everything follows from the raw Gram matrices M_l = G_l G_lᵀ (n × n, float64), one GEMM per
+    # tensor: centring is H M H with H = I − 11ᵀ/n, ḡ·ḡ = 1ᵀM1/n², Dḡ = M1/n − 1ᵀM1/n².  A
+    # non-finite sample makes its row of M non-finite, which is how it is found and dropped.
+    dev = samples[0].device
+    n_all = int(samples[0].shape[0])
+    Ms = torch.zeros(n_groups, n_all, n_all, dtype=torch.float64, device=dev)
+    for s_, gi in zip(samples, group_of):
+        g = s_.reshape(n_all, -1).to(torch.float64)
+        Ms[gi] += g @ g.T
+    M = Ms.sum(0)
+    diag_all = torch.diagonal(M)
+    norms = diag_all.clamp_min(0).sqrt()
+    ok = torch.isfinite(diag_all)
     if not bool(ok.all()):
-        G = [g[ok] for g in G]
-    n = G[0].shape[0]
+        idx = torch.nonzero(ok).reshape(-1)
+        Ms = Ms[:, idx][:, :, idx]
+        M = Ms.sum(0)
+    n = int(M.shape[0])
     if n < 2:
         return None
-    K = torch.zeros(n, n, dtype=torch.float64, device=dev)
-    v = torch.zeros(n, dtype=torch.float64, device=dev)
-    layer_A = torch.zeros(n_groups, dtype=torch.float64, device=dev)
-    layer_T = torch.zeros(n_groups, dtype=torch.float64, device=dev)
-    for g, gi in zip(G, group_of):
-        gbar = g.mean(dim=0)
-        D = g - gbar
-        Kp = D @ D.T
-        K += Kp
-        v += D @ gbar
-        layer_A[gi] += gbar @ gbar
-        layer_T[gi] += torch.diagonal(Kp).sum() / (n - 1)
+    r_l = Ms.mean(dim=2)  # (L, n): row means, = G_l ḡ_l
+    m_l = r_l.mean(dim=1)  # (L,): ḡ_l · ḡ_l
+    layer_A = m_l
+    Kl_diag = torch.diagonal(Ms, dim1=1, dim2=2) - 2 * r_l + m_l[:, None]
+    layer_T = Kl_diag.sum(dim=1) / (n - 1)
+    r, m = r_l.sum(0), m_l.sum()
+    K = M - r[:, None] - r[None, :] + m
+    v = r - m
     diag = torch.diagonal(K)
     A = layer_A.sum()
     stats = torch.stack([

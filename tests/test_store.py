@@ -879,3 +879,28 @@ def test_torn_chunk_of_a_live_segment_is_reread(tmp_path, python, child_env):
         healer.join()
     assert run.warnings == []
     assert_tables(run, want)
+
+
+def test_file_whose_metadata_hangs_hdf5_is_refused(tmp_path, monkeypatch):
+    """Found by tests/fuzz/fuzz_reader.py: zeroing bytes 4341-4625 of the packed sample makes HDF5
+    2.0 loop forever reading the root attribute; the reader refuses it after a time limit."""
+    import time
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "grokking-p71.h5"
+    data = bytearray(sample.read_bytes())
+    data[4341:4626] = bytes(4626 - 4341)
+    bad = tmp_path / "damaged.h5"
+    bad.write_bytes(bytes(data))
+    monkeypatch.setenv("PHASEWATCH_OPEN_TIMEOUT", "8")
+    t0 = time.monotonic()
+    try:
+        open_run(bad)
+    except RunFormatError as e:
+        msg = str(e)
+    else:  # an HDF5 build that reads it fine (or fails fast) is also acceptable
+        msg = None
+    assert time.monotonic() - t0 < 30
+    if msg is not None:
+        assert "\n" not in msg and "damaged.h5" in msg
+    # an intact file passes the check
+    assert open_run(sample).steps["step"].size == 300

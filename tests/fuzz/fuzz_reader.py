@@ -7,8 +7,8 @@ Not collected by pytest (a hang would stall the suite): run it by hand with a ti
 It prints each case as it starts, so after a timeout the last line names the case that hung, and
 it ends with every unexpected exception type it met.  Known finding (2026-11-22, h5py 3.16 with
 HDF5 2.0.0): seed 1, case 34 (a zeroed run of bytes) makes HDF5 loop forever reading the root
-attribute 'format' of a plainly opened file — to be guarded by validating untrusted files in a
-subprocess with a time limit (issue 8).
+attribute 'format' of a plainly opened file; the reader now walks a single file's metadata in a
+child process with a time limit first (set PHASEWATCH_OPEN_TIMEOUT=5 to fuzz quickly).
 """
 
 from __future__ import annotations

@@ -472,6 +472,7 @@ def open_run(path: str | os.PathLike) -> Run:
         return Run(p, meta, sources, packed=False)
     if not _is_hdf5(p):
         raise RunFormatError(f"{p}: not an HDF5 file; pass a run directory or a file made by `phasewatch pack`")
+    _guard_metadata(p)
     try:
         f = _open_h5(p)
     except OSError as e:
@@ -508,6 +509,61 @@ def open_run(path: str | os.PathLike) -> Run:
         return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False)
     sources = [(f"{p.name}:{n}", int(n), _PackedSegment(n, p)) for n in names if n.isdigit()]
     return Run(p, meta, sources, packed=True)
+
+
+# Walks every object and attribute of a file, as the reader will; run in a child process.
+_METADATA_WALK = """
+import sys
+import h5py
+from phasewatch.store.reader import _open_h5
+
+def walk(g):
+    for k in g.attrs:
+        g.attrs[k]
+    for name in g:
+        obj = g.get(name)
+        if isinstance(obj, h5py.Group):
+            walk(obj)
+        elif obj is not None:
+            obj.shape, obj.dtype, [obj.attrs[k] for k in obj.attrs]
+
+try:
+    with _open_h5(sys.argv[1]) as f:
+        walk(f)
+except Exception:
+    pass  # the reader itself reports errors; only a hang matters here
+"""
+
+
+def _guard_metadata(path: Path) -> None:
+    """Refuse a file whose HDF5 metadata cannot be read in bounded time.
+
+    Some corruptions (found by fuzzing: a zeroed run of bytes in an attribute message) make HDF5
+    2.0 loop forever inside the C library, where no signal or thread can interrupt it.  A single
+    file handed to the reader (a packed run, possibly copied from elsewhere) is therefore first
+    walked in a child process with a time limit (``PHASEWATCH_OPEN_TIMEOUT`` seconds, default 60;
+    0 disables the check).  The child is spawned, not forked, so a loaded torch is no concern.
+    """
+    import subprocess
+    import sys
+
+    try:
+        limit = float(os.environ.get("PHASEWATCH_OPEN_TIMEOUT", "60"))
+    except ValueError:
+        limit = 60.0
+    if limit <= 0:
+        return
+    try:
+        subprocess.run([sys.executable, "-c", _METADATA_WALK, str(path)], timeout=limit,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=False)
+    except subprocess.TimeoutExpired:
+        raise RunFormatError(
+            f"{path}: reading its HDF5 metadata did not finish in {limit:g} s; the file is damaged "
+            "(HDF5 loops on some corruptions): use an intact copy"
+        ) from None
+    except OSError as e:  # cannot start a child here: skip the check rather than refuse the file
+        log.debug("phasewatch: metadata check skipped (%s)", e)
 
 
 def _meta_from_segments(segs: list[Path]) -> dict:

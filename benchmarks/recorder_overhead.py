@@ -45,7 +45,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import math
 import os
 import resource
 import statistics
@@ -60,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import phasewatch
+from phasewatch.demo import QuadraticMLP, modular_addition
 from phasewatch.record import recorder as pw_recorder
 from phasewatch.store import writer as pw_writer
 
@@ -68,32 +68,17 @@ BLOCK = 16  # the recorder's default B; --steps is rounded up to a multiple of i
 
 # ----------------------------------------------------------------------------------------------
 # workloads
-class GrokMLP(nn.Module):
-    """y = (x W)^{o2} V without biases; x W computed as the gather W[a] + W[p+b]."""
-
-    def __init__(self, p: int = 71, hidden: int = 2048) -> None:
-        super().__init__()
-        self.p = p
-        self.W = nn.Parameter(torch.randn(2 * p, hidden) / math.sqrt(2 * p))
-        self.V = nn.Parameter(torch.randn(hidden, p) / math.sqrt(hidden))
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(a, self.W) + F.embedding(b + self.p, self.W)  # == one-hot(a, b) @ W
-        return h.square() @ self.V
-
-
 def make_demo(seed: int):
+    """The demo's grokking model and data (phasewatch.demo), one full-batch Adam step per call."""
     torch.manual_seed(seed)
     p = 71
-    model = GrokMLP(p, 2048)
+    data = modular_addition(p, train_fraction=0.4, seed=seed)
+    model = QuadraticMLP(p, 2048, torch.Generator().manual_seed(seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=2e-4)
-    g = torch.Generator().manual_seed(1234)
-    perm = torch.randperm(p * p, generator=g)[: int(0.4 * p * p)]
-    a, b = perm // p, perm % p
-    target = F.one_hot((a + b) % p, p).float() - 1.0 / p
+    target = F.one_hot(data.train_y, p).float() - 1.0 / p
 
     def step(rec):
-        loss = F.mse_loss(model(a, b), target)
+        loss = ((model(data.train_x) - target) ** 2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if rec is not None:

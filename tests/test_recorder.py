@@ -255,7 +255,7 @@ def test_recorder_failure_never_stops_training(tmp_path, caplog):
     rec = phasewatch.Recorder(tmp_path / "r", model, opt, k=4, block=2, flush_rows=4)
     with caplog.at_level(logging.ERROR, logger="phasewatch"):
         _train(rec, model, opt, 12, x, y)
-        rec.writer.flush_buffers_only()
+        rec.writer.flush(rotate=False)
         rec.writer._file.close()  # the file goes away under the recorder (a real h5py failure)
         _train(rec, model, opt, 20, x, y)  # training goes on
     rec.close()

@@ -298,7 +298,6 @@ class Recorder:
         self._param_group = param_group_idx
         self._warned_nonfinite = False
         self._update_norms: dict[int, float] = {}
-        self._nonfinite_updates: set[int] = set()
 
         # -- the run on disk ----------------------------------------------------------------
         n_lr = len(optimizer.param_groups)
@@ -447,7 +446,7 @@ class Recorder:
             return
         try:
             self._drain(final=True)
-            self.writer.flush_buffers_only()
+            self.writer.flush(rotate=False)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -566,7 +565,7 @@ class Recorder:
             for sl in self._group_slices:
                 block = self._ring[:, sl]
                 new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
-                per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (this order is ~20% faster)
+                per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster order)
             m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
             i = np.arange(n0, n1)[:, None]
             j = np.arange(self.k)[None, :]
@@ -581,8 +580,8 @@ class Recorder:
             lrs = np.array([lr for _, lr in pend], dtype="f8")
             self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
             # kept until their steps rows are written (a row may be held back for a late loss)
+            # (NaN/Inf stay NaN/Inf: that is how a non-finite update is flagged below)
             self._update_norms.update(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
-            self._nonfinite_updates.update(int(s) for s, b in zip(steps, band[:, 0]) if not np.isfinite(b))
             self._pending_update_steps = []
 
         rows = self._step_rows
@@ -617,14 +616,12 @@ class Recorder:
             del self._losses[s]  # losses for steps never taken (e.g. skipped by a GradScaler)
         n_lr = len(self.optimizer.param_groups)
         lr = np.array([(r["lr"] + [np.nan] * n_lr)[:n_lr] for r in out], dtype="f8")
+        has_update = np.array([s in self._update_norms for s in steps.tolist()], dtype=bool)
         upd = np.array([self._update_norms.pop(s, np.nan) for s in steps.tolist()])
-        nonfinite_update = {s for s in steps.tolist() if s in self._nonfinite_updates}
-        self._nonfinite_updates -= nonfinite_update
         flags = np.zeros(n, dtype="i4")
         flags |= np.where(np.isinf(loss) | loss_nan, fmt.FLAG_LOSS_NONFINITE, 0).astype("i4")
         flags |= np.where(np.isfinite(grad_norm), 0, fmt.FLAG_GRAD_NONFINITE).astype("i4")
-        flags |= np.array([fmt.FLAG_UPDATE_NONFINITE if s in nonfinite_update else 0 for s in steps.tolist()],
-                          dtype="i4")
+        flags |= np.where(has_update & ~np.isfinite(upd), fmt.FLAG_UPDATE_NONFINITE, 0).astype("i4")
         if np.any(flags) and not self._warned_nonfinite:
             self._warned_nonfinite = True
             bad = int(steps[np.nonzero(flags)[0][0]])

@@ -429,7 +429,7 @@ def _is_hdf5(path: Path) -> bool:
             head = fh.read(8)
     except OSError:
         return False
-    return head == b"\x89HDF\r\n\x1a\n" or h5py.is_hdf5(str(path))
+    return head == _HDF5_SIGNATURE or h5py.is_hdf5(str(path))
 
 
 def open_run(path: str | os.PathLike) -> Run:

@@ -255,8 +255,9 @@ class RunWriter:
         ):
             self.flush()
 
-    def flush(self) -> None:
-        """Write every buffered row, then advance ``committed_rows``, flushing around it."""
+    def flush(self, rotate: bool = True) -> None:
+        """Write every buffered row, then advance ``committed_rows``, flushing around it; then
+        start a new segment if this one is due (``rotate=False``: never)."""
         f = self._file
         if f is None:
             return
@@ -282,25 +283,17 @@ class RunWriter:
             f.flush()
             self._segment_rows = int(f["steps"][fmt.COMMITTED][0]) if "steps" in f else 0
         self._last_flush = time.monotonic()
-        if self._segment_rows >= self.rotate_rows or (
-            time.monotonic() - self._segment_started >= self.rotate_seconds and self._segment_rows
+        if rotate and self._segment_rows and (
+            self._segment_rows >= self.rotate_rows
+            or time.monotonic() - self._segment_started >= self.rotate_seconds
         ):
             self.rotate()
 
     def rotate(self) -> None:
         """Close the current segment (after writing what is buffered) and start the next one."""
-        self.flush_buffers_only()
+        self.flush(rotate=False)
         self._close_segment()
         self._open_segment()
-
-    def flush_buffers_only(self) -> None:
-        if any(self._buffered.values()):
-            saved = self.rotate_rows, self.rotate_seconds
-            self.rotate_rows, self.rotate_seconds = 1 << 62, float("inf")
-            try:
-                self.flush()
-            finally:
-                self.rotate_rows, self.rotate_seconds = saved
 
     def update_meta(self, **items: Any) -> None:
         """Merge items into ``meta.json`` (atomic rewrite)."""
@@ -311,7 +304,7 @@ class RunWriter:
         if self._closed:
             return
         try:
-            self.flush_buffers_only()
+            self.flush(rotate=False)
         finally:
             self._close_segment()
             self._closed = True

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import RunFormatError
 from . import format as fmt
-from .reader import HEAVY_TABLES, _open_h5, open_run, read_table
+from .reader import _open_h5, open_run, read_table
 from .writer import _json_default, write_json_atomic
 
 
@@ -145,4 +145,4 @@ def repair_run(path: str | os.PathLike) -> list[str]:
     return actions
 
 
-__all__ = ["pack_run", "repair_run", "HEAVY_TABLES"]
+__all__ = ["pack_run", "repair_run"]

@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--control", action="store_true", help="also train the weight-decay-0 control run")
     s.add_argument("--overwrite", action="store_true", help="replace existing runs in --out")
     s.set_defaults(func=cmd_demo)
+
+    from .commands import register_all
+
+    register_all(sub)
     return p
 
 

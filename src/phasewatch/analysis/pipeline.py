@@ -44,6 +44,13 @@ class Analysis:
     metrics: evaluation metrics ``{name: (steps, values)}``.
     events: grokking step and accuracy jumps found in the metrics.
     conventions: which definition each column uses.
+    probes: per gradient-sample measurement (``noise_table``): C with CI, p, phases, B_simple, ...
+    tail_index: rolling Hill α on gradient norms: ``step``, ``alpha``, ``alpha_lo``, ``alpha_hi``.
+    curvature: per curvature probe (empty if the run has none): ``step``, ``lr``, ``lambda_max``,
+        ``lambda_residual``, ``hvps``, ``threshold`` (2/η for SGD, the optimizer-appropriate
+        threshold otherwise), ``S`` = threshold − λ_max, ``eta_opt``, ``trace``, ``trace_lo``,
+        ``trace_hi``, ``ntk_rho`` (log-det of the NTK Gram), ``ntk_rate`` (dρ/dt per step),
+        ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient).
     """
 
     source: str
@@ -57,6 +64,7 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     tail_index: dict[str, np.ndarray] = field(default_factory=dict)
+    curvature: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:

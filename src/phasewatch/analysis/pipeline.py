@@ -439,6 +439,7 @@ def analyze(
         rh = tails.rolling_hill(gn, window=100, fraction=0.1)
         tail_index = {"step": run.steps["step"][rh.ends], "alpha": rh.alpha,
                       "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1]}
+    curvature = _curvature(run, probes, tail_index)
     conventions = {
         "alpha": "Hill MLE on the top 10% of the last 100 gradient norms (the note's choice), exact chi2 CI; "
                  "alpha > 2: no evidence of a stable heavy tail",
@@ -450,8 +451,72 @@ def analyze(
         "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
         "regime": f"0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting (A>{forgetting_above:g}), -1 undefined",
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
+        "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
+             "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",
+        "eta_opt": "2D/lambda_max with D = 1 (the largest stable step; reported, not acted on)",
+        "ntk_rho": "sum of ln(eigenvalues) of K = J J^T/n above 1e-6 * lambda_1; ntk_rate = backward difference per step",
+        "phi": "exp(-[(C-1)^2/(2*0.3^2) + S^2/(2*0.15^2) + (r-1)^2/(2*0.5^2)]), r = d rho/dt (note 001); "
+               "all_critical: 0.8<=C<=1.2, |S|<=0.1, |r|>0.5; C, alpha: latest measurement at or before the probe",
+        "I": "p*S/min(d, alpha) (note 000; the framework's heuristic)",
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index)
+                    tail_index=tail_index, curvature=curvature)
+
+
+def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:
+    """The per-probe curvature table of a run: its own probes plus post-hoc ones (``phasewatch
+    curvature`` writes them to a run beside it; see :func:`posthoc_path`)."""
+    from . import curvature as cv
+
+    tabs = run.meta.get("tables", {})
+    hess = run.table("curvature") if "curvature" in tabs else None
+    ntk = run.table("ntk") if "ntk" in tabs else None
+    ph = posthoc_path(run.path)
+    if ph.exists():
+        from ..store import open_run
+
+        post = open_run(ph)
+        ptabs = post.meta.get("tables", {})
+        hess = _merge(hess, post.table("curvature") if "curvature" in ptabs else None)
+        ntk = _merge(ntk, post.table("ntk") if "ntk" in ptabs else None)
+    opt = run.meta.get("optimizer", {})
+
+    def threshold_fn(lr):
+        return cv.stability_threshold(opt.get("class", ""), lr, opt.get("hyper", {}))
+
+    st = run.steps
+    return cv.curvature_columns(hess, ntk, probes, tail_index, lr_steps=st.get("step"),
+                                lr_values=(st["lr"][:, 0] if "lr" in st and len(st["lr"]) else None),
+                                threshold_fn=threshold_fn)
+
+
+def posthoc_path(run_path) -> Path:
+    """Where post-hoc probes of a run live: ``RUN/posthoc`` for a run directory, ``RUN.posthoc``
+    beside a packed file."""
+    p = Path(run_path)
+    return p / "posthoc" if p.is_dir() else p.with_name(p.name + ".posthoc")
+
+
+def _merge(a: dict | None, b: dict | None) -> dict | None:
+    """Rows of two tables with the same columns, by step; rows of ``b`` win at equal steps."""
+    if not a or not len(a.get("step", [])):
+        return b
+    if not b or not len(b.get("step", [])):
+        return a
+    keep = ~np.isin(a["step"], b["step"])
+    cols = [c for c in a if c in b]
+
+    def pad(x: np.ndarray, width: int) -> np.ndarray:  # top-k columns of different k: NaN-pad
+        if x.ndim != 2 or x.shape[1] >= width:
+            return x
+        return np.concatenate([x.astype(float), np.full((x.shape[0], width - x.shape[1]), np.nan)], axis=1)
+
+    merged = {}
+    for c in cols:
+        xa, xb = np.asarray(a[c])[keep], np.asarray(b[c])
+        w = max(xa.shape[1] if xa.ndim == 2 else 0, xb.shape[1] if xb.ndim == 2 else 0)
+        merged[c] = np.concatenate([pad(xa, w), pad(xb, w)])
+    order = np.argsort(merged["step"], kind="stable")
+    return {c: v[order] for c, v in merged.items()}

@@ -121,7 +121,7 @@ def checkpoints_table(n_params: int, dtype: str) -> TableSpec:
     return TableSpec("checkpoints", {"step": Column("i8"), "theta": Column(dtype, (n_params,))})
 
 
-GRAD_SOURCES = ("per_example", "micro_batch")
+GRAD_SOURCES = ("per_example", "micro_batch", "per_rank")
 
 
 def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
@@ -130,7 +130,8 @@ def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
 
     ``source`` says where the samples came from (``per_example``: b = 1, on a probe batch after
     the step; ``micro_batch``: the micro-batch gradients of gradient accumulation, b = micro-batch
-    size or NaN).  ``layer_mean_sq_norm`` and ``layer_trace`` are per layer group (they add up to
+    size or NaN; ``per_rank``: under DDP, each rank's local micro-batch gradients before the
+    all-reduce, n = ranks × micro-batches, b = per-rank micro-batch size or NaN).  ``layer_mean_sq_norm`` and ``layer_trace`` are per layer group (they add up to
     the global values); ``sample_norms`` are the first ``n_max`` sample norms, NaN-padded.
     """
     return TableSpec(
@@ -150,4 +151,50 @@ def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
             "layer_trace": Column("f8", (n_layers,)),
             "sample_norms": Column("f8", (n_max,)),
         },
+    )
+
+
+def curvature_table(top_k: int) -> TableSpec:
+    """Curvature probes on the fixed probe batch (DEFINITIONS §4): one row per probe.
+
+    ``eigenvalues``/``residuals``: the top-k Hessian eigenvalues (largest algebraic, descending)
+    and their measured Ritz residuals ‖Hy − θy‖; ``hvps`` Hessian-vector products used by Lanczos
+    (verification included), ``converged`` 1/0.  ``trace*``: Hutchinson estimate, its Student-t
+    interval, standard error and probe count (NaN/0 if not asked for).  ``pre_lambda`` and
+    ``pre_residual``: the preconditioned sharpness λ_max(D⁻¹H) of Adam-type optimizers (NaN
+    otherwise).  ``threshold``: the optimizer's stability threshold at the probe (units 1/η) for
+    the quantity named in ``threshold_of`` (``lambda_max`` or ``preconditioned``).  ``mode``:
+    the model mode the loss was evaluated in (``train``/``eval``).
+    """
+    return TableSpec(
+        "curvature",
+        {
+            "step": Column("i8"),
+            "lr": Column("f8"),
+            "loss": Column("f8"),
+            "mode": Column("S8"),
+            "eigenvalues": Column("f8", (top_k,)),
+            "residuals": Column("f8", (top_k,)),
+            "hvps": Column("i8"),
+            "converged": Column("i1"),
+            "trace": Column("f8"),
+            "trace_lo": Column("f8"),
+            "trace_hi": Column("f8"),
+            "trace_se": Column("f8"),
+            "trace_probes": Column("i8"),
+            "pre_lambda": Column("f8"),
+            "pre_residual": Column("f8"),
+            "threshold": Column("f8"),
+            "threshold_of": Column("S16"),
+            "seconds": Column("f8"),
+        },
+    )
+
+
+def ntk_table(m: int) -> TableSpec:
+    """Empirical NTK Gram K = J Jᵀ/n on the fixed probe inputs (DEFINITIONS §5), one row per probe;
+    ``method`` says how it was computed (``jacobian`` or ``ntk_vp``)."""
+    return TableSpec(
+        "ntk",
+        {"step": Column("i8"), "gram": Column("f8", (m, m)), "method": Column("S16"), "seconds": Column("f8")},
     )

@@ -1,0 +1,684 @@
+"""Curvature probes (torch): Hessian-vector products, Lanczos eigenvalues, Hutchinson trace, NTK.
+
+Everything here works on a *fixed probe batch* and a model as it is now (DEFINITIONS §4–5):
+
+* :class:`HessianOperator` — the training-loss Hessian H on the batch as a linear operator.  The
+  gradient is computed once with ``create_graph=True`` and its graph is kept, so every
+  Hessian-vector product is one extra backward pass (Pearlmutter 1994, "Fast exact
+  multiplication by the Hessian").  Train or eval mode is chosen by the caller and stated in the
+  result; buffers a train-mode forward would change (BatchNorm running statistics) are restored.
+* :func:`lanczos` — extreme eigenvalues of a symmetric operator by the Lanczos process with full
+  reorthogonalisation, stopped on the Ritz residual ‖Hy − θy‖ ≤ tol·|θ| (Parlett, *The Symmetric
+  Eigenvalue Problem*, ch. 13; Golub & Van Loan §10.1).  Largest algebraic by default (the top
+  of the spectrum, not the largest magnitude: a Hessian may have larger negative eigenvalues).
+  The reported residuals are measured with one more product per eigenpair, not estimated; by
+  Weyl's theorem an eigenvalue of H lies within the residual of each Ritz value.
+* :func:`hutchinson_trace` — tr H ≈ mean of zᵀHz over Rademacher probes (Hutchinson 1990), with a
+  Student-t interval, a fixed budget or an adaptive one (stop when the half-width ≤ rtol·|mean|).
+* :func:`preconditioned_operator` — P^{-1/2} H P^{-1/2} for Adam/AdamW, P = diag(√v̂ + ε), whose
+  top eigenvalue is the preconditioned sharpness λ_max(P⁻¹H) of Cohen et al. 2022
+  ("Adaptive gradient methods at the edge of stability", arXiv:2207.14484).
+* :func:`ntk_gram` — the empirical NTK Gram K = J Jᵀ / n on a fixed set of n inputs with
+  ``torch.func``, by Jacobian contraction or by NTK-vector products (Novak et al. 2022, "Fast
+  finite width neural tangent kernel"), ``method="auto"`` timing both once and keeping the faster.
+
+The thresholds that turn λ_max into a stability margin are in
+:mod:`phasewatch.analysis.curvature` (numpy; shared with the analyzer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from ..errors import PhasewatchError
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+WHICH = ("LA", "SA", "LM")
+
+
+# ----------------------------------------------------------------------------------------------
+# result objects
+@dataclass
+class EigenResult:
+    """Extreme eigenvalues of a symmetric operator.
+
+    eigenvalues: (k,) in the order asked for (``LA``: descending; ``SA``: ascending; ``LM``: by
+        decreasing magnitude).
+    residuals: (k,) ‖Hy_i − θ_i y_i‖ for unit Ritz vectors y_i — measured with one product each
+        when ``verify`` (default), else the Lanczos estimate β_m|s_{m,i}|.
+    n_matvec: operator products used (Hessian-vector products for a Hessian), verification included.
+    converged: every wanted residual ≤ tol·|θ_i| (or the Krylov space became invariant).
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    n_matvec: int
+    iterations: int
+    converged: bool
+    which: str
+    tol: float
+    eigenvectors: torch.Tensor | None = None
+    convention: str = "Lanczos with full reorthogonalisation; residual = ||Hy - theta*y||"
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0])
+
+    @property
+    def relative_residuals(self) -> np.ndarray:
+        return self.residuals / np.maximum(np.abs(self.eigenvalues), np.finfo(float).tiny)
+
+
+@dataclass
+class TraceResult:
+    """Hutchinson estimate of tr H with a Student-t interval.
+
+    estimate: mean of zᵀHz; ci: (lo, hi) at ``level``; se: s/√n; samples: the zᵀHz values.
+    adaptive: the probe count was chosen by the stopping rule (the interval then covers slightly
+    less often than nominal: sequential stopping; fixed budgets are exact in that respect).
+    """
+
+    estimate: float
+    ci: tuple[float, float]
+    se: float
+    n_probes: int
+    level: float
+    adaptive: bool
+    samples: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    convention: str = "Hutchinson, Rademacher probes, Student-t interval"
+
+
+@dataclass
+class NTKResult:
+    """Empirical NTK Gram on a fixed probe set.
+
+    gram: (m, m) float64; m = n (``outputs="trace"``: K_ij = Σ_a ⟨∂f_a(x_i), ∂f_a(x_j)⟩ / n) or
+    n·c (``outputs="full"``: one row per (input, output) pair, input-major), divided by n.
+    """
+
+    gram: np.ndarray
+    method: str
+    outputs: str
+    n_inputs: int
+    n_outputs: int
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+def _flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for t, p in zip(tensors, like)])
+
+
+def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, o = [], 0
+    for p in like:
+        n = p.numel()
+        out.append(v[o: o + n].view(p.shape).to(p.dtype))
+        o += n
+    return out
+
+
+def _as_args(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+@contextlib.contextmanager
+def model_mode(model: torch.nn.Module, mode: str, restore_buffers: bool = True):
+    """Put ``model`` in ``"train"`` or ``"eval"`` mode for the block; restore every module's flag
+    and (unless told not to) every buffer (a train-mode forward updates BatchNorm running
+    statistics) afterwards."""
+    if mode not in ("train", "eval"):
+        raise PhasewatchError(f"mode={mode!r}: use 'train' or 'eval'")
+    flags = [(m, m.training) for m in model.modules()]
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else {}
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
+
+
+# ----------------------------------------------------------------------------------------------
+# the Hessian as an operator
+class HessianOperator:
+    """H = ∇²_θ L(θ; batch) as a linear operator on flat float64 vectors.
+
+    Parameters
+    ----------
+    model: the network; ``params`` (default: its parameters that require grad) are the variables.
+    loss_fn: ``loss_fn(outputs, targets)`` → the scalar *mean* loss of the batch.
+    batch: ``(inputs, targets)`` (inputs may be a tuple of positional arguments), or a list of such
+        chunks: H is then the size-weighted mean of the chunks' Hessians (each chunk's gradient
+        graph is kept, so memory grows with the number of chunks).
+    mode: ``"eval"`` (default: deterministic, no dropout, BatchNorm with running statistics) or
+        ``"train"`` (the loss as training optimises it; a dropout mask is drawn once and fixed for
+        every product, so the operator stays symmetric).  Stated in :attr:`mode`.
+
+    Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
+    eigenvalue to ~1e-6, float64 models reach ~1e-12.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
+                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval"):
+        self.model = model
+        self.mode = mode
+        self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        if not self.params:
+            raise PhasewatchError("HessianOperator: the model has no parameters that require grad")
+        self.n = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+        chunks = batch if isinstance(batch, list) else [batch]
+        sizes = []
+        for c in chunks:
+            if not (isinstance(c, (tuple, list)) and len(c) == 2):
+                raise PhasewatchError("batch must be (inputs, targets) or a list of such pairs")
+            x = _as_args(c[0])[0]
+            sizes.append(x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 1)
+        total = float(sum(sizes))
+        self.weights = [s / total for s in sizes]
+        self.n_matvec = 0
+        self._grads: list[tuple[torch.Tensor, ...]] = []
+        loss_sum = 0.0
+        from torch.func import functional_call
+
+        # the forward runs on copies of the buffers: a train-mode forward updates BatchNorm running
+        # statistics in place, which must neither change the model nor the kept graph
+        tensors = {n: p for n, p in model.named_parameters()}
+        with model_mode(model, mode, restore_buffers=False), torch.enable_grad():
+            for (inputs, targets), w in zip(chunks, self.weights):
+                buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+                out = functional_call(model, (tensors, buffers), _as_args(inputs))
+                loss = loss_fn(out, targets)
+                if loss.dim() != 0:
+                    raise PhasewatchError("loss_fn must return the scalar mean loss of the batch")
+                g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                self._grads.append(g)
+                loss_sum += w * float(loss.detach())
+        self.loss = loss_sum
+        self.gradient = sum(w * _flat(g, self.params, torch.float64).detach()
+                            for g, w in zip(self._grads, self.weights))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector v (any float dtype, any device); returns float64 on the params'
+        device."""
+        vs = _unflat(v.to(self.device), self.params)
+        out = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        for g, w in zip(self._grads, self.weights):
+            live = [(gi, vi, pi) for gi, vi, pi in zip(g, vs, self.params) if gi is not None and gi.requires_grad]
+            if not live:
+                continue  # the gradient does not depend on θ: H = 0 on this chunk
+            hv = torch.autograd.grad([x[0] for x in live], self.params, grad_outputs=[x[1] for x in live],
+                                     retain_graph=True, allow_unused=True)
+            out += w * _flat(hv, self.params, torch.float64)
+        self.n_matvec += 1
+        return out
+
+    __call__ = matvec
+
+    def dense(self) -> np.ndarray:
+        """The full P×P Hessian (P products; for tests and small models only)."""
+        eye = torch.eye(self.n, dtype=torch.float64, device=self.device)
+        h = torch.stack([self.matvec(eye[i]) for i in range(self.n)]).cpu().numpy()
+        return (h + h.T) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Lanczos
+def _pick(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def lanczos(
+    matvec: Matvec,
+    n: int,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    verify: bool = True,
+    return_vectors: bool = False,
+) -> EigenResult:
+    """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Each iteration: w = Aq_j − α_j q_j − β_{j−1} q_{j−1}, then w is orthogonalised against every
+    previous Lanczos vector twice ("twice is enough", Parlett), β_j = ‖w‖.  After every
+    iteration the tridiagonal T_m is diagonalised (m ≤ a few hundred: negligible) and the Ritz
+    residual estimates β_m |s_{m,i}| of the wanted Ritz values θ_i are compared with tol·|θ_i|.
+    Convergence to an eigenvalue error ≤ residual (Weyl) and ≤ residual²/gap (Kato–Temple).
+
+    Parameters: ``which`` ∈ {"LA" largest algebraic (default), "SA" smallest algebraic, "LM"
+    largest magnitude}; ``max_iter`` Lanczos vectors kept (default min(n, max(100, 20k)); the
+    basis costs max_iter·n float64); ``verify`` measures the true residuals with k extra products.
+    """
+    if which not in WHICH:
+        raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")
+    if k < 1 or k > n:
+        raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
+    m_max = int(min(n, max_iter or max(100, 20 * k)))
+    if m_max < k:
+        raise PhasewatchError(f"max_iter={max_iter} < k={k}")
+    dev = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))
+    if v0 is None:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(dev)
+    q = v0.to(dev, torch.float64)
+    q = q / torch.linalg.vector_norm(q)
+    basis = torch.empty((m_max, n), dtype=torch.float64, device=dev)
+    alphas: list[float] = []
+    betas: list[float] = []
+    n_mv = 0
+    converged = False
+    theta = s = idx = None
+    beta = 0.0
+    m = 0
+    for j in range(m_max):
+        basis[j] = q
+        w = matvec(q).to(dev, torch.float64)
+        n_mv += 1
+        a = float(w @ q)
+        w = w - a * q
+        if j:
+            w = w - betas[-1] * basis[j - 1]
+        v = basis[: j + 1]
+        for _ in range(2):
+            w = w - v.T @ (v @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        alphas.append(a)
+        m = j + 1
+        tri = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        theta, s = np.linalg.eigh(tri)
+        scale = max(np.abs(theta).max(), np.finfo(float).tiny)
+        invariant = beta <= 1e-13 * scale
+        if m >= k:
+            idx = _pick(theta, k, which)
+            est = beta * np.abs(s[-1, idx])
+            if invariant or np.all(est <= tol * np.maximum(np.abs(theta[idx]), 1e-300)):
+                converged = True
+                break
+        if invariant:  # the Krylov space is exhausted before k values: restart is not supported
+            break
+        if j + 1 < m_max:
+            betas.append(beta)
+            q = w / beta
+    idx = _pick(theta, min(k, m), which)
+    vals = theta[idx]
+    coeff = torch.as_tensor(s[:, idx], dtype=torch.float64, device=dev)  # (m, k)
+    vecs = (basis[:m].T @ coeff).T  # (k, n)
+    vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)
+    if verify:
+        res = np.empty(len(vals))
+        for i in range(len(vals)):
+            r = matvec(vecs[i]).to(dev, torch.float64) - float(vals[i]) * vecs[i]
+            n_mv += 1
+            res[i] = float(torch.linalg.vector_norm(r))
+        if converged and not invariant:
+            # the estimate can be optimistic in finite precision: trust the measurement
+            converged = bool(np.all(res <= max(10 * tol, 1e-12) * np.maximum(np.abs(vals), 1e-300)))
+    else:
+        res = beta * np.abs(s[-1, idx])
+    return EigenResult(eigenvalues=np.asarray(vals, dtype=float), residuals=res, n_matvec=n_mv,
+                       iterations=m, converged=converged, which=which, tol=tol,
+                       eigenvectors=vecs if return_vectors else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hutchinson
+def hutchinson_trace(
+    matvec: Matvec,
+    n: int,
+    probes: int | None = None,
+    *,
+    rtol: float = 0.01,
+    min_probes: int = 10,
+    max_probes: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> TraceResult:
+    """tr A ≈ (1/N) Σ zᵢᵀ A zᵢ with Rademacher zᵢ (Hutchinson 1990; variance 2Σ_{i≠j}A_ij², the
+    smallest of any i.i.d. probe distribution with unit variance, Avron & Toledo 2011).
+
+    ``probes=N`` fixes the budget; ``probes=None`` is adaptive: after ``min_probes``, stop when the
+    Student-t half-width t_{N−1}·s/√N ≤ rtol·|mean| or at ``max_probes``.
+    Interval: mean ± t_{N−1,(1+level)/2} · s/√N.
+    """
+    if probes is not None and probes < 2:
+        raise PhasewatchError(f"probes={probes}: need at least 2 for an interval")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    limit = int(probes) if probes is not None else int(max_probes)
+    vals: list[float] = []
+    q = (1 + level) / 2
+    while len(vals) < limit:
+        z = (torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1).to(device)
+        vals.append(float(z @ matvec(z).to(device, torch.float64)))
+        nn = len(vals)
+        if probes is None and nn >= max(2, min_probes):
+            arr = np.asarray(vals)
+            half = stats.t.ppf(q, nn - 1) * arr.std(ddof=1) / math.sqrt(nn)
+            if half <= rtol * abs(arr.mean()):
+                break
+    arr = np.asarray(vals)
+    nn = arr.size
+    se = float(arr.std(ddof=1) / math.sqrt(nn))
+    half = float(stats.t.ppf(q, nn - 1) * se)
+    mean = float(arr.mean())
+    return TraceResult(estimate=mean, ci=(mean - half, mean + half), se=se, n_probes=nn, level=level,
+                       adaptive=probes is None, samples=arr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam preconditioning
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Flat diagonal D = √v̂ + ε of Adam/AdamW (v̂ = v/(1−β₂ᵗ), the optimizer's own bias
+    correction), and the hyper-parameters the threshold needs (β₁, η, t).
+
+    The preconditioned sharpness is λ_max(D⁻¹H); Adam with a frozen preconditioner is stable on a
+    quadratic while it is below (2 + 2β₁)/((1 − β₁)·η̃), η̃ = η/(1 − β₁ᵗ) (Cohen et al. 2022,
+    their P = (1 − β₁ᵗ)/η · D; the threshold 38/η for β₁ = 0.9).
+    """
+    name = type(optimizer).__name__
+    if "exp_avg_sq" not in next((optimizer.state.get(p, {}) for p in params if optimizer.state.get(p)), {}):
+        raise PhasewatchError(f"{name}: no Adam second-moment state (exp_avg_sq); the preconditioned "
+                              "sharpness needs an Adam/AdamW optimizer that has taken at least one step")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    info: dict[str, Any] = {}
+    for p in params:
+        st = optimizer.state.get(p, {})
+        g = group_of.get(id(p))
+        if g is None or "exp_avg_sq" not in st:
+            raise PhasewatchError("adam_preconditioner: a recorded parameter has no Adam state")
+        beta1, beta2 = g["betas"]
+        t = float(st["step"]) if "step" in st else 1.0
+        eps = g["eps"]
+        if g.get("amsgrad") and "max_exp_avg_sq" in st:
+            v = st["max_exp_avg_sq"]
+        else:
+            v = st["exp_avg_sq"]
+        vhat = v.detach().to(torch.float64) / (1 - beta2 ** t)
+        parts.append((vhat.sqrt() + eps).reshape(-1))
+        info = {"beta1": float(beta1), "beta2": float(beta2), "lr": float(g["lr"]), "step": t, "eps": float(eps),
+                "optimizer": name}
+    return torch.cat(parts), info
+
+
+def preconditioned_operator(op: Matvec, diag: torch.Tensor) -> Matvec:
+    """v ↦ D^{-1/2} H D^{-1/2} v: symmetric, with the eigenvalues of D⁻¹H."""
+    r = diag.to(torch.float64).rsqrt()
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        return r * op(r * v.to(r.device, torch.float64))
+
+    return mv
+
+
+# ----------------------------------------------------------------------------------------------
+# NTK
+def _functional(model: torch.nn.Module, params: dict[str, torch.Tensor]):
+    from torch.func import functional_call
+
+    buffers = dict(model.named_buffers())
+
+    def f(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), x)
+        return out.reshape(out.shape[0], -1)
+
+    return f
+
+
+def _ntk_jacobian(f, params, x, outputs: str) -> torch.Tensor:
+    from torch.func import jacrev, vmap
+
+    def single(p, *xi):
+        return f(p, *[t.unsqueeze(0) for t in xi]).squeeze(0)
+
+    jac = vmap(jacrev(single), (None, *([0] * len(x))))(params, *x)  # name -> (n, c, *shape)
+    total = None
+    for j in jac.values():
+        jj = j.reshape(j.shape[0], j.shape[1], -1)
+        term = (torch.einsum("naf,maf->nm", jj, jj) if outputs == "trace"
+                else torch.einsum("naf,mbf->namb", jj, jj))
+        total = term if total is None else total + term
+    return total
+
+
+def _ntk_vp(f, params, x, outputs: str) -> torch.Tensor:
+    from torch.func import jvp, vjp, vmap
+
+    def fx(p):
+        return f(p, *x)
+
+    out, vjp_fn = vjp(fx, params)
+    n, c = out.shape
+
+    def column(vec):  # vec (n, c) → K·vec as (n, c): J (Jᵀ vec)
+        (ct,) = vjp_fn(vec)
+        return jvp(fx, (params,), (ct,))[1]
+
+    basis = torch.eye(n * c, dtype=out.dtype, device=out.device).reshape(n * c, n, c)
+    cols = vmap(column)(basis)  # (n*c, n, c): cols[j b] = K[:, :, j, b]
+    full = cols.reshape(n, c, n, c).permute(2, 3, 0, 1)  # [i a, j b]
+    if outputs == "trace":
+        return torch.einsum("iaja->ij", full)
+    return full
+
+
+def ntk_gram(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    outputs: str = "trace",
+    method: str = "auto",
+    params: Sequence[str] | None = None,
+) -> NTKResult:
+    """Empirical NTK Gram K = J Jᵀ / n on a fixed probe set of n inputs (DEFINITIONS §5),
+    computed in eval mode with ``torch.func`` (buffers passed through).
+
+    outputs: ``"trace"`` (n×n, summed over output coordinates) or ``"full"`` ((n·c)×(n·c)).
+    method: ``"jacobian"`` (per-example Jacobians by vmap(jacrev), then contraction: memory n·c·P),
+        ``"ntk_vp"`` (NTK-vector products J(Jᵀv), one per basis vector: memory ~P per product),
+        or ``"auto"`` (time both on two inputs and use the faster; the choice is reported).
+    """
+    if outputs not in ("trace", "full"):
+        raise PhasewatchError(f"outputs={outputs!r}: use 'trace' or 'full'")
+    x = tuple(t for t in _as_args(inputs))
+    names = [n for n, p in model.named_parameters() if p.requires_grad and (params is None or n in params)]
+    pdict = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    f = _functional(model, pdict)
+    n = x[0].shape[0]
+    with model_mode(model, "eval"):
+        if method == "auto":
+            method = choose_ntk_method(model, x, outputs=outputs, params=params)
+        if method not in ("jacobian", "ntk_vp"):
+            raise PhasewatchError(f"method={method!r}: use 'jacobian', 'ntk_vp' or 'auto'")
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            k = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(f, pdict, x, outputs)
+        secs = time.perf_counter() - t0
+        with torch.no_grad():
+            n_out = int(f(pdict, *[t[:1] for t in x]).shape[1])
+    k = k.detach().to(torch.float64).cpu()
+    c = 1 if outputs == "trace" else k.shape[1]
+    if outputs == "full":
+        k = k.reshape(n * c, n * c)
+    g = k.numpy() / n
+    return NTKResult(gram=(g + g.T) / 2, method=method, outputs=outputs, n_inputs=n, n_outputs=n_out, seconds=secs)
+
+
+def choose_ntk_method(model: torch.nn.Module, inputs: Any, *, outputs: str = "trace",
+                      params: Sequence[str] | None = None, n_try: int = 2) -> str:
+    """Time both NTK methods on ``n_try`` inputs and return the faster one's name."""
+    x = tuple(t[:n_try] for t in _as_args(inputs))
+    pdict = {n: p.detach() for n, p in model.named_parameters()
+             if p.requires_grad and (params is None or n in params)}
+    f = _functional(model, pdict)
+    best, best_t = "jacobian", math.inf
+    with model_mode(model, "eval"):
+        for name, fn in (("jacobian", _ntk_jacobian), ("ntk_vp", _ntk_vp)):
+            try:
+                fn(f, pdict, x, outputs)  # warm-up
+                t0 = time.perf_counter()
+                fn(f, pdict, x, outputs)
+                dt = time.perf_counter() - t0
+            except (RuntimeError, MemoryError):
+                continue
+            if dt < best_t:
+                best, best_t = name, dt
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# the probe the recorder (and the post-hoc command) runs
+class CurvatureProbe:
+    """λ_max (top-k), optional Hutchinson trace and Adam's preconditioned sharpness on a fixed probe
+    batch, and the NTK Gram on fixed probe inputs: one row each per probe.
+
+    Parameters
+    ----------
+    model, params: the network and the variables (the recorded parameters).
+    loss_fn, batch: ``loss_fn(model(*inputs), targets)`` → scalar mean loss; ``batch`` =
+        ``(inputs, targets)`` or a list of such chunks (see :class:`HessianOperator`).
+    top_k, tol, max_iter: Lanczos settings (largest algebraic; residual ≤ tol·|θ|).
+    trace: ``None`` (no trace), an int (fixed probe budget) or ``"adaptive"`` (stop at
+        ``trace_rtol`` relative half-width, at most ``trace_max`` probes).
+    mode: ``"eval"`` or ``"train"`` (stated in every row).
+    ntk_inputs: inputs (examples along dim 0) for the NTK Gram, or None; ``ntk_outputs``,
+        ``ntk_method`` as in :func:`ntk_gram` (``auto`` is decided once, at the first probe).
+    optimizer: used for the stability threshold and, for Adam-type optimizers, the preconditioner.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], *, loss_fn: Callable | None,
+                 batch: Any, top_k: int = 1, tol: float = 1e-6, max_iter: int | None = None,
+                 trace: int | str | None = None, trace_rtol: float = 0.02, trace_max: int = 500,
+                 mode: str = "eval", ntk_inputs: Any = None, ntk_outputs: str = "trace",
+                 ntk_method: str = "auto", optimizer: torch.optim.Optimizer | None = None,
+                 optimizer_meta: dict | None = None):
+        if batch is not None and loss_fn is None:
+            raise PhasewatchError("curvature_batch needs curvature_loss=callable(outputs, targets) -> mean loss")
+        if mode not in ("train", "eval"):
+            raise PhasewatchError(f"curvature_mode={mode!r}: use 'train' or 'eval'")
+        if trace is not None and trace != "adaptive" and not (isinstance(trace, int) and trace >= 2):
+            raise PhasewatchError(f"curvature_trace={trace!r}: use None, 'adaptive' or an int >= 2")
+        self.model, self.params = model, list(params)
+        self.loss_fn, self.batch = loss_fn, batch
+        self.top_k, self.tol, self.max_iter = int(top_k), float(tol), max_iter
+        self.trace, self.trace_rtol, self.trace_max = trace, float(trace_rtol), int(trace_max)
+        self.mode = mode
+        self.ntk_inputs = ntk_inputs
+        self.ntk_outputs, self.ntk_method = ntk_outputs, ntk_method
+        self.optimizer = optimizer
+        self.optimizer_meta = optimizer_meta or {}
+        self.ntk_size: int | None = None
+        self._v0: torch.Tensor | None = None  # warm start: the last top Ritz vector
+        if ntk_inputs is not None:
+            x = _as_args(ntk_inputs)[0]
+            n = int(x.shape[0])
+            if ntk_outputs == "full":
+                with torch.no_grad(), model_mode(model, "eval"):
+                    c = int(model(*[t[:1] for t in _as_args(ntk_inputs)]).reshape(1, -1).shape[1])
+                self.ntk_size = n * c
+            else:
+                self.ntk_size = n
+
+    def config(self) -> dict:
+        return {"top_k": self.top_k, "tol": self.tol, "max_iter": self.max_iter, "trace": self.trace,
+                "trace_rtol": self.trace_rtol if self.trace == "adaptive" else None, "mode": self.mode,
+                "hessian": self.batch is not None, "ntk_size": self.ntk_size, "ntk_outputs": self.ntk_outputs,
+                "ntk_method": self.ntk_method,
+                "convention": "Lanczos (largest algebraic, full reorthogonalisation) to residual <= tol*|lambda|; "
+                              "Hutchinson Rademacher with Student-t interval; NTK K = J J^T / n in eval mode"}
+
+    def _threshold(self, lr: float) -> tuple[float, str]:
+        from ..analysis.curvature import stability_threshold
+
+        name = type(self.optimizer).__name__ if self.optimizer is not None else self.optimizer_meta.get("class", "")
+        hyper = dict(self.optimizer.param_groups[0]) if self.optimizer is not None else \
+            dict(self.optimizer_meta.get("hyper", {}))
+        hyper.pop("params", None)
+        step = None
+        if self.optimizer is not None:
+            st = next((self.optimizer.state[p] for p in self.params if self.optimizer.state.get(p)), {})
+            if "step" in st:
+                step = float(st["step"])
+        th = stability_threshold(name, lr, hyper, step)
+        return th.value, th.quantity
+
+    def hessian_row(self, step: int, lr: float, seed: int | None = None) -> dict:
+        """One row of the ``curvature`` table at the model's current θ."""
+        t0 = time.perf_counter()
+        op = HessianOperator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode)
+        seed = int(step if seed is None else seed)
+        v0 = None
+        if self._v0 is not None and self._v0.numel() == op.n:
+            # warm start from the last top eigenvector, mixed with a seeded random vector so the other
+            # directions stay in the Krylov space (fewer products; the answer is fixed by the tolerance)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
+            v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
+        eig = lanczos(op, op.n, k=min(self.top_k, op.n), tol=self.tol, max_iter=self.max_iter, seed=seed,
+                      device=op.device, v0=v0, return_vectors=True)
+        if eig.eigenvectors is not None and np.isfinite(eig.eigenvalues).all():
+            self._v0 = eig.eigenvectors[0].detach()
+        k = self.top_k
+        vals = np.full(k, np.nan)
+        res = np.full(k, np.nan)
+        vals[: eig.eigenvalues.size] = eig.eigenvalues
+        res[: eig.residuals.size] = eig.residuals
+        hvps = eig.n_matvec
+        row = {"step": step, "lr": lr, "loss": op.loss, "mode": self.mode.encode(), "eigenvalues": vals,
+               "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
+               "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
+               "pre_residual": np.nan}
+        if self.trace is not None:
+            tr = hutchinson_trace(op, op.n, None if self.trace == "adaptive" else int(self.trace),
+                                  rtol=self.trace_rtol, max_probes=self.trace_max, seed=seed + 1, device=op.device)
+            hvps += tr.n_probes
+            row.update(trace=tr.estimate, trace_lo=tr.ci[0], trace_hi=tr.ci[1], trace_se=tr.se,
+                       trace_probes=tr.n_probes)
+        threshold, of = self._threshold(lr)
+        if of == "preconditioned" and self.optimizer is not None:
+            diag, _ = adam_preconditioner(self.optimizer, self.params)
+            pre = lanczos(preconditioned_operator(op, diag.to(op.device)), op.n, k=1, tol=self.tol,
+                          max_iter=self.max_iter, seed=seed + 2, device=op.device)
+            hvps += pre.n_matvec
+            row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
+        row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0)
+        return row
+
+    def ntk_row(self, step: int) -> dict:
+        names = None
+        pset = {id(p) for p in self.params}
+        names = [n for n, p in self.model.named_parameters() if id(p) in pset]
+        res = ntk_gram(self.model, self.ntk_inputs, outputs=self.ntk_outputs, method=self.ntk_method, params=names)
+        self.ntk_method = res.method  # "auto" is decided once
+        return {"step": step, "gram": res.gram, "method": res.method.encode(), "seconds": res.seconds}
+
+
+def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Stack row dicts into the column arrays ``RunWriter.append`` takes."""
+    return {c: np.stack([np.asarray(r[c]) for r in rows]) for c in rows[0]}

@@ -1,0 +1,87 @@
+"""``phasewatch export``: the analysis as TensorBoard event files, CSV, Parquet or an offline W&B run;
+``--follow`` keeps exporting while the run grows (TensorBoard as a live dashboard)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import PhasewatchError
+
+ORDER = 30
+log = logging.getLogger("phasewatch")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..export import CsvSink, Follower, ParquetSink, TensorBoardSink, WandbSink
+
+    if not (a.tensorboard or a.csv or a.parquet or a.wandb):
+        raise PhasewatchError("export: say where to: --tensorboard DIR, --csv DIR, --parquet DIR and/or --wandb")
+    if a.interval <= 0:
+        raise PhasewatchError(f"--interval {a.interval:g}: must be positive seconds")
+    if a.follow and a.source != "band":
+        raise PhasewatchError("--follow works on the per-step band; drop --source snapshots")
+    from ..store import open_run
+
+    run = open_run(a.run)  # a clear error for a missing or foreign run before anything is created
+    sinks = []
+    try:
+        if a.tensorboard:
+            sinks.append(TensorBoardSink(a.tensorboard, overwrite=a.overwrite))
+        if a.csv:
+            sinks.append(CsvSink(a.csv, overwrite=a.overwrite))
+        if a.parquet:
+            sinks.append(ParquetSink(a.parquet, overwrite=a.overwrite))
+        if a.wandb:
+            name = a.wandb_name or Path(a.run).name
+            config = {"phasewatch_run": str(a.run), "window": a.window, "model": run.meta.get("model", {}).get("class"),
+                      "optimizer": run.meta.get("optimizer", {}).get("hyper"), "recorder": run.meta.get("recorder")}
+            sinks.append(WandbSink(a.wandb_project, name, a.wandb_dir, config))
+        f = Follower(a.run, sinks, window=a.window, source=a.source)
+        if a.follow:
+            print(f"following {a.run} every {a.interval:g} s (Ctrl-C stops)", flush=True)
+
+            def report(fl: Follower, n: int) -> None:
+                if n:
+                    print(f"step {fl.last_step}: +{n} rows", flush=True)
+
+            try:
+                why = f.follow(a.interval, idle_exit=a.idle_exit, on_poll=report)
+            except KeyboardInterrupt:
+                why = "stopped"
+            print(f"{why}: exported {f.rows_written} rows in {f.polls} polls (last step {f.last_step})")
+        else:
+            f.poll(run)
+            print(f"exported {f.rows_written} rows (last step {f.last_step})")
+    finally:
+        for s in sinks:
+            s.close()
+    for s in sinks:
+        where = getattr(s, "logdir", None) or getattr(s, "outdir", None)
+        if where is not None:
+            print(f"wrote {where}")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("export", help="analysis to TensorBoard / CSV / Parquet / W&B; --follow a live run",
+                       description=__doc__)
+    s.add_argument("run", help="run directory or packed .h5 file")
+    s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
+    s.add_argument("--source", choices=["band", "snapshots"], default="band",
+                   help="spectra from the per-step band (default) or from stored update snapshots")
+    s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")
+    s.add_argument("--csv", metavar="DIR", help="one CSV per table (window, steps, noise, tail, curvature, eval, events)")
+    s.add_argument("--parquet", metavar="DIR", help="one Parquet file per table (needs pyarrow)")
+    s.add_argument("--wandb", action="store_true", help="an offline W&B run (needs wandb; upload later with wandb sync)")
+    s.add_argument("--wandb-project", default="phasewatch", help="W&B project (default phasewatch)")
+    s.add_argument("--wandb-name", help="W&B run name (default: the run directory's name)")
+    s.add_argument("--wandb-dir", default=".", help="where W&B keeps the offline run (default .)")
+    s.add_argument("--follow", action="store_true",
+                   help="keep exporting as the run grows, until Ctrl-C or the run is closed")
+    s.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --follow (default 10)")
+    s.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                   help="with --follow: stop when nothing new arrived for this long (a crashed run never closes)")
+    s.add_argument("--overwrite", action="store_true", help="replace earlier exports in the output directories")
+    s.set_defaults(func=cmd_export)

@@ -2,7 +2,7 @@
 reaches 2/η and then hovers there (Cohen et al. 2021, arXiv:2103.00065).
 
 A tanh MLP 64-200-200-10 on synthetic 10-class data (500 Gaussian inputs, random labels), MSE on one-hot targets, full-batch GD with η = 0.2, so 2/η = 10.  The recorder probes the
-top Hessian eigenvalue by Lanczos on the full batch every few steps, and the NTK Gram on 32
+top Hessian eigenvalue by Lanczos on the full batch every few steps, and the NTK Gram on 16
 inputs; the analysis gives the stability margin S = 2/η − λ_max.  Runs in well under a minute on
 a CPU:
 
@@ -40,7 +40,7 @@ def mse(out, target):
     return 0.5 * ((out - target) ** 2).sum(1).mean()
 
 
-def train(out: Path, steps: int = 1000, lr: float = 0.2, probe_every: int = 20, seed: int = 0,
+def train(out: Path, steps: int = 1000, lr: float = 0.2, probe_every: int = 25, seed: int = 0,
           checkpoint_every=None) -> Path:
     x, y = make_data(seed=seed)
     model = make_model(seed)
@@ -49,7 +49,7 @@ def train(out: Path, steps: int = 1000, lr: float = 0.2, probe_every: int = 20, 
     if run.exists():
         shutil.rmtree(run)
     with phasewatch.Recorder(run, model, opt, curvature_every=probe_every, curvature_batch=(x, y),
-                             curvature_loss=mse, curvature_topk=1, ntk_inputs=x[:32],
+                             curvature_loss=mse, curvature_topk=1, ntk_inputs=x[:16],
                              checkpoint_every=checkpoint_every, meta={"example": "edge_of_stability"}) as rec:
         for _ in range(steps):
             loss = mse(model(x), y)
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="eos-out")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=0.2)
-    ap.add_argument("--probe-every", type=int, default=20)
+    ap.add_argument("--probe-every", type=int, default=25)
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,173 @@
+"""λ_max and trace: phasewatch (Lanczos, Hutchinson with a t-interval) against PyHessian (power
+iteration, Hutchinson with a relative-change stop), side by side on the same model and batch.
+
+    pip install pyhessian          # only for this benchmark
+    python benchmarks/curvature.py [--quick]
+
+Cases (float64 models, so 1e-6 relative is well above round-off):
+  * eos: the tanh MLP 64-200-200-10 of examples/edge_of_stability.py after full-batch GD with
+    η = 0.2 has brought λ_max to 2/η = 10 (λ₂/λ₁ close to 1: the hard case for power iteration);
+  * init: the same network at initialisation.
+Reference λ_max: Lanczos at tol 1e-12 (measured residual printed).  PyHessian draws its probe
+vectors in float32 (``torch.randn`` default dtype) even for a float64 model, which floors its
+accuracy; that is part of what it does at its settings, and is reported as such.  For each method: Hessian-vector
+products (HVPs) and wall time to reach 1e-6 relative error, and the error each reaches at its
+default settings.  Trace: on a smaller MLP whose exact trace is computed from P HVPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from edge_of_stability import make_data, make_model, mse  # noqa: E402
+
+from phasewatch import curvature as cv  # noqa: E402
+
+
+def eos_model(steps: int):
+    x, y = make_data()
+    x, y = x.double(), y.double()
+    model = make_model(0).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(steps):
+        loss = mse(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, (x, y)
+
+
+def ours_to_accuracy(op, ref, target=1e-6):
+    """Smallest HVP count for which Lanczos' λ_max is within ``target`` of the reference (Lanczos
+    checks its own residual every iteration; here tol is lowered until the error meets target)."""
+    for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8):
+        t0 = time.perf_counter()
+        r = cv.lanczos(op, op.n, tol=tol, verify=False, seed=1)
+        dt = time.perf_counter() - t0
+        if abs(r.lambda_max - ref) <= target * abs(ref):
+            return r.n_matvec, dt, abs(r.lambda_max - ref) / abs(ref), tol
+    return r.n_matvec, dt, abs(r.lambda_max - ref) / abs(ref), tol
+
+
+def pyhessian_run(model, loss_fn, batch, max_iter, tol):
+    from pyhessian import hessian
+
+    torch.manual_seed(1)
+    h = hessian(model, loss_fn, data=batch, cuda=False)
+    t0 = time.perf_counter()
+    ev, _ = h.eigenvalues(maxIter=max_iter, tol=tol)
+    dt = time.perf_counter() - t0
+    return ev[0], dt
+
+
+def pyhessian_to_accuracy(model, loss_fn, batch, ref, target=1e-6, cap=4000):
+    """Fewest power iterations (= HVPs) reaching ``target`` (same seed each time; bisection)."""
+    def err(n):
+        lam, dt = pyhessian_run(model, loss_fn, batch, n, 0.0)
+        return abs(lam - ref) / abs(ref), dt
+
+    lo, hi = 1, 8
+    e, dt = err(hi)
+    while e > target and hi < cap:
+        lo, hi = hi, min(cap, hi * 2)
+        e, dt = err(hi)
+    if e > target:
+        return None, dt, e
+    while hi - lo > max(1, hi // 50):
+        mid = (lo + hi) // 2
+        e_mid, dt_mid = err(mid)
+        if e_mid <= target:
+            hi, e, dt = mid, e_mid, dt_mid
+        else:
+            lo = mid
+    return hi, dt, e
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer GD steps before the EoS case")
+    a = ap.parse_args()
+    try:
+        import pyhessian  # noqa: F401
+    except ImportError:
+        print("pyhessian is not installed: pip install pyhessian (only this benchmark needs it)")
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    loss_fn = mse
+    cases = []
+    t0 = time.perf_counter()
+    cases.append(("init", *eos_model(0)))
+    cases.append(("eos", *eos_model(400 if a.quick else 800)))
+    print(f"(training the cases: {time.perf_counter() - t0:.1f} s)\n")
+    print(f"{'case':5} {'P':>7} {'lambda_max':>12} {'l2/l1':>7} | {'method':10} {'HVPs->1e-6':>10} {'s->1e-6':>8} "
+          f"| {'default: HVPs':>13} {'s':>6} {'rel. error':>10}")
+    ratios = []
+    for name, model, batch in cases:
+        op = cv.HessianOperator(model, loss_fn, batch)
+        ref = cv.lanczos(op, op.n, k=2, tol=1e-12, max_iter=300, seed=7)
+        lam = ref.lambda_max
+        gap = ref.eigenvalues[1] / lam
+        # ours at default settings (tol 1e-6, verified)
+        n0 = op.n_matvec
+        t1 = time.perf_counter()
+        d = cv.lanczos(op, op.n, seed=1)
+        d_t = time.perf_counter() - t1
+        d_n = op.n_matvec - n0
+        o_n, o_t, o_e, _ = ours_to_accuracy(op, lam)
+        o4_n, o4_t, _, _ = ours_to_accuracy(op, lam, 1e-4)
+        p_def_lam, p_def_t = pyhessian_run(model, loss_fn, batch, 100, 1e-3)
+        p_n, p_t, p_e = pyhessian_to_accuracy(model, loss_fn, batch, lam)
+        p4_n, p4_t, _ = pyhessian_to_accuracy(model, loss_fn, batch, lam, 1e-4)
+        head = f"{name:5} {op.n:7d} {lam:12.8f} {gap:7.4f} |"
+        print(f"{head} {'phasewatch':10} {o_n:10d} {o_t:8.2f} | {d_n:13d} {d_t:6.2f} "
+              f"{abs(d.lambda_max - lam) / lam:10.1e}   (to 1e-4: {o4_n} HVPs, {o4_t:.2f} s)")
+        p_n_s = f"{p_n:10d}" if p_n else f"{'>4000':>10}"
+        p4 = f"{p4_n} HVPs, {p4_t:.2f} s" if p4_n else "not reached in 4000"
+        print(f"{'':{len(head) - 1}}| {'pyhessian':10} {p_n_s} {p_t:8.2f} | {'<=100':>13} {p_def_t:6.2f} "
+              f"{abs(p_def_lam - lam) / lam:10.1e}   (to 1e-4: {p4}; best error {p_e:.1e})")
+        if p4_n:
+            ratios.append((name + " (1e-4)", p4_n / o4_n, p4_t / o4_t))
+        print(f"{'':{len(head) - 1}}  reference residual {ref.residuals[0]:.1e}; S = 2/0.2 - lambda_max = "
+              f"{10 - lam:+.6f} (pyhessian default gives {10 - p_def_lam:+.6f})")
+        if p_n:
+            ratios.append((name + " (1e-6)", p_n / o_n, p_t / o_t))
+    for name, rn, rt in ratios:
+        print(f"ratio pyhessian/phasewatch on {name}: {rn:.1f}x HVPs, {rt:.1f}x wall time")
+
+    # trace on a small MLP with an exact reference
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(20, 40), torch.nn.Tanh(), torch.nn.Linear(40, 10)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 20, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (256,), generator=g)
+    ce = torch.nn.functional.cross_entropy
+    op = cv.HessianOperator(small, ce, (x, y))
+    exact = float(np.trace(op.dense()))
+    t1 = time.perf_counter()
+    tr = cv.hutchinson_trace(op, op.n, rtol=0.01, seed=0)
+    t_ours = time.perf_counter() - t1
+    from pyhessian import hessian
+
+    torch.manual_seed(0)
+    h = hessian(small, ce, data=(x, y), cuda=False)
+    t1 = time.perf_counter()
+    ptr = h.trace()
+    t_p = time.perf_counter() - t1
+    print(f"\ntrace, P={op.n}: exact {exact:.4f}")
+    print(f"  phasewatch adaptive (1% half-width): {tr.estimate:.4f}  95% CI [{tr.ci[0]:.4f}, {tr.ci[1]:.4f}]  "
+          f"{tr.n_probes} HVPs  {t_ours:.2f} s  error {abs(tr.estimate - exact) / exact:.1e}  "
+          f"covers: {tr.ci[0] <= exact <= tr.ci[1]}")
+    print(f"  pyhessian default (rel. change < 1e-3): {np.mean(ptr):.4f}  no interval  {len(ptr)} HVPs  "
+          f"{t_p:.2f} s  error {abs(np.mean(ptr) - exact) / exact:.1e}")
+
+
+if __name__ == "__main__":
+    main()

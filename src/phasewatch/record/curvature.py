@@ -262,6 +262,7 @@ def lanczos(
     device: torch.device | str | None = None,
     verify: bool = True,
     return_vectors: bool = False,
+    memory_budget: int = 2 << 30,
 ) -> EigenResult:
     """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -273,13 +274,15 @@ def lanczos(
 
     Parameters: ``which`` ∈ {"LA" largest algebraic (default), "SA" smallest algebraic, "LM"
     largest magnitude}; ``max_iter`` Lanczos vectors kept (default min(n, max(100, 20k)); the
-    basis costs max_iter·n float64); ``verify`` measures the true residuals with k extra products.
+    basis costs max_iter·n float64, capped by ``memory_budget`` bytes (2 GiB: ~2.7e6 parameters
+    at 100 vectors); a run that hits the cap unconverged says so in ``converged``); ``verify``
+    measures the true residuals with k extra products.
     """
     if which not in WHICH:
         raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")
     if k < 1 or k > n:
         raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
-    m_max = int(min(n, max_iter or max(100, 20 * k)))
+    m_max = int(min(n, max_iter or max(100, 20 * k), max(k + 10, memory_budget // (8 * n))))
     if m_max < k:
         raise PhasewatchError(f"max_iter={max_iter} < k={k}")
     dev = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))

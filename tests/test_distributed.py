@@ -67,3 +67,95 @@ def test_ddp_rank0_writes_and_band_equals_single_process(tmp_path):
                                atol=1e-14 * np.nanmax(np.abs(b1)))
     # the loss is rank 0's half-batch loss (documented: each rank's rec.loss is its own)
     assert np.all(np.isfinite(ddp.steps["loss"]))
+
+
+PER_RANK_WORKER = textwrap.dedent("""
+    import copy, os, sys, numpy as np, torch, torch.distributed as dist
+    import phasewatch
+    rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own shard
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.5)
+    m = 3  # micro-batches per step
+    rec = phasewatch.Recorder(out + "/run", ddp, opt, k=4, block=2, strict=True, grad_samples_every=[1, 2, 4, 5], grad_source="per_rank",
+                              grad_microbatch_size=8, groups={"first": ["module.0"], "last": ["module.2"]})
+    names = [n for n, _ in model.named_parameters()]
+    for step in range(1, 6):
+        xs = [torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(m)]
+        ys = [torch.randint(0, 3, (8,), generator=g) for _ in range(m)]
+        # brute force: this rank's gradient of each of its micro-batches, at the step's starting θ
+        ref = copy.deepcopy(model)
+        bf = [torch.autograd.grad(torch.nn.functional.cross_entropy(ref(x), y), list(ref.parameters()))
+              for x, y in zip(xs, ys)]
+        np.savez(f"{out}/bf-{rank}-{step}.npz", **{n: np.stack([b[i].numpy() for b in bf])
+                                                  for i, n in enumerate(names)})
+        opt.zero_grad()
+        for k, (x, y) in enumerate(zip(xs, ys)):
+            # odd steps accumulate under no_sync (one all-reduce), even steps all-reduce every backward
+            ctx = ddp.no_sync() if (step % 2 and k < m - 1) else torch.enable_grad()
+            with ctx:
+                loss = torch.nn.functional.cross_entropy(ddp(x), y) / m
+                loss.backward()
+            rec.loss(loss * m)
+        if rank == 0:
+            np.save(f"{out}/grad-{step}.npy", torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy())
+        opt.step()
+    rec.close()
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_per_rank_samples_equal_brute_force(tmp_path):
+    """n = ranks × micro-batches local gradients, before the all-reduce, with and without no_sync."""
+    from phasewatch.analysis.noise import sufficient_statistics
+
+    script = tmp_path / "worker.py"
+    script.write_text(PER_RANK_WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path)], env=env)
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    run = phasewatch.open_run(tmp_path / "run")
+    assert len(run.segments) == 1 and not run.warnings
+    assert run.meta["recorder"]["grad_samples_source"] == "per_rank"
+    gs = run.table("grad_samples")
+    assert gs["step"].tolist() == [1, 2, 4, 5]
+    assert gs["n"].tolist() == [6] * 4 and np.all(gs["b"] == 8)
+    assert all(s == b"per_rank" for s in gs["source"])
+    for row, step in enumerate(gs["step"].tolist()):
+        per_rank = [np.load(tmp_path / f"bf-{r}-{step}.npz") for r in range(2)]
+        names = list(per_rank[0].files)
+
+        def samples(prefix="", per_rank=per_rank, names=names):
+            return np.concatenate([np.concatenate([z[n].reshape(3, -1) for n in names if n.startswith(prefix)], axis=1)
+                                   for z in per_rank])  # rank 0's three micro-batches, then rank 1's
+
+        full = sufficient_statistics(samples(), b=8)
+        for col in ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third"):
+            np.testing.assert_allclose(gs[col][row], getattr(full, col), rtol=1e-10, err_msg=f"{col} step {step}")
+        for li, prefix in enumerate(("0.", "2.")):
+            part = sufficient_statistics(samples(prefix), b=8)
+            np.testing.assert_allclose(gs["layer_mean_sq_norm"][row, li], part.mean_sq_norm, rtol=1e-10)
+            np.testing.assert_allclose(gs["layer_trace"][row, li], part.trace, rtol=1e-10)
+        np.testing.assert_allclose(gs["sample_norms"][row, :6], np.linalg.norm(samples(), axis=1), rtol=1e-10)
+        assert np.all(np.isnan(gs["sample_norms"][row, 6:]))
+        # the mean of the samples is the all-reduced gradient the optimizer used
+        g_opt = np.load(tmp_path / f"grad-{step}.npy")
+        np.testing.assert_allclose(gs["mean_sq_norm"][row], g_opt @ g_opt, rtol=1e-10)
+
+
+def test_per_rank_needs_a_process_group(tmp_path):
+    import pytest
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(phasewatch.RecorderError, match="per_rank.*process group"):
+        phasewatch.Recorder(tmp_path / "r", model, opt, grad_samples_every=1, grad_source="per_rank")
+    with pytest.raises(phasewatch.RecorderError, match="grad_source="):
+        phasewatch.Recorder(tmp_path / "r", model, opt, grad_samples_every=1, grad_source="per_rank_typo")
+    assert not (tmp_path / "r").exists()

@@ -45,6 +45,14 @@ def gram_statistics(samples: Sequence[torch.Tensor], group_of: Sequence[int], n_
     for s_, gi in zip(samples, group_of):
         g = s_.reshape(n_all, -1).to(torch.float64)
         Ms[gi] += g @ g.T
+    return gram_matrix_statistics(Ms, n_max)
+
+
+@torch.no_grad()
+def gram_matrix_statistics(Ms: torch.Tensor, n_max: int) -> dict[str, Any] | None:
+    """:func:`gram_statistics` from the per-group raw Gram matrices ``Ms`` (L, n, n), float64,
+    ``Ms[l][i, j] = <g_i, g_j>`` restricted to group l (e.g. assembled across DDP ranks)."""
+    n_all = int(Ms.shape[1])
     M = Ms.sum(0)
     diag_all = torch.diagonal(M)
     norms = diag_all.clamp_min(0).sqrt()

@@ -155,6 +155,30 @@ def test_early_stopping_matches_the_analyzers_flag():
     assert ctl.on_measurement(2, {"p": 0.1})[0].rule == "early_stopping" and _lrs(opt) == [0.1]
 
 
+def test_estimates_equal_brute_force_from_the_samples():
+    """The dict a controller receives, against the definitions computed directly from the samples."""
+    from phasewatch.record.probes import gram_statistics
+
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(40, 6)) * np.array([1.0, 2.0, 0.5, 1.0, 1.0, 3.0]) + 0.4  # n = 40 samples, P = 6
+    st = gram_statistics([torch.from_numpy(g[:, :4]), torch.from_numpy(g[:, 4:])], [0, 1], 2, 8)
+    est = estimates(st, b=4.0, loss=torch.tensor(0.25).item(), batch_size=32)
+    gbar = g.mean(0)
+    T = ((g - gbar) ** 2).sum() / 39
+    C = (gbar @ gbar - T / 40) / T
+    assert C > 0 and est["C"] == pytest.approx(C, rel=1e-12)
+    assert est["p"] == pytest.approx(C / (1 + C), rel=1e-12) and est["p_lo"] < est["p"] < est["p_hi"]
+    assert est["C_per_example"] == pytest.approx(C / 4, rel=1e-12)
+    assert est["C_batch"] == pytest.approx(32 * C / 4, rel=1e-12)
+    assert est["p_batch"] == pytest.approx(8 * C / (1 + 8 * C), rel=1e-12)
+    assert (est["n"], est["b"], est["loss"]) == (40.0, 4.0, 0.25)
+    # pure noise: C clipped at 0, p = 0 (the rules then see the failing band)
+    z = rng.normal(size=(40, 6))
+    z -= z.mean(0)
+    est0 = estimates(gram_statistics([torch.from_numpy(z)], [0], 1, 8), b=1.0)
+    assert est0["C"] == 0.0 and est0["p"] == 0.0 and "loss" not in est0
+
+
 def test_scaling_rules_and_dry_run():
     assert batch_size_lr(0.1, 256, 64) == pytest.approx(0.2, rel=1e-15)
     assert batch_size_lr(0.1, 32, 128) == pytest.approx(0.05, rel=1e-15)
@@ -178,12 +202,238 @@ def test_scaling_rules_and_dry_run():
     assert EarlyStopping().describe()["patience"] == 10
 
 
-def test_controllers_on_a_real_short_run_with_live_gradient_samples(tmp_path):
-    """A recorder records gradient samples; the same statistics, computed in the loop at the same θ,
-    drive a C-rule and an early-stopping controller.  The analyzer's C of the recorded run equals
-    what the controllers saw, and the lr trajectory in the run is the rule applied to it."""
-    from phasewatch.record.probes import gram_statistics, per_example_gradients
 
+# --------------------------------------------------------------------------------------------------
+# wired into the recorder: real runs, interventions in the file, the lr column replays the rule
+
+N_PROBE = 8
+_Y = torch.arange(N_PROBE, dtype=torch.float64)
+_Y = ((_Y - _Y.mean()) / _Y.std()).reshape(-1, 1)  # mean 0, unbiased variance 1
+
+
+def _scripted_run(path, controllers, c_script, *, lr: float, every: int = 3, steps: int = 45, stop=False,
+                  **rec_kw):
+    """A real recorder on a real full-batch regression (Linear(2, 1), SGD at ``lr``) whose measured C
+    is scripted: the probe has x_i = e_1 and per-example loss ŷ_i·(y_i + s), so the per-example
+    gradients are (y_i + s, 0) whatever θ is; with y of mean 0 and unbiased variance 1 over n = 8,
+    ḡ = (s, 0), T = 1 and C = s² − 1/8 exactly: s = √(C + 1/8) at measurement m gives ``c_script[m]``.
+    ``controllers(opt)`` builds the controllers; with ``stop`` the loop ends when ``should_stop``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 2, dtype=torch.float64, generator=gen)
+    y = x @ torch.tensor([[1.5], [-2.0]], dtype=torch.float64) + 0.1 * torch.randn(32, 1, dtype=torch.float64,
+                                                                                     generator=gen)
+    shift = [0.0]
+    px = torch.zeros(N_PROBE, 2, dtype=torch.float64)
+    px[:, 0] = 1.0
+    ctls = controllers(opt)
+    with phasewatch.Recorder(path, model, opt, k=4, strict=True, grad_samples_every=every, grad_probe=(px, _Y),
+                             grad_loss=lambda out, t: (out * (t + shift[0])).sum(-1), controllers=ctls,
+                             **rec_kw) as rec:
+        for step in range(1, steps + 1):
+            if step % every == 0:
+                shift[0] = math.sqrt(c_script[step // every - 1] + 1.0 / N_PROBE)
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            rec.loss(loss)
+            opt.step()
+            if stop and rec.should_stop:
+                break
+        should_stop = rec.should_stop
+        made = list(rec.interventions)
+    return ctls, made, should_stop, phasewatch.analyze(path, window=3)
+
+
+C_SCRIPT = [3.5, 2.0, 2.0, 0.3, 0.8, 1.2, 1.2, 60.0, 0.2, 100.0, 0.45, 0.55, 70.0, 0.1, 5.0]
+
+
+def _replay(res, rule, lr0):
+    """Independent replay: the lr in effect after each step's controls, from the analyzer's C and the
+    recorded losses.  ``rule(step, C, loss, lr) -> lr`` at measurements, ``rule(step, None, None, lr)``
+    after every step (after the measurement of that step)."""
+    meas = dict(zip(res.probes["step"].tolist(), res.probes["C"].tolist()))
+    losses = dict(zip(res.scalars["step"].tolist(), res.scalars["loss"].tolist()))
+    lr, after = lr0, {}
+    for t in res.scalars["step"].tolist():
+        if t in meas:
+            lr = rule(t, meas[t], losses[t], lr)
+        lr = rule(t, None, None, lr)
+        after[t] = lr
+    return after
+
+
+def _check_run(res, made, ctls, after, lr0, rule_name):
+    steps, lrs = res.scalars["step"].tolist(), res.scalars["lr"][:, 0].tolist()
+    # the lr set after step t is the lr the steps table records for step t + 1, exactly
+    want = [lr0] + [after[t] for t in steps[:-1]]
+    assert lrs == want
+    # the interventions are in the file: one row per change, equal to what the controllers returned
+    iv = res.interventions
+    rows = list(zip(iv["step"].tolist(), iv["rule"].tolist(), iv["param"].tolist(), iv["old"].tolist(),
+                    iv["new"].tolist()))
+    assert rows == [(m.step, m.rule, m.param, m.old, m.new) for m in made]
+    assert made == [h for c in ctls for h in c.history]
+    # ... and they are the changes of the replayed trajectory
+    prev, changes = lr0, []
+    for t in steps:
+        if after[t] != prev:
+            changes.append((t, rule_name, "param_groups[0].lr", prev, after[t]))
+        prev = after[t]
+    assert rows == changes
+    assert iv["note"].tolist() == [m.note for m in made]
+
+
+def test_recorder_runs_the_p_band_rule_and_the_lr_column_replays_it(tmp_path):
+    ctls, made, _, res = _scripted_run(tmp_path / "r", lambda o: [PBandLR(o)], C_SCRIPT, lr=0.01)
+    np.testing.assert_allclose(res.probes["C"], C_SCRIPT, rtol=0, atol=1e-12)  # the scripted noise is measured
+
+    def rule(t, c, loss, lr):
+        if c is None:
+            return lr
+        p = c / (1 + c)
+        f = 0.1 if p < 0.40 else 0.5 if p < 0.50 else 1.0 if p < 0.60 else 1.5 if p <= 0.75 else 2.0
+        return 0.01 * f
+
+    after = _replay(res, rule, 0.01)
+    _check_run(res, made, ctls, after, 0.01, "p_band")
+    assert [m.note.split()[1].rstrip(":") for m in made] == ["strong", "learning", "failing", "sub-threshold",
+                                                             "critical", "strong", "failing", "strong",
+                                                             "failing", "strong", "failing", "strong"]
+    meta = phasewatch.open_run(tmp_path / "r").meta
+    assert meta["recorder"]["controllers"] == [PBandLR(lr=0.01).describe() | {"groups": [0]}]
+
+
+def test_recorder_runs_the_c_rule(tmp_path):
+    ctls, made, _, res = _scripted_run(tmp_path / "r", lambda o: [CRuleLR(o)], C_SCRIPT, lr=0.01)
+
+    def rule(t, c, loss, lr):
+        if c is None:
+            return lr
+        return lr * 2.0 if c < 0.5 else lr * 0.8 if c > 50 else lr
+
+    after = _replay(res, rule, 0.01)
+    _check_run(res, made, ctls, after, 0.01, "c_rule")
+    assert [m.step for m in made] == [12, 24, 27, 30, 33, 39, 42]
+
+
+def test_recorder_runs_the_kramers_escape_and_ends_the_boost_on_step(tmp_path):
+    kw = dict(boost=3.0, duration=7, plateau_window=3, plateau_tol=0.01, cooldown=6)
+    ctls, made, _, res = _scripted_run(tmp_path / "r", lambda o: [KramersEscape(o, **kw)], C_SCRIPT, lr=0.2)
+    state = {"until": None, "quiet": None, "losses": []}
+
+    def rule(t, c, loss, lr):
+        if state["until"] is not None and t > state["until"]:  # the boost ends (at a step or a measurement)
+            state["until"], state["quiet"], lr = None, t + 6, 0.2
+        if c is None:
+            return lr
+        state["losses"] = (state["losses"] + [loss])[-3:]
+        v = np.array(state["losses"])
+        plateau = len(v) == 3 and (v.max() - v.min()) / abs(v.mean()) < 0.01
+        if state["until"] is None and not (state["quiet"] is not None and t < state["quiet"]) and c < 0.5 and plateau:
+            state["until"], lr = t + 6, 0.2 * 3.0
+        return lr
+
+    after = _replay(res, rule, 0.2)
+    _check_run(res, made, ctls, after, 0.2, "kramers_escape")
+    # the loss reaches a plateau by step 27 (C = 0.3 at step 12 came too early): a boost for steps 28-34,
+    # ended by on_step at step 34 (not a measurement step), a second one from step 43 to the end
+    assert [(m.step, m.new) for m in made] == [(27, 0.2 * 3.0), (34, 0.2), (42, 0.2 * 3.0)]
+    assert made[1].note == "boost over"
+    assert sum(1 for v in res.scalars["lr"][:, 0] if v == 0.2 * 3.0) == 7 + 3
+
+
+def test_recorder_should_stop_fires_for_early_stopping_on_a_scripted_case(tmp_path):
+    # p = C/(1+C): 0.75, 0.75, 1/3, 1/6 (two lows), 0.75 (reset), then 1/11, 1/6, 0.23: the third low is step 24
+    script = [3.0, 3.0, 0.5, 0.2, 3.0, 0.1, 0.2, 0.3, 3.0, 3.0]
+    ctls, made, stopped, res = _scripted_run(tmp_path / "r", lambda o: [EarlyStopping(o, patience=3)], script,
+                                             lr=0.01, steps=30, stop=True)
+    assert stopped and ctls[0].stop_step == 24
+    assert res.scalars["step"][-1] == 24  # the loop stopped on should_stop
+    assert (res.scalars["lr"][:, 0] == 0.01).all()  # early stopping never touches the lr
+    iv = res.interventions
+    assert iv["step"].tolist() == [24] and iv["rule"].tolist() == ["early_stopping"]
+    assert iv["param"].tolist() == ["stop"] and (iv["old"][0], iv["new"][0]) == (0.0, 1.0)
+    assert iv["note"][0] == "p < 0.45 at 3 consecutive measurements"
+    # the analyzer's flag on the recorded p agrees
+    flag = noise.early_stopping_flags(res.probes["p"], res.probes["C"], res.probes["p_hi"], p_threshold=0.45,
+                                      p_run=3).first["low_p"]
+    assert int(res.probes["step"][flag]) == 24
+
+
+def test_controllers_are_off_unless_given_and_dry_runs_are_labelled(tmp_path):
+    _, made, stopped, res = _scripted_run(tmp_path / "off", lambda o: [], C_SCRIPT, lr=0.01)
+    run = phasewatch.open_run(tmp_path / "off")
+    assert made == [] and not stopped and "interventions" not in run.meta["tables"]
+    assert res.interventions == {} and (res.scalars["lr"][:, 0] == 0.01).all()
+    assert run.meta["recorder"]["controllers"] == []
+    # a dry-run controller decides, is recorded, and changes nothing
+    ctls, made, _, res = _scripted_run(tmp_path / "dry", lambda o: [CRuleLR(o, dry_run=True)], C_SCRIPT, lr=0.01)
+    assert (res.scalars["lr"][:, 0] == 0.01).all() and len(made) == 7
+    assert all(n.startswith("dry run: C=") for n in res.interventions["note"])
+    assert res.interventions["new"][-1] == ctls[0].lr()
+    # a controller bound to another optimizer is refused
+    other = _sgd(0.1)
+    with pytest.raises(PhasewatchError, match="another optimizer"):
+        _scripted_run(tmp_path / "bad", lambda o: [PBandLR(other)], C_SCRIPT, lr=0.01)
+
+
+def test_resume_keeps_the_interventions_table_and_drops_rows_of_an_overlap(tmp_path):
+    path = tmp_path / "r"
+    _scripted_run(path, lambda o: [CRuleLR(o)], C_SCRIPT, lr=0.01, steps=30)
+    # resume from step 20 (an earlier checkpoint), without controllers: the table is still declared
+    _scripted_run(path, lambda o: [], C_SCRIPT[6:], lr=0.01, steps=12, resume=True, start_step=18)
+    res = phasewatch.analyze(path, window=3)
+    assert res.scalars["step"].tolist() == list(range(1, 31))
+    # rows at or after step 19 of the interrupted trajectory are gone (grad_samples and interventions too)
+    assert res.interventions["step"].tolist() == [12]
+    assert res.probes["step"].tolist() == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    # resuming with controllers a run recorded without the table is refused
+    _scripted_run(tmp_path / "plain", lambda o: [], C_SCRIPT, lr=0.01, steps=6)
+    with pytest.raises(PhasewatchError, match="interventions table"):
+        _scripted_run(tmp_path / "plain", lambda o: [CRuleLR(o)], C_SCRIPT, lr=0.01, steps=6, resume=True)
+
+
+def test_micro_batch_measurements_change_the_lr_from_the_next_step(tmp_path):
+    """Micro-batch samples are taken in the pre-hook of step t (before its lr is logged); the rule
+    still acts at the end of step t, so step t keeps the lr it was logged with."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    w_star = torch.tensor([[1.0], [-1.0], [0.5]], dtype=torch.float64)
+    ctl = PBandLR(opt)
+    with phasewatch.Recorder(tmp_path / "r", model, opt, k=4, strict=True, grad_samples_every=3,
+                             grad_microbatch_size=4, controllers=[ctl]) as rec:
+        for _ in range(30):
+            opt.zero_grad()
+            for _ in range(4):  # gradient accumulation: 4 micro-batches of 4
+                x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+                y = x @ w_star + 0.5 * torch.randn(4, 1, dtype=torch.float64, generator=gen)
+                loss = ((model(x) - y) ** 2).mean() / 4
+                loss.backward()
+                rec.loss(loss * 4)
+            opt.step()
+    res = phasewatch.analyze(tmp_path / "r", window=3)
+    assert res.probes["step"].tolist() == list(range(3, 31, 3))
+    assert set(res.probes["source"].tolist()) <= {"micro_batch", b"micro_batch"}
+
+    def rule(t, c, loss, lr):
+        if c is None:
+            return lr
+        p = c / (1 + c)
+        return 0.05 * (0.1 if p < 0.40 else 0.5 if p < 0.50 else 1.0 if p < 0.60 else 1.5 if p <= 0.75 else 2.0)
+
+    after = _replay(res, rule, 0.05)
+    assert ctl.history
+    _check_run(res, ctl.history, [ctl], after, 0.05, "p_band")
+
+
+def test_controllers_on_a_real_short_run_with_live_gradient_samples(tmp_path):
+    """Unscripted: per-example gradients of a real regression drive a C-rule and early stopping wired
+    into the recorder; the analyzer's C of the recorded run replays into the recorded lr column."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1, bias=False).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
@@ -199,10 +449,10 @@ def test_controllers_on_a_real_short_run_with_live_gradient_samples(tmp_path):
     # thresholds that put both branches of the rule to work (the framework's 0.5/50 are defaults)
     crule = CRuleLR(opt, low=0.05, high=0.12, min_lr=1e-4, max_lr=0.6)
     stop = EarlyStopping(opt, p_threshold=0.45, patience=3)
-    seen = {}
     with phasewatch.Recorder(tmp_path / "r", model, opt, k=4, strict=True, grad_samples_every=4,
-                             grad_probe=(px, py), grad_loss=per_example_loss) as rec:
-        for step in range(1, 41):
+                             grad_probe=(px, py), grad_loss=per_example_loss, controllers=[crule, stop],
+                             batch_size=8) as rec:
+        for _ in range(40):
             x = torch.randn(8, 4, dtype=torch.float64, generator=gen)
             y = x @ w_star + 0.3 * torch.randn(8, 1, dtype=torch.float64, generator=gen)
             loss = per_example_loss(model(x), y).mean()
@@ -210,35 +460,131 @@ def test_controllers_on_a_real_short_run_with_live_gradient_samples(tmp_path):
             loss.backward()
             rec.loss(loss)
             opt.step()
-            if step % 4 == 0:
-                samples = per_example_gradients(model, ["weight"], px, py, per_example_loss)
-                est = estimates(gram_statistics(samples, [0], 1, 24), b=1.0, loss=float(loss.detach()))
-                seen[step] = est
-                crule.on_measurement(step, est)
-                stop.on_measurement(step, est)
     res = phasewatch.analyze(tmp_path / "r", window=3)
     pr = res.probes
-    assert pr["step"].tolist() == sorted(seen)
-    np.testing.assert_allclose(pr["C"], [seen[s]["C"] for s in pr["step"]], rtol=1e-9)
-    np.testing.assert_allclose(pr["p_hi"], [seen[s]["p_hi"] for s in pr["step"]], rtol=1e-9)
-    # replay the rule on the analyzer's C: the same lr trajectory as recorded in the run
-    lr, want = 0.3, {}
-    for s, c in zip(pr["step"].tolist(), pr["C"].tolist()):
-        if c < 0.05:
-            lr = min(lr * 2.0, 0.6)
-        elif c > 0.12:
-            lr = max(lr * 0.8, 1e-4)
-        want[s] = lr
-    steps, lrs = res.scalars["step"], res.scalars["lr"][:, 0]
-    for s, v in want.items():
-        if s + 1 in steps:  # the lr set after step s is the lr of step s + 1
-            assert lrs[steps == s + 1][0] == v
-    changed, prev = [], 0.3
-    for s, v in want.items():
-        if v != prev:
-            changed.append(s)
-        prev = v
-    assert [iv.step for iv in crule.history] == changed
+    assert pr["step"].tolist() == list(range(4, 41, 4))
+
+    def rule(t, c, loss, lr):
+        if c is None:
+            return lr
+        return min(lr * 2.0, 0.6) if c < 0.05 else max(lr * 0.8, 1e-4) if c > 0.12 else lr
+
+    after = _replay(res, rule, 0.3)
+    steps, lrs = res.scalars["step"].tolist(), res.scalars["lr"][:, 0].tolist()
+    assert lrs == [0.3] + [after[t] for t in steps[:-1]]
+    lr_rows = [i for i, r in enumerate(res.interventions["rule"]) if r == "c_rule"]
+    assert [res.interventions["step"][i] for i in lr_rows] == [iv.step for iv in crule.history]
     assert {iv.note.split(": ")[-1] for iv in crule.history} == {"x2", "x0.8"}  # both branches acted
     flag = noise.early_stopping_flags(pr["p"], pr["C"], pr["p_hi"], p_threshold=0.45, p_run=3).first["low_p"]
     assert stop.stop_step == (None if flag is None else int(pr["step"][flag]))
+    assert rec.should_stop == (flag is not None)
+
+
+# --------------------------------------------------------------------------------------------------
+# shown in the report and the figures; the demo's pass-through
+
+def test_report_lists_the_interventions_of_a_run_with_controllers(tmp_path):
+    from phasewatch.report import build_report, report_markdown
+
+    _, made, _, res = _scripted_run(tmp_path / "r", lambda o: [CRuleLR(o)], C_SCRIPT, lr=0.01)
+    rep = build_report(tmp_path / "r", analysis=res, max_rows=4)
+    sec = {s["key"]: s for s in rep["sections"]}["interventions"]
+    assert sec["available"] and sec["data"]["controllers"][0]["rule"] == "c_rule"
+    assert [(r["step"], r["old"], r["new"]) for r in sec["data"]["rows"]] == [(m.step, m.old, m.new) for m in made]
+    md = report_markdown(rep)
+    assert "## Interventions" in md and "- 7 changes: c_rule 7" in md
+    assert "| 12 | c_rule | param_groups[0].lr | 0.01 → 0.02 | C=0.3 < 0.5: x2 |" in md
+    assert "| … | 3 more | | | |" in md and "| 42 | c_rule |" in md  # 2 first, 2 last of 7
+    # controllers that never acted: the section says so; a run without controllers has no section
+    _scripted_run(tmp_path / "quiet", lambda o: [EarlyStopping(o)], C_SCRIPT, lr=0.01)
+    sec = {s["key"]: s for s in build_report(tmp_path / "quiet", window=3)["sections"]}["interventions"]
+    assert sec["lines"][-1] == "- no intervention: the controllers never changed anything"
+    _scripted_run(tmp_path / "off", lambda o: [], C_SCRIPT, lr=0.01, steps=9)
+    assert "interventions" not in {s["key"] for s in build_report(tmp_path / "off", window=3)["sections"]}
+
+
+def test_interventions_overlay_marks_each_change_at_its_step(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phasewatch.plot import save
+    from phasewatch.plot.controls import RULE_COLOURS, interventions_overlay
+
+    _, made, _, res = _scripted_run(tmp_path / "r", lambda o: [CRuleLR(o), EarlyStopping(o, patience=2)],
+                                    C_SCRIPT, lr=0.01)
+    fig, ax = plt.subplots()
+    ax.plot(res.scalars["step"], res.scalars["loss"])
+    ylim = ax.get_ylim()
+    h = interventions_overlay(ax, res)
+    assert ax.get_ylim() == ylim  # the marks sit in axes coordinates
+    up = [m.step for m in made if m.rule == "c_rule" and m.new > m.old]
+    down = [m.step for m in made if m.rule == "c_rule" and m.new < m.old]
+    stop = [m.step for m in made if m.param == "stop"]
+    assert stop and up and down
+    assert list(h) == ["c rule: lr raised", "c rule: lr lowered", "early stopping: stop"]
+    assert h["c rule: lr raised"].get_xdata().tolist() == up and h["c rule: lr raised"].get_marker() == "^"
+    assert h["c rule: lr lowered"].get_xdata().tolist() == down
+    assert h["early stopping: stop"].get_xdata().tolist() == stop
+    assert matplotlib.colors.same_color(h["c rule: lr raised"].get_color(), RULE_COLOURS["c_rule"])
+    vlines = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert [ln.get_xdata()[0] for ln in vlines] == stop
+    png = save(fig, tmp_path / "o.png")
+    assert plt.imread(png).shape[2] in (3, 4)
+    plt.close(fig)
+    # a run without interventions: nothing drawn
+    fig, ax = plt.subplots()
+    _, _, _, res0 = _scripted_run(tmp_path / "off", lambda o: [], C_SCRIPT, lr=0.01, steps=9)
+    assert interventions_overlay(ax, res0) == {} and not ax.lines
+    plt.close(fig)
+
+
+def test_controller_study_figure_and_the_demos_controllers(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phasewatch.demo import train_grokking
+    from phasewatch.plot import save
+    from phasewatch.plot.controls import controller_study
+
+    # the demo passes controllers and gradient samples through, and stops when told to
+    kw = dict(p=13, width=32, steps=24, eval_every=2, grad_samples_every=4, grad_probe=16, recorder_kwargs={"k": 4})
+    base = train_grokking(tmp_path / "none", **kw)
+    assert "stop_step" not in base
+    stopped = train_grokking(tmp_path / "stop", controllers=lambda o: [EarlyStopping(o, p_threshold=1.01, patience=2)],
+                             **kw)
+    assert stopped["stop_step"] == 8  # p < 1.01 always: the second measurement (step 8) stops training
+    res_stop = phasewatch.analyze(tmp_path / "stop", window=3)
+    assert res_stop.scalars["step"][-1] == 8 and res_stop.interventions["step"].tolist() == [8]
+    halved = train_grokking(tmp_path / "band", controllers=lambda o: [PBandLR(o)], **kw)
+    res_band = phasewatch.analyze(tmp_path / "band", window=3)
+    assert halved["stop_step"] is None and len(res_band.probes["step"]) == 6
+    with pytest.raises(PhasewatchError, match="need a recorder"):
+        train_grokking(None, controllers=lambda o: [], **{k: v for k, v in kw.items() if k != "recorder_kwargs"})
+
+    res_none = phasewatch.analyze(tmp_path / "none", window=3)
+    runs = {"none": [{"analysis": res_none, "grok_step": None, "final_test_acc": base["final_test_acc"],
+                      "diverged": False}],
+            "p_band": [{"analysis": res_band, "grok_step": 20, "final_test_acc": halved["final_test_acc"],
+                        "diverged": True}],
+            "early_stop": [{"analysis": res_stop, "grok_step": None, "final_test_acc": stopped["final_test_acc"],
+                            "diverged": False}]}
+    fig = controller_study(runs)
+    axes = fig.axes
+    assert len(axes) == 4
+    titles = [a.get_title(loc="left") for a in axes]
+    assert titles[0].startswith("(a) test acc") and titles[1].startswith("(b) steps to")
+    assert titles[2].startswith("(c) learning rate") and titles[3].startswith("(d) final")
+    assert [t.get_text() for t in axes[1].get_yticklabels()] == ["none", "p_band", "early_stop"]
+    # (b): the one grokked run at its step, the others open markers at the right edge (step 24)
+    xs = sorted(x for ln in axes[1].lines for x in ln.get_xdata())
+    assert xs == [20, 20, 20, 24, 24]  # 20: the marker and the median bar's two ends
+    # (d): the diverged run is an X
+    assert [ln.get_marker() for ln in axes[3].lines] == ["o", "X", "o"]
+    png = save(fig, tmp_path / "study.png")
+    img = plt.imread(png)
+    assert img.shape[1] == round(5.5 * 300) and img[..., :3].std() > 0.05
+    plt.close(fig)

@@ -1,0 +1,197 @@
+"""``phasewatch compare RUN... --by ATTRIBUTE``: final metrics and diagnostics across runs (a sweep).
+
+The attribute is read from each run's metadata: first the user's own attributes
+(``Recorder(..., meta={"width": 512})`` → ``meta["user"]``), then the optimizer's hyper-parameters
+(``lr``, ``weight_decay``, ...), the seeds, the recorder configuration and the model summary; a
+dotted path (``optimizer.hyper.lr``, ``user.width``) reads exactly that entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import PhasewatchError
+
+ORDER = 45
+
+_NOT_FOUND = object()
+
+
+def attribute(meta: dict, name: str) -> Any:
+    """The value of attribute ``name`` in a run's metadata (see the module docstring), or raise."""
+    if "." in name:
+        cur: Any = meta
+        for part in name.split("."):
+            if isinstance(cur, dict) and part in cur:
+                cur = cur[part]
+            else:
+                raise PhasewatchError(f"--by {name}: no such entry in the run's metadata; see `phasewatch info RUN`")
+        return cur
+    for where in (("user",), ("optimizer", "hyper"), ("seeds",), ("recorder",), ("model",)):
+        cur = meta
+        for part in where:
+            cur = cur.get(part, {}) if isinstance(cur, dict) else {}
+        if isinstance(cur, dict) and name in cur:
+            return cur[name]
+    if name == "optimizer":
+        return meta.get("optimizer", {}).get("class")
+    user = sorted(meta.get("user", {}))
+    hyper = sorted(meta.get("optimizer", {}).get("hyper", {}))
+    raise PhasewatchError(f"--by {name}: not in the run's metadata (user attributes: {', '.join(user) or 'none'}; "
+                          f"optimizer: {', '.join(hyper) or 'none'}); record it with Recorder(..., meta={{'{name}': ...}})")
+
+
+def _last_finite(v: np.ndarray) -> float:
+    a = np.asarray(v, dtype=float)
+    ok = np.nonzero(np.isfinite(a))[0]
+    return float(a[ok[-1]]) if ok.size else math.nan
+
+
+def run_row(run: Any, by: str, window: int = 10, analysis: Any = None) -> dict[str, Any]:
+    """Final metrics and diagnostics of one run, keyed by column name (numbers; NaN where missing)."""
+    from ..analysis.pipeline import analyze
+    from ..store import open_run
+
+    r = open_run(run) if not hasattr(run, "meta") else run
+    a = analysis if analysis is not None else analyze(r, window=window)
+    p = Path(str(r.path))
+    row: dict[str, Any] = {"run": p.stem if p.suffix == ".h5" else p.name, by: attribute(r.meta, by)}
+    for name, (_, v) in sorted(a.metrics.items()):
+        row[f"final_{name}"] = _last_finite(v)
+    sc = a.scalars or {}
+    if "loss" in sc:
+        row["final_loss"] = _last_finite(sc["loss"])
+    grok = [e.step for e in a.events if e.kind == "grokking"]
+    row["grok_step"] = float(grok[0]) if grok else math.nan
+    d = a.summary_dict()
+    row["kstar_mode"] = float(d["kstar_mode"]) if d.get("kstar_mode") is not None else math.nan
+    row["kstar_changes"] = float(d.get("kstar_changes", math.nan))
+    row["gap_ratio_median"] = float(d.get("gap_ratio_median", math.nan))
+    row["A_median"] = float(d.get("A_median", math.nan))
+    pr = a.probes
+    if pr and len(pr.get("step", [])):
+        for k in ("C", "p", "C_per_example"):
+            row[f"{k}_first"] = float(pr[k][0])
+        for k in ("C", "C_lo", "C_hi", "p"):
+            row[f"{k}_last"] = float(pr[k][-1])
+        row["C_median"] = float(np.nanmedian(pr["C"]))
+    row["alpha_median"] = float(d.get("alpha_gradnorm_median", math.nan))
+    cv = a.curvature or {}
+    if len(cv.get("step", [])) and "S" in cv:
+        row["S_last"] = _last_finite(cv["S"])
+        if "lambda_max" in cv:
+            row["lambda_max_last"] = _last_finite(cv["lambda_max"])
+    return row
+
+
+def compare_table(runs: list[Any], by: str, window: int = 10) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (sorted by the attribute) and the union of their columns, ``run`` and ``by`` first."""
+    rows = [run_row(r, by, window) for r in runs]
+
+    def key(row):
+        v = row[by]
+        return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+
+    rows.sort(key=key)
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    return rows, cols
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, float):
+        return "" if not math.isfinite(x) else f"{x:.4g}"
+    return str(x)
+
+
+def to_markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_cell(r.get(c, math.nan)) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    def c(x):
+        if isinstance(x, float):
+            return "" if not math.isfinite(x) else repr(x)
+        s = str(x)
+        return f'"{s}"' if ("," in s or '"' in s) else s
+
+    return "\n".join([",".join(cols)] + [",".join(c(r.get(k, math.nan)) for k in cols) for r in rows]) + "\n"
+
+
+def to_json(rows: list[dict[str, Any]], by: str) -> str:
+    def j(x):
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    return json.dumps({"by": by, "rows": [{k: j(v) for k, v in r.items()} for r in rows]}, indent=1)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .study import formats
+
+    rows, cols = compare_table(a.runs, a.by, a.window)
+    print(to_markdown(rows, cols), end="")
+    if not a.out:
+        return 0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in formats(a.format):
+        if f == "md":
+            p = out / "compare.md"
+            p.write_text(to_markdown(rows, cols))
+        elif f == "csv":
+            p = out / "compare.csv"
+            p.write_text(to_csv(rows, cols))
+        elif f == "json":
+            p = out / "compare.json"
+            p.write_text(to_json(rows, a.by))
+        else:
+            raise PhasewatchError(f"--format {f}: use md, csv and/or json")
+        print(f"wrote {p}")
+    if not a.no_figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from ..plot.multirun import sweep
+        from ..plot.style import save
+
+        want = a.columns or [c for c in cols if c not in ("run", a.by)]
+        ys = {}
+        for c in want:
+            if c not in cols:
+                raise PhasewatchError(f"--columns {c}: not a column of the table; choose from {', '.join(cols[2:])}")
+            v = np.array([r.get(c, math.nan) for r in rows], dtype=float)
+            if np.isfinite(v).any():
+                ys[c] = v
+        fig = sweep([r[a.by] for r in rows], ys, xlabel=a.by)
+        for f in ("pdf", "png"):
+            p = out / f"sweep.{f}"
+            save(fig, p, f)
+            print(f"wrote {p}")
+        plt.close(fig)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("compare", help="final metrics and diagnostics across runs, by an attribute (a sweep)")
+    s.add_argument("runs", nargs="+", metavar="RUN")
+    s.add_argument("--by", required=True,
+                   help="attribute from the run's metadata: a user attribute (Recorder(meta=...)), an optimizer "
+                        "hyper-parameter (lr, weight_decay), or a dotted path like optimizer.hyper.lr")
+    s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
+    s.add_argument("--out", "-o", help="directory for compare.md/.csv/.json and sweep.pdf/.png")
+    s.add_argument("--format", nargs="+", default=["md", "csv", "json"], help="md, csv, json (default all)")
+    s.add_argument("--columns", nargs="+", help="columns to plot in the sweep figure (default all with numbers)")
+    s.add_argument("--no-figure", action="store_true")
+    s.set_defaults(func=cmd_compare)

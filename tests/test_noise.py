@@ -451,3 +451,28 @@ def test_logistic_forecast_flags() -> None:
     assert any("no resolved transition" in f for f in flat.flags) or not flat.converged
     with pytest.raises(PhasewatchError, match=">= 3"):
         logistic_forecast([1.0, 2.0], [0.1, 0.2])
+
+
+def test_delta_interval_stays_finite_when_the_signal_is_buried():
+    """Zero-mean, nearly rank-one heavy-tailed samples (true C = 0): the standard error of
+    log(A/T) reaches ~12 here, where the log-scale interval's upper end would be R·e^24; the
+    interval must stay finite, cover the truth and keep p's upper end below 1."""
+    from phasewatch.analysis import noise as nz
+    from phasewatch.analysis.noise import _delta_var_log_ratio_moments
+
+    hits, max_se = 0, 0.0
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        v = rng.standard_normal(200)
+        v /= np.linalg.norm(v)
+        g = rng.standard_t(2.5, size=(16, 1)) * v + 0.05 * rng.standard_normal((16, 200))
+        st = nz.sufficient_statistics(g)
+        max_se = max(max_se, float(np.sqrt(_delta_var_log_ratio_moments(
+            16.0, st.mean_sq_norm, st.trace, st.quad, st.trace_sq, st.fourth, st.third))))
+        r = nz.consolidation_ratio(g, ci="delta")
+        lo, hi = r.ci
+        assert np.isfinite(hi) and hi < 10
+        assert r.p_ci[1] < 0.95
+        hits += lo <= 0.0 <= hi
+    assert max_se > 5  # the regime the fallback is for
+    assert hits >= 45

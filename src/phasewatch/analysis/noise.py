@@ -663,6 +663,9 @@ def consolidation_ratio(
           Gaussian noise of any covariance (often much wider than necessary when
           the noise is spread over many directions), but not guaranteed for
           heavy-tailed noise. Store the moment statistics to do better.
+        * Where the standard error of log(A/T) exceeds 1 the log-scale interval is
+          replaced by the linear one, R·(1 ± z·se) clipped at 0 (the log expansion
+          fails there: its upper end reaches 1e100 when the signal is buried).
     ``"none"``
         No interval (NaN).
 
@@ -805,6 +808,13 @@ def consolidation_ratio(
         se = np.sqrt(var_log)
         with np.errstate(invalid="ignore", over="ignore"):
             R_ci = np.stack([R * np.exp(-z * se), R * np.exp(z * se)], axis=-1)
+            # Where the relative standard error exceeds 1 (the signal ||g_bar||^2 is buried in its
+            # own sampling noise) the log-scale expansion is meaningless: exp(z se) reached 1e100 on
+            # real runs.  There the first-order interval on R itself, R (1 +/- z se), clipped at 0.
+            wide = np.asarray(se > 1.0)
+            if wide.any():
+                lin = np.stack([np.maximum(R * (1 - z * se), 0.0), R * (1 + z * se)], axis=-1)
+                R_ci = np.where(wide[..., None], lin, R_ci)
     else:
         R_ci = np.full(np.shape(R) + (2,), np.nan)
     ci_raw = scale[..., None] * R_ci + shift[..., None]

@@ -1,6 +1,48 @@
-"""Figures for papers (matplotlib): one function per figure, taking analysis results."""
+"""Figures for papers (matplotlib): one function per figure, taking analysis results.
 
-from .figures import FIGURES, noise, overview
-from .style import WIDTHS, paper_style, save
+Single-run figures live in :mod:`.figures` (registered in :data:`FIGURES`, the names of
+``phasewatch plot --figure``); the paper styles (sizes, fonts, palette, deterministic files) in
+:mod:`.style`.
+"""
 
-__all__ = ["FIGURES", "WIDTHS", "noise", "overview", "paper_style", "save"]
+from .figures import (
+    FIGURES,
+    MissingDataError,
+    criticality,
+    hill_plot,
+    noise,
+    ntk,
+    overview,
+    sharpness,
+    spectrum,
+)
+from .style import (
+    LINESTYLES,
+    PALETTE,
+    WIDTHS,
+    bind_save_style,
+    figure_width,
+    paper_style,
+    save,
+    scienceplots_available,
+)
+
+__all__ = [
+    "FIGURES",
+    "LINESTYLES",
+    "PALETTE",
+    "WIDTHS",
+    "MissingDataError",
+    "bind_save_style",
+    "criticality",
+    "figure_width",
+    "hill_plot",
+    "noise",
+    "ntk",
+    "overview",
+    "paper_style",
+    "save",
+    "scienceplots_available",
+    "sharpness",
+    "spectrum",
+]

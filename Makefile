@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench claims clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 
+claims: install
+	$(BIN)/phasewatch claims --out claims-out
+
 bench: install
 	$(BIN)/python benchmarks/recorder_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) claims-out .pytest_cache

@@ -1,0 +1,79 @@
+"""Claim 4: p crosses 0.5 at grokking, and test accuracy at that moment is 51-53 %."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import phasewatch
+from phasewatch.claims import GROKKING, grokking_runs, grokking_setup, result, save_figure
+
+CLAIM = "p = C/(1+C) crosses 0.5 at grokking; test accuracy at that moment is 51–53 %"
+SOURCE = "notes 000/004"
+
+
+def first_up_crossing(steps: np.ndarray, p: np.ndarray) -> float | None:
+    """First step at which p goes from < 0.5 to ≥ 0.5 (linear interpolation between measurements)."""
+    ok = np.isfinite(p)
+    s, v = np.asarray(steps, float)[ok], np.asarray(p, float)[ok]
+    for i in range(1, len(v)):
+        if v[i - 1] < 0.5 <= v[i]:
+            return float(s[i - 1] + (0.5 - v[i - 1]) / (v[i] - v[i - 1]) * (s[i] - s[i - 1]))
+    return None
+
+
+def run(out_dir, quick: bool) -> dict:
+    import matplotlib.pyplot as plt
+
+    from phasewatch.plot.style import WIDTHS, paper_style
+
+    out_dir = Path(out_dir)
+    runs = grokking_runs(out_dir, quick)
+    rows = {}
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(WIDTHS["column"], 2.2), layout="constrained")
+    bx = ax.twinx()
+    for r in runs:
+        an = phasewatch.analyze(r["path"], window=10)
+        pr = an.probes
+        s_acc, acc = an.metrics["test_acc"]
+        # C scales with the examples per gradient (C_b = b·C_1): the optimizer's full batch has B = n_train
+        n_train = int(round(GROKKING[bool(quick)].get("train_fraction", 0.4) * GROKKING[bool(quick)]["p"] ** 2))
+        c_b = np.asarray(pr["C_per_example"], float) * n_train
+        p_b = c_b / (1 + c_b)
+        tc = first_up_crossing(pr["step"], p_b)
+        acc_c = float(np.interp(tc, s_acc, acc)) if tc is not None else None
+        rows[r["path"].name] = {"group": r["group"], "grok_step": r["grok_step"], "p_cross_step": tc,
+                                "test_acc_at_cross": acc_c, "n_train": n_train,
+                                "p_probe_max": float(np.nanmax(pr["p"])), "p_min": float(np.nanmin(p_b)),
+                                "p_max": float(np.nanmax(p_b)), "p_first": float(p_b[0]), "p_last": float(p_b[-1])}
+        ls, c = ("-", "C0") if r["group"] == "wd" else ("--", "0.5")
+        ax.plot(pr["step"], p_b, ls, color=c, lw=0.8)
+        bx.plot(s_acc, acc, ls, color="C1" if r["group"] == "wd" else "0.75", lw=0.6)
+        if tc is not None:
+            ax.plot([tc], [0.5], "o", ms=3, color="C3")
+    ax.axhline(0.5, color="k", lw=0.5)
+    ax.set(xlabel="step", ylabel="p of the full batch (C_B = B·C₁)", ylim=(-0.02, 1.02))
+    bx.set(ylabel="test accuracy (orange)", ylim=(-0.02, 1.02))
+    fig_path = save_figure(fig, out_dir, "p_at_grokking")
+
+    ev = [v for v in rows.values() if v["grok_step"] is not None]
+    crossed = [v for v in ev if v["test_acc_at_cross"] is not None]
+    accs = [v["test_acc_at_cross"] for v in crossed]
+    lead = [v["grok_step"] - v["p_cross_step"] for v in crossed]
+    numbers = {"per_run": rows, "test_acc_at_cross": accs, "grok_minus_cross_steps": lead}
+    desc = (f"{len(crossed)}/{len(ev)} grokking runs have p rising through 0.5; test accuracy there "
+            f"{[round(a, 3) for a in accs]}, {[round(x) for x in lead]} steps before the grokking step")
+    if not ev:
+        verdict, why = "inconclusive", "no run grokked"
+    elif len(crossed) == len(ev) and all(0.45 <= a <= 0.60 for a in accs):
+        verdict, why = "holds", desc + " (within 0.45–0.60, the tolerance we allow around 51–53 %)"
+    else:
+        ps = [(round(v["p_min"], 2), round(v["p_max"], 2)) for v in ev]
+        verdict, why = "fails", desc + f"; p range per grokking run {ps}"
+    if quick:
+        why += " (quick mode: one seed per group)"
+    return result(CLAIM, SOURCE, grokking_setup(quick) + "; p for the optimizer's full batch, C_B = B·C₁ "
+                  "(C₁ from per-example gradients, canonical, clipped at 0); crossing: first rise of p through 0.5, "
+                  "interpolated; test accuracy interpolated at that step", verdict, why, numbers, fig_path)

@@ -1,0 +1,261 @@
+"""The framework's claims, tested: run the experiments under ``examples/claims/`` and tabulate them.
+
+Each experiment is a small script ``examples/claims/claim_NN_<name>.py`` exposing
+``run(out_dir, quick: bool) -> dict`` with the keys of :data:`RESULT_KEYS`: the claim, its source,
+the setup, the verdict (one of :data:`VERDICTS`) with the reason, the numbers behind it and the
+path of its figure.  The scripts record runs with :class:`phasewatch.Recorder` and analyse them
+with the public API only; this module finds them (by file path, relative to the repository),
+runs them, and writes ``claims.md`` (the table) and ``claims.json``.
+
+    results = run_claims("claims-out", quick=True, only=[2, 3])
+    write_table(results, "claims-out")
+
+The helpers below (:func:`grokking_runs`, :func:`result`, :func:`save_figure`) are shared by the
+scripts: the grokking runs of claims 2, 3, 4 and 9 are recorded once per configuration and reused.
+An experiment that raises is reported as ``inconclusive`` with the error as its reason, so one
+broken experiment does not hide the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import PhasewatchError
+
+__all__ = ["VERDICTS", "RESULT_KEYS", "claims_dir", "discover", "load_claim", "run_claims", "write_table", "merge_previous",
+           "result", "save_figure", "grokking_runs", "GROKKING"]
+
+VERDICTS = ("holds", "fails", "inconclusive")
+RESULT_KEYS = ("claim", "source", "setup", "verdict", "reason", "numbers", "figure")
+
+_NAME = re.compile(r"claim_(\d+)_[A-Za-z0-9_]+\.py$")
+
+
+def claims_dir() -> Path:
+    """``examples/claims`` of the repository this package is run from (a source checkout)."""
+    d = Path(__file__).resolve().parents[2] / "examples" / "claims"
+    if not d.is_dir():
+        raise PhasewatchError(f"{d}: no claims experiments here; `phasewatch claims` runs from a source "
+                              "checkout of phasewatch (git clone, pip install -e .)")
+    return d
+
+
+def discover(directory: str | Path | None = None) -> dict[int, Path]:
+    """``{claim number: script path}`` of the ``claim_NN_*.py`` scripts in ``directory``."""
+    d = Path(directory) if directory is not None else claims_dir()
+    out: dict[int, Path] = {}
+    for p in sorted(d.glob("claim_*.py")):
+        m = _NAME.match(p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return out
+
+
+def load_claim(path: str | Path):
+    """Import one claim script by file path; it must define ``run(out_dir, quick)``."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"phasewatch_claim_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise PhasewatchError(f"{path}: cannot import it as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, "run", None)):
+        raise PhasewatchError(f"{path}: defines no run(out_dir, quick) function")
+    return mod
+
+
+def result(claim: str, source: str, setup: str, verdict: str, reason: str,
+           numbers: dict[str, Any] | None = None, figure: str | Path | None = None) -> dict[str, Any]:
+    """A claim's result dict, checked (verdict one of :data:`VERDICTS`)."""
+    if verdict not in VERDICTS:
+        raise PhasewatchError(f"verdict {verdict!r}: use one of {', '.join(VERDICTS)}")
+    return {"claim": claim, "source": source, "setup": setup, "verdict": verdict, "reason": reason,
+            "numbers": _jsonable(numbers or {}), "figure": None if figure is None else str(figure)}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy scalars
+        x = x.item()
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def save_figure(fig, out_dir: str | Path, name: str = "figure") -> Path:
+    """Save ``fig`` as ``out_dir/name.png`` (and ``.pdf``) with the package's style; returns the png."""
+    import matplotlib.pyplot as plt
+
+    from .plot.style import save
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{name}.png"
+    save(fig, png, "png")
+    save(fig, out_dir / f"{name}.pdf", "pdf")
+    plt.close(fig)
+    return png
+
+
+# --------------------------------------------------------------------------------------------- #
+# shared grokking runs (claims 2, 3, 4, 9)
+# --------------------------------------------------------------------------------------------- #
+#: The grokking demo configurations: full and quick.  Width 512 (not the demo's 2048) keeps a run
+#: to ~1 min on a loaded 2-core CPU; the model still groks at step ~180 with weight decay; 450 steps
+#: leave ~250 steps after grokking for the lock-in of claim 3 (quick:
+#: width 128, one seed, ~15 s a run; it groks at step ~210).
+GROKKING = {
+    False: {"p": 71, "width": 512, "steps": 450, "lr": 1e-3, "seeds": [0, 1, 2], "weight_decay": 2e-4,
+            "grad_samples_every": 10, "grad_probe": 64},
+    True: {"p": 71, "width": 128, "steps": 250, "lr": 1e-3, "seeds": [0], "weight_decay": 2e-4,
+           "grad_samples_every": 10, "grad_probe": 32},
+}
+
+
+def grokking_runs(out_dir: str | Path, quick: bool) -> list[dict[str, Any]]:
+    """Record (or reuse) the grokking demo runs: every seed with weight decay and without.
+
+    Runs live in ``out_dir/../_runs/grokking-<hash of the configuration>/{wd,nowd}-seed<N>`` so the
+    claims that share them record them once.  Returns one dict per run: ``path``, ``group``
+    (``"wd"``/``"nowd"``), ``seed``, ``weight_decay`` and the training summary (``grok_step``, ...).
+    """
+    from .demo import train_grokking
+
+    cfg = dict(GROKKING[bool(quick)])
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    base = Path(out_dir).resolve().parent / "_runs" / f"grokking-{key}"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(cfg, indent=1))
+    runs = []
+    for group, wd in (("wd", cfg["weight_decay"]), ("nowd", 0.0)):
+        for seed in cfg["seeds"]:
+            path = base / f"{group}-seed{seed}"
+            done = path.with_suffix(".summary.json")
+            if done.exists() and (path / "meta.json").exists():
+                summary = json.loads(done.read_text())
+            else:
+                if path.exists():
+                    import shutil
+
+                    shutil.rmtree(path)
+                summary = train_grokking(path, p=cfg["p"], width=cfg["width"], steps=cfg["steps"], lr=cfg["lr"],
+                                         weight_decay=wd, seed=seed, grad_samples_every=cfg["grad_samples_every"],
+                                         grad_probe=cfg["grad_probe"])
+                done.write_text(json.dumps(summary))
+            runs.append({"path": path, "group": group, "seed": seed, "weight_decay": wd, **summary})
+    return runs
+
+
+def grokking_setup(quick: bool) -> str:
+    c = GROKKING[bool(quick)]
+    return (f"demo model (x W)^2 V on (a+b) mod {c['p']}, width {c['width']}, Adam lr {c['lr']:g}, "
+            f"{c['steps']} steps, {len(c['seeds'])} seed(s) with weight decay {c['weight_decay']:g} and "
+            f"{len(c['seeds'])} without; C from {c['grad_probe']} per-example gradients every "
+            f"{c['grad_samples_every']} steps")
+
+
+# --------------------------------------------------------------------------------------------- #
+# running and tabulating
+# --------------------------------------------------------------------------------------------- #
+def run_claims(out: str | Path, quick: bool = False, only: Sequence[int] | None = None,
+               directory: str | Path | None = None, log=print) -> list[dict[str, Any]]:
+    """Run the claim experiments (all, or those numbered in ``only``) into ``out/claim_NN``.
+
+    Returns their result dicts, each with ``number`` and ``seconds`` added; an experiment that raises
+    becomes ``inconclusive`` with the error as the reason (its traceback in ``out/claim_NN/error.txt``).
+    """
+    found = discover(directory)
+    if only:
+        missing = sorted(set(only) - set(found))
+        if missing:
+            raise PhasewatchError(f"--only {','.join(map(str, missing))}: no such claim experiment; "
+                                  f"available: {', '.join(map(str, sorted(found)))}")
+        found = {n: p for n, p in found.items() if n in set(only)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n, path in sorted(found.items()):
+        cdir = out / f"claim_{n:02d}"
+        cdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            mod = load_claim(path)
+            res = mod.run(cdir, quick)
+            bad = [k for k in RESULT_KEYS if k not in res]
+            if bad or res.get("verdict") not in VERDICTS:
+                raise PhasewatchError(f"{path.name}: run() returned keys {sorted(res)} / verdict "
+                                      f"{res.get('verdict')!r}; needs {', '.join(RESULT_KEYS)}")
+        except Exception as e:  # an experiment's failure is a row of the table, not a crash
+            (cdir / "error.txt").write_text(traceback.format_exc())
+            doc = (getattr(locals().get("mod"), "__doc__", None) or path.stem).strip().splitlines()[0]
+            res = result(doc, "", "", "inconclusive", f"the experiment raised {type(e).__name__}: {e}")
+        res = dict(res)
+        res["number"] = n
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        if res.get("figure"):
+            fig = Path(res["figure"]).resolve()  # relative to the table, where it can be
+            res["figure"] = str(fig.relative_to(out.resolve())) if fig.is_relative_to(out.resolve()) else str(fig)
+        results.append(res)
+        if log:
+            log(f"claim {n}: {res['verdict']} ({res['seconds']:.0f} s): {res['reason']}")
+    return results
+
+
+def merge_previous(results: Sequence[dict[str, Any]], out: str | Path, quick: bool) -> list[dict[str, Any]]:
+    """``results`` plus the rows of ``out/claims.json`` (same mode) for claims not in ``results``."""
+    js = Path(out) / "claims.json"
+    if not js.exists():
+        return list(results)
+    try:
+        old = json.loads(js.read_text())
+    except (OSError, ValueError):
+        return list(results)
+    if bool(old.get("quick")) != bool(quick):
+        return list(results)
+    new = {r["number"] for r in results}
+    kept = [r for r in old.get("claims", []) if r.get("number") not in new]
+    return sorted([*kept, *results], key=lambda r: r.get("number", 0))
+
+
+def _cell(s: Any) -> str:
+    return str(s if s is not None else "–").replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(results: Sequence[dict[str, Any]], quick: bool = False) -> str:
+    """The claims table (Markdown): claim, source, setup, our figure, verdict with the reason."""
+    lines = ["# The framework's claims, tested", "",
+             f"Mode: {'quick (CI-sized: few seeds, small models; verdicts are indicative only)' if quick else 'full'}."
+             " Each row is one experiment under `examples/claims/`; `phasewatch claims` reruns them.", "",
+             "| # | claim | source | setup | our figure | verdict |", "|---|---|---|---|---|---|"]
+    for r in results:
+        fig = f"[{Path(r['figure']).name}]({r['figure']})" if r.get("figure") else "–"
+        lines.append(f"| {r.get('number', '')} | {_cell(r['claim'])} | {_cell(r['source'])} | {_cell(r['setup'])} "
+                     f"| {fig} | **{r['verdict']}**: {_cell(r['reason'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: Sequence[dict[str, Any]], out: str | Path, quick: bool = False) -> tuple[Path, Path]:
+    """Write ``out/claims.md`` and ``out/claims.json``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "claims.md"
+    md.write_text(to_markdown(results, quick))
+    js = out / "claims.json"
+    js.write_text(json.dumps({"quick": bool(quick), "claims": _jsonable(list(results))}, indent=1))
+    return md, js

@@ -1,0 +1,106 @@
+"""The claims infrastructure: discovery, a claim that raises, the table, and the quick mode of real
+experiments through the CLI (checks that the table and figures are produced, not what they conclude)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from phasewatch.claims import VERDICTS, discover, result, run_claims, save_figure, to_markdown, write_table  # noqa: E402
+from phasewatch.cli import main  # noqa: E402
+from phasewatch.errors import PhasewatchError  # noqa: E402
+
+GOOD = '''
+"""Claim 7: a toy claim that holds."""
+from pathlib import Path
+import matplotlib.pyplot as plt
+from phasewatch.claims import result, save_figure
+
+def run(out_dir, quick):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    return result("toy | claim", "nowhere", "none", "holds", "1 + 1 = 2", {"x": 2.0, "nan": float("nan")},
+                  save_figure(fig, out_dir, "toy"))
+'''
+
+BAD = '''
+"""Claim 8: a claim whose experiment breaks."""
+def run(out_dir, quick):
+    raise ValueError("boom")
+'''
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
+    return [re.split(r"(?<!\\)\|", ln)[1:-1] for ln in rows]
+
+
+def test_discover_run_and_table(tmp_path: Path):
+    d = tmp_path / "claims"
+    d.mkdir()
+    (d / "claim_07_toy.py").write_text(GOOD)
+    (d / "claim_08_broken.py").write_text(BAD)
+    (d / "helper.py").write_text("x = 1\n")  # not a claim: ignored
+    assert sorted(discover(d)) == [7, 8]
+    out = tmp_path / "out"
+    res = run_claims(out, quick=True, directory=d, log=None)
+    assert [r["number"] for r in res] == [7, 8]
+    assert res[0]["verdict"] == "holds" and res[0]["figure"] == "claim_07/toy.png"
+    assert res[1]["verdict"] == "inconclusive" and "ValueError: boom" in res[1]["reason"]
+    assert "boom" in (out / "claim_08" / "error.txt").read_text()
+    md, js = write_table(res, out, quick=True)
+    rows = _table_rows(md.read_text())
+    assert len(rows) == 2 and all(len(r) == 6 for r in rows)  # the "|" inside the claim text is escaped
+    assert "toy \\| claim" in rows[0][1] and "**holds**" in rows[0][5] and "(claim_07/toy.png)" in rows[0][4]
+    data = json.loads(js.read_text())
+    assert data["quick"] is True and data["claims"][0]["numbers"] == {"x": 2.0, "nan": None}
+    # the figure is a real PNG
+    img = plt.imread(out / "claim_07" / "toy.png")
+    assert img.ndim == 3 and img.shape[0] > 50
+    # --only selects, and an unknown number is a clear error
+    assert [r["number"] for r in run_claims(out, True, only=[7], directory=d, log=None)] == [7]
+    with pytest.raises(PhasewatchError, match="no such claim"):
+        run_claims(out, True, only=[3], directory=d, log=None)
+
+
+def test_result_checks_the_verdict(tmp_path: Path):
+    with pytest.raises(PhasewatchError, match="verdict"):
+        result("c", "s", "x", "probably", "r")
+    fig, _ = plt.subplots()
+    p = save_figure(fig, tmp_path, "f")
+    assert p.exists() and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    md = to_markdown([{**result("c", "s", "x", "fails", "r"), "number": 1}])
+    assert "**fails**: r" in md and "| – |" in md  # no figure: a dash
+
+
+def test_repository_scripts_are_found():
+    found = discover()
+    assert {1, 2, 3, 4, 9} <= set(found)
+
+
+def test_cli_bad_only(capsys, tmp_path: Path):
+    assert main(["claims", "--only", "two", "--out", str(tmp_path)]) != 0
+    assert "--only two" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_mode_cli(tmp_path: Path):
+    """The quick mode of claims 1 and 3 (a Muon/AdamW pair and the two small grokking runs; ~1 min)."""
+    out = tmp_path / "claims"
+    assert main(["claims", "--quick", "--only", "1,3", "--out", str(out)]) == 0
+    rows = _table_rows((out / "claims.md").read_text())
+    assert [r[0].strip() for r in rows] == ["1", "3"]
+    data = json.loads((out / "claims.json").read_text())
+    for c in data["claims"]:
+        assert c["verdict"] in VERDICTS
+        assert c["reason"] and c["setup"] and "raised" not in c["reason"]
+        assert c["figure"] and (out / c["figure"]).exists()
+        assert plt.imread(out / c["figure"]).shape[0] > 50

@@ -1,5 +1,7 @@
 # The whole set-up on a fresh machine:  make demo   (train, record, analyse, plot)
 #                                       make test   (the test suite)
+# Tests run with one torch thread: their models are tiny, and on a busy 2-core machine torch's
+# spinning threads made them up to 10x slower.
 # torch is installed first, pinned to a CPU wheel: resolved as a plain dependency it would pull
 # several GB of CUDA packages.  Set TORCH_SPEC= to keep a torch you installed yourself.
 PYTHON ?= python3
@@ -24,7 +26,7 @@ demo: install
 	$(BIN)/phasewatch demo --out $(DEMO_OUT) --control --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples

@@ -70,8 +70,18 @@ def train_grokking(
     eval_every: int = 2,
     recorder_kwargs: dict | None = None,
     progress: bool = False,
+    controllers=None,
+    grad_samples_every=None,
+    grad_probe: int | tuple | None = None,
 ) -> dict:
-    """Train the demo model, recording into ``out`` (None: no recorder).  Returns a small summary."""
+    """Train the demo model, recording into ``out`` (None: no recorder).  Returns a small summary.
+
+    ``grad_samples_every``: schedule of gradient-noise measurements (the recorder's), on per-example
+    gradients of ``grad_probe``: an int n (the first n training pairs, 64 by default) or an
+    ``(inputs, targets)`` pair.  ``controllers``: a callable ``optimizer -> [controller, ...]``
+    (:mod:`phasewatch.control`) given to the recorder; training stops early when one says so
+    (``stop_step`` in the summary).  Both need ``out``; without them nothing changes.
+    """
     torch.manual_seed(seed)
     data = modular_addition(p, train_fraction, seed)
     model = QuadraticMLP(p, width, torch.Generator().manual_seed(seed + 1))
@@ -79,10 +89,21 @@ def train_grokking(
     target = torch.nn.functional.one_hot(data.train_y, p).float() - 1.0 / p
 
     rec = None
+    if out is None and (controllers is not None or grad_samples_every is not None):
+        from .errors import PhasewatchError
+
+        raise PhasewatchError("train_grokking: controllers and gradient samples need a recorder; pass out=DIR")
     if out is not None:
         from .record.recorder import Recorder
 
         cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None}
+        if grad_samples_every is not None:
+            probe = grad_probe if isinstance(grad_probe, tuple) else (
+                data.train_x[: int(grad_probe or 64)], target[: int(grad_probe or 64)])
+            cfg.update(grad_samples_every=grad_samples_every, grad_probe=probe,
+                       grad_loss=lambda o, y: ((o - y) ** 2).sum(-1))  # the training loss, per example
+        if controllers is not None:
+            cfg["controllers"] = list(controllers(opt))
         cfg.update(recorder_kwargs or {})
         rec = Recorder(out, model, opt, seeds={"seed": seed},
                        meta={"task": f"modular addition mod {p}", "width": width,
@@ -102,7 +123,7 @@ def train_grokking(
 
         if sys.stderr.isatty():
             bar = tqdm(total=steps, desc="training", file=sys.stderr, leave=False)
-    grok_step = None
+    grok_step = stop_step = None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -119,11 +140,17 @@ def train_grokking(
                 grok_step = step
         if bar is not None:
             bar.update(1)
+        if rec is not None and rec.should_stop:
+            stop_step = step
+            break
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
     if rec is not None:
         rec.close()
     tr, te = evaluate()
-    return {"grok_step": grok_step, "final_train_acc": tr, "final_test_acc": te, "seconds": seconds,
-            "n_params": sum(q.numel() for q in model.parameters())}
+    summary = {"grok_step": grok_step, "final_train_acc": tr, "final_test_acc": te, "seconds": seconds,
+               "n_params": sum(q.numel() for q in model.parameters())}
+    if controllers is not None:
+        summary["stop_step"] = stop_step
+    return summary

@@ -51,6 +51,8 @@ class Analysis:
         threshold otherwise), ``S`` = threshold − λ_max, ``eta_opt``, ``trace``, ``trace_lo``,
         ``trace_hi``, ``ntk_rho`` (log-det of the NTK Gram), ``ntk_rate`` (dρ/dt per step),
         ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient).
+    interventions: changes made by controllers during the run (empty if none; :mod:`phasewatch.control`):
+        ``step`` (after which step), ``rule``, ``param``, ``old``, ``new``, ``note`` (str arrays for text).
     """
 
     source: str
@@ -65,6 +67,7 @@ class Analysis:
     probes: dict[str, np.ndarray] = field(default_factory=dict)
     tail_index: dict[str, np.ndarray] = field(default_factory=dict)
     curvature: dict[str, np.ndarray] = field(default_factory=dict)
+    interventions: dict[str, np.ndarray] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -460,9 +463,15 @@ def analyze(
         "I": "p*S/min(d, alpha) (note 000; the framework's heuristic)",
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }
+    interventions: dict[str, np.ndarray] = {}
+    if "interventions" in run.meta.get("tables", {}):
+        iv = run.table("interventions")
+        if len(iv["step"]):
+            interventions = {k: (np.char.decode(v, "utf-8", "replace").astype(str) if v.dtype.kind == "S"
+                                 else np.asarray(v)) for k, v in iv.items()}
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index, curvature=curvature)
+                    tail_index=tail_index, curvature=curvature, interventions=interventions)
 
 
 def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@
 It hooks ``optimizer.step`` (``register_step_pre_hook``/``register_step_post_hook``), so it sees
 exactly the steps the optimizer takes and the gradients it sees: after gradient accumulation, after
 clipping, and after a ``GradScaler`` has unscaled them (a step the scaler skips is not a step).
+With ``optimizer.step(closure)`` (Lightning, LBFGS), where backward runs inside the step, the
+pre-step work runs when the (first) closure call returns.
 
 Per recorded update u_t = θ_t − θ_{t−stride} it computes the band b_t[j] = ⟨u_t, u_{t−j}⟩, j < K,
 per layer group, in float64.  Updates live in a ring of K−1+B rows on the parameters' device; every
@@ -41,11 +43,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__
-from ..errors import RecorderError
+from ..errors import PhasewatchError, RecorderError
 from ..store import format as fmt
 from ..store.reader import open_run
-from ..store.writer import RunWriter
+from ..store.writer import Critical, RunWriter
 from . import signals
+from .distributed import PerRankSampler, choose_source, run_after_closure
 from .probes import MicroBatchCapture, gram_statistics, per_example_gradients, training_batchnorm
 from .projection import fold_signs, fold_sum
 from .schedule import Schedule
@@ -99,6 +102,12 @@ class Recorder:
     snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
     checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
     flush_rows, flush_seconds: write to disk every this many rows or seconds (256, 5 s).
+    fsync: what survives a power loss: ``"never"`` (the OS writes back when it likes),
+        ``"segment"`` (default: every closed segment and ``meta.json``) or ``"flush"`` (every
+        committed row; two fsyncs per flush).  A crash of the process alone loses nothing committed
+        under any policy.
+    min_free_bytes: stop recording (logged once, committed rows kept) rather than leave less free
+        space than this on the run's disk (64 MiB; 0: until the disk is full).
     resume: continue an existing run in a new segment; steps continue from the last recorded step
         unless ``start_step`` says where training resumed.
     strict: re-raise the recorder's own errors (for tests) instead of disabling it.
@@ -109,6 +118,12 @@ class Recorder:
         source ``per_example``, b = 1.  Without: the micro-batch gradients of gradient
         accumulation of the scheduled step (on the θ the step starts from), source
         ``micro_batch``; needs ≥ 2 backward passes per step, else the step is skipped.
+    grad_source: ``"per_example"``, ``"micro_batch"`` (the defaults above) or ``"per_rank"``: under
+        DDP (a torch.distributed group of ≥ 2 ranks), every rank's local gradient of each of its
+        micro-batches, before the all-reduce, n = ranks × micro-batches, b = the per-rank
+        micro-batch size (see :mod:`phasewatch.record.distributed`).  ``per_rank`` runs
+        collectives: build and close the recorder on every rank, with the same arguments.  The
+        HF and Lightning callbacks choose it under DDP.
     grad_probe: ``(inputs, targets)`` with examples along dim 0 (inputs may be a tuple of
         positional arguments); ``grad_loss(outputs, targets)`` returns per-example losses or
         their mean.  Computed with ``torch.func`` (``vmap(grad(functional_call))``), buffers passed
@@ -123,6 +138,25 @@ class Recorder:
         divides each micro-batch loss by n (the usual convention); pass ``1.0`` if the losses are
         not divided.  Samples are captured at backward time: before clipping and, under a
         ``GradScaler``, still multiplied by the loss scale.
+    curvature_every: schedule of curvature probes (DEFINITIONS §4–5), after the scheduled step, on
+        the new θ: with ``curvature_batch=(inputs, targets)`` and ``curvature_loss(outputs,
+        targets)`` → mean loss, the top ``curvature_topk`` Hessian eigenvalues by Lanczos to a
+        residual ≤ ``curvature_tol``·|λ| (and the residuals and HVP count), the Hutchinson trace
+        if ``curvature_trace`` (an int budget or ``"adaptive"``), Adam's preconditioned sharpness
+        for Adam-type optimizers, and the optimizer's stability threshold; with ``ntk_inputs``, the
+        NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
+        ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.  A
+        probe that fails is logged and switched off; training and the rest of the recording go on.
+    controllers: :mod:`phasewatch.control` controllers (off unless given).  After every gradient-noise
+        measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
+        batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
+        after every step ``on_step(step)``; both run at the end of the step's post-hook, so a changed
+        learning rate is the lr of the next step (and is what the ``steps`` table records for it).
+        Every change is written to the ``interventions`` table.  A controller bound to an optimizer
+        must be bound to this one; one without an optimizer (or ``dry_run``) only tracks what it would
+        do, and its rows say ``dry run``.  :attr:`should_stop` is True once an early-stopping
+        controller fired.  Not under DDP (the change would reach rank 0 only).
+    batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
     """
 
     def __init__(
@@ -147,6 +181,8 @@ class Recorder:
         flush_seconds: float = 5.0,
         rotate_rows: int = 1_000_000,
         rotate_seconds: float = 3600.0,
+        fsync: str = "segment",
+        min_free_bytes: int = 64 << 20,
         resume: bool = False,
         start_step: int | None = None,
         strict: bool = False,
@@ -160,6 +196,20 @@ class Recorder:
         grad_probe_eval: bool = False,
         grad_microbatch_size: int | None = None,
         grad_microbatch_scale: str | float = "n_micro",
+        grad_source: str | None = None,
+        curvature_every: Any = None,
+        curvature_batch: Any = None,
+        curvature_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+        curvature_topk: int = 1,
+        curvature_tol: float = 1e-6,
+        curvature_max_iter: int | None = None,
+        curvature_trace: int | str | None = None,
+        curvature_mode: str = "eval",
+        ntk_inputs: Any = None,
+        ntk_outputs: str = "trace",
+        ntk_method: str = "auto",
+        controllers: Iterable[Any] | None = None,
+        batch_size: int | None = None,
     ) -> None:
         if k < 2:
             raise RecorderError(f"k={k}: the band needs K >= 2 (the window W must satisfy W <= K-1)")
@@ -171,10 +221,36 @@ class Recorder:
             raise RecorderError(f"snapshot_kind={snapshot_kind!r}: use 'raw' or 'projected'")
         self.path = Path(path)
         self.strict = strict
+        self._dist_sampler = None
+        # -- controllers (phasewatch.control): off unless given ------------------------------
+        self.controllers = list(controllers or [])
+        self.interventions: list[Any] = []  # every change the controllers made in this session
+        if self.controllers and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RecorderError("controllers are not supported under DDP: a learning-rate change made on "
+                                "rank 0 would not reach the other ranks; train without controllers")
+        for c in self.controllers:
+            if not (callable(getattr(c, "on_measurement", None)) and callable(getattr(c, "on_step", None))):
+                raise RecorderError(f"controllers: {type(c).__name__} is not a controller (phasewatch.control: "
+                                    "needs on_measurement and on_step)")
+            if getattr(c, "optimizer", None) not in (None, optimizer):
+                raise RecorderError(f"controllers: {type(c).__name__} is bound to another optimizer; build it "
+                                    "with the optimizer given to the recorder")
+        if batch_size is not None and not float(batch_size) > 0:
+            raise RecorderError(f"batch_size={batch_size}: must be a positive number of examples")
+        self._batch_size = None if batch_size is None else float(batch_size)
+        self._measured: list[tuple[int, float, dict]] = []  # (step, b, statistics) awaiting the controllers
+        self._last_loss: Any = None  # the last loss given to loss(), for the controllers' estimates
+        grad_source = choose_source(grad_samples_every, grad_probe, grad_source)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_rank() != 0:
             # under DDP the parameters are the same on every rank: rank 0 records, the others idle
+            # (except for capturing their local gradients when per-rank samples are scheduled)
             self.enabled, self._closed, self._hooks = False, True, []
+            if grad_source == "per_rank":
+                self._dist_sampler = PerRankSampler(model, optimizer, Schedule(grad_samples_every),
+                                                    scale=grad_microbatch_scale, n_max=grad_samples_max)
+                self._closed = False  # close() removes the sampler's hooks
             return
         self.k, self.stride, self.block = int(k), int(stride), int(block)
         self.enabled = True
@@ -247,8 +323,7 @@ class Recorder:
                     "grad_probe_eval=True to probe in eval mode, or use micro-batch samples (no grad_probe)")
         if grad_microbatch_scale != "n_micro" and not isinstance(grad_microbatch_scale, (int, float)):
             raise RecorderError(f"grad_microbatch_scale={grad_microbatch_scale!r}: use 'n_micro' or a number")
-        self._grad_source = None if not self._grad_on else ("per_example" if grad_probe is not None
-                                                             else "micro_batch")
+        self._grad_source = grad_source  # per_example | micro_batch | per_rank | None (choose_source)
         self._model = model
         self._grad_probe = None if grad_probe is None else tuple(pytree.tree_map(
             lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, tuple(grad_probe)))
@@ -260,6 +335,29 @@ class Recorder:
         self._mb = (MicroBatchCapture(self.params, on_error=self._fail)
                     if self._grad_source == "micro_batch" else None)
         self.checkpoints = Schedule(checkpoint_every)
+
+        # -- curvature probes ---------------------------------------------------------------
+        self.curvature = Schedule(curvature_every)
+        self._curv = None
+        if curvature_every is not None:
+            if curvature_batch is None and ntk_inputs is None:
+                raise RecorderError("curvature_every is given but neither curvature_batch nor ntk_inputs; "
+                                    "say what to probe")
+            from .curvature import CurvatureProbe
+
+            def _dev(t):
+                return pytree.tree_map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, t)
+
+            try:
+                self._curv = CurvatureProbe(
+                    model, self.params, loss_fn=curvature_loss, batch=_dev(curvature_batch),
+                    top_k=curvature_topk, tol=curvature_tol, max_iter=curvature_max_iter,
+                    trace=curvature_trace, mode=curvature_mode, ntk_inputs=_dev(ntk_inputs),
+                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer)
+            except PhasewatchError as e:
+                raise RecorderError(str(e)) from None
+        elif curvature_batch is not None or ntk_inputs is not None:
+            raise RecorderError("curvature_batch/ntk_inputs are given but curvature_every is not; say when to probe")
 
         # -- device state -------------------------------------------------------------------
         with torch.no_grad():
@@ -333,6 +431,24 @@ class Recorder:
                 grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max)
         if grad_spec is not None:
             tables.append(grad_spec)
+        if self._curv is not None:
+            if isinstance(old_tables, dict) and (("curvature" not in old_tables and self._curv.batch is not None)
+                                                 or ("ntk" not in old_tables and self._curv.ntk_size)):
+                raise RecorderError(f"{self.path}: cannot resume with curvature probes the run was recorded "
+                                    "without; resume without them or record into a new path")
+            if self._curv.batch is not None:
+                tables.append(fmt.curvature_table(self._curv.top_k))
+            if self._curv.ntk_size:
+                tables.append(fmt.ntk_table(self._curv.ntk_size))
+        # interventions: declared when controllers are given, and kept when resuming a run that has it
+        if self.controllers and isinstance(old_tables, dict) and "interventions" not in old_tables:
+            raise RecorderError(f"{self.path}: cannot resume with controllers: the run was recorded without an "
+                                "interventions table; resume without controllers or record into a new path")
+        if self.controllers or (isinstance(old_tables, dict) and "interventions" in old_tables):
+            tables.append(fmt.interventions_table())
+        if self.controllers and not self._grad_on:
+            log.warning("phasewatch: controllers are given but no gradient samples (grad_samples_every): "
+                        "they get no measurements and only see on_step")
         self._grad_table = grad_spec is not None
         config = {
             "k": self.k, "stride": self.stride, "block": self.block, "mode": self.mode,
@@ -349,6 +465,11 @@ class Recorder:
             "grad_chunk": self._grad_chunk, "grad_probe_eval": self._grad_probe_eval,
             "grad_microbatch_size": None if math.isnan(self._grad_mb_size) else self._grad_mb_size,
             "grad_microbatch_scale": self._grad_mb_scale,
+            "curvature_every": self.curvature.describe() if self._curv is not None else None,
+            "curvature": self._curv.config() if self._curv is not None else None,
+            "controllers": [_json_safe(c.describe()) if callable(getattr(c, "describe", None))
+                            else {"class": type(c).__name__} for c in self.controllers],
+            "batch_size": self._batch_size,
         }
         model_meta = {
             "class": type(model).__name__,
@@ -389,17 +510,24 @@ class Recorder:
                 log.warning("phasewatch: could not read the run to resume (%s); steps restart at 1", e)
         self.writer = RunWriter(self.path, run_meta, tables, resume=resume, block_rows=flush_rows,
                                 flush_seconds=flush_seconds, rotate_rows=rotate_rows,
-                                rotate_seconds=rotate_seconds)
+                                rotate_seconds=rotate_seconds, fsync=fsync,
+                                min_free_bytes=min_free_bytes)
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
         self._resume_step = self.step
 
         self.optimizer = optimizer
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
+        self._pid = os.getpid()
+        self._critical = Critical()
         self._atexit = weakref.WeakMethod(self.close)
         atexit.register(_close_at_exit, self._atexit)
         signals.register(self)  # SIGTERM: flush and close, then the signal's previous action
         self._arm_micro_batches()
+        if self._grad_source == "per_rank":  # a collective: every rank builds its sampler here
+            self._dist_sampler = PerRankSampler(
+                model, optimizer, self.grad_samples, scale=grad_microbatch_scale, n_max=self.grad_samples_max,
+                layout=(self.param_names, self._param_group, n_groups, self.step), on_row=self._per_rank_row)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -418,6 +546,7 @@ class Recorder:
                     self._loss_mode = "before" if self.step == self._resume_step else "after"
                 step = self.step + 1 if self._loss_mode == "before" else self.step
             self._losses.setdefault(int(step), []).append(value)
+            self._last_loss = (int(step), value)  # for the controllers (a float only when they need it)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -442,28 +571,44 @@ class Recorder:
 
     def flush(self) -> None:
         """Compute pending band rows and write everything buffered to disk."""
-        if not self.enabled:
+        if not self.enabled or self._forked():
             return
-        try:
-            self._drain(final=True)
-            self.writer.flush(rotate=False)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
+        with self._critical:
+            try:
+                self._drain(final=True)
+                self.writer.flush(rotate=False)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
 
     def close(self) -> None:
         """Write what is pending, close the run, remove the hooks.  Idempotent."""
-        if self._closed:
+        if self._closed or self._forked():
             return
         if self.enabled:
-            try:
-                self._drain(final=True)
-                self.writer.close()
-            except Exception as e:  # noqa: BLE001
-                self._fail(e)
+            with self._critical:
+                try:
+                    self._drain(final=True)
+                    self.writer.close()
+                except Exception as e:  # noqa: BLE001
+                    self._fail(e)
+        if getattr(self, "_dist_sampler", None) is not None:
+            self._dist_sampler.close()  # not in _fail: the other ranks still expect its collectives
         self._remove_hooks()
         signals.unregister(self)
         self._closed = True
         self.enabled = False
+
+    def _forked(self) -> bool:
+        """In a child forked while the recorder is open (DataLoader workers ...), whose exit or
+        SIGTERM handlers call close(): the run is the parent's, and torch may deadlock after a
+        fork, so nothing is computed or written here."""
+        return getattr(self, "_pid", None) not in (None, os.getpid())
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a controller (:class:`phasewatch.control.EarlyStopping`) decided training should
+        stop; the training loop decides what to do with it (the recorder never stops training)."""
+        return any(bool(getattr(c, "should_stop", False)) for c in getattr(self, "controllers", []))
 
     def __enter__(self) -> Recorder:
         return self
@@ -473,7 +618,14 @@ class Recorder:
 
     # ------------------------------------------------------------------------------------------
     # hooks
-    def _pre_hook(self, optimizer, args, kwargs) -> None:
+    def _pre_hook(self, optimizer, args, kwargs):
+        # optimizer.step(closure) runs forward/backward (and Lightning's clipping) inside step():
+        # the gradients the step uses exist only once the closure has returned
+        if not self.enabled:
+            return None
+        return run_after_closure(args, kwargs, lambda: self._before_step(optimizer))
+
+    def _before_step(self, optimizer) -> None:
         if not self.enabled:
             return
         try:
@@ -506,9 +658,14 @@ class Recorder:
                 self._checkpoint(step)
             if self._grad_source == "per_example" and self.grad_samples(step):
                 self._per_example_samples(step)
+            if self._curv is not None and self.curvature(step):
+                self._curvature_probe(step)
+            if self.controllers:  # last: a changed lr is the lr of step + 1
+                self._control(step)
             self._arm_micro_batches()
             if len(self._pending_update_steps) >= self.block:
-                self._drain(final=False)
+                with self._critical:  # a SIGTERM handler (close) must not run in the middle of a drain
+                    self._drain(final=False)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -632,6 +789,28 @@ class Recorder:
                            update_norm=upd, flags=flags)
 
     # ------------------------------------------------------------------------------------------
+    # curvature probes
+    def _curvature_probe(self, step: int) -> None:
+        """Hessian and NTK probes on the fixed probe data; a failure switches the probe off only."""
+        from .curvature import rows_to_columns
+
+        c = self._curv
+        try:
+            if c.batch is not None:
+                lr = self._cur_lr[0] if self._cur_lr else float("nan")
+                row = c.hessian_row(step, lr)
+                self.writer.append("curvature", **rows_to_columns([row]))
+            if c.ntk_size:
+                self.writer.append("ntk", **rows_to_columns([c.ntk_row(step)]))
+        except Exception as e:  # noqa: BLE001 - a probe never stops training
+            if self.strict:
+                raise
+            self._curv = None
+            log.warning("phasewatch: curvature probe failed at step %d (%s: %s); curvature probes are off "
+                        "for the rest of this run, everything else is still recorded",
+                        step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+    # ------------------------------------------------------------------------------------------
     # gradient samples
     def _arm_micro_batches(self) -> None:
         """Install the per-parameter accumulate hooks for the coming step if it is scheduled."""
@@ -643,6 +822,8 @@ class Recorder:
             self._mb.disarm()
 
     def _write_grad_row(self, step: int, source: str, b: float, st: dict) -> None:
+        if self.controllers:  # the controllers read these statistics at the end of the step's post-hook
+            self._measured.append((step, b, st))
         if not self._grad_table:
             return
         self.writer.append(
@@ -680,6 +861,15 @@ class Recorder:
             return
         self._write_grad_row(step, "per_example", 1.0, st)
 
+    def _per_rank_row(self, step: int, st: dict) -> None:
+        """Rank 0: the statistics of the per-rank samples (phasewatch.record.distributed)."""
+        if not self.enabled:
+            return
+        try:
+            self._write_grad_row(step, "per_rank", self._grad_mb_size, st)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
     def _micro_batch_samples(self, step: int) -> None:
         per_param = self._mb.take()
         counts = {int(s.shape[0]) if s.ndim else 0 for s in per_param}
@@ -702,6 +892,43 @@ class Recorder:
         self._write_grad_row(step, "micro_batch", self._grad_mb_size, st)
 
     # ------------------------------------------------------------------------------------------
+    # controllers
+    def _control(self, step: int) -> None:
+        """After step ``step``: the controllers see this step's measurements (if any), then
+        ``on_step``; every change they make is kept in :attr:`interventions` and written to the run."""
+        from ..control import estimates
+
+        made: list[tuple[Any, Any]] = []
+        measured, self._measured = self._measured, []
+        if measured:
+            loss = None
+            if self._last_loss is not None:
+                s, value = self._last_loss
+                vals = self._losses.get(s) or [value]  # the mean over a step's micro-batches
+                loss = float(np.mean([float(v) for v in vals]))
+            for s, b, st in measured:
+                est = estimates(st, b, loss=loss, batch_size=self._batch_size)
+                for c in self.controllers:
+                    made += [(c, iv) for iv in c.on_measurement(s, est)]
+        for c in self.controllers:
+            made += [(c, iv) for iv in c.on_step(step)]
+        if not made:
+            return
+        rows = []
+        for c, iv in made:
+            self.interventions.append(iv)
+            dry = iv.param != "stop" and (getattr(c, "dry_run", False) or getattr(c, "optimizer", None) is None)
+            note = ("dry run: " if dry else "") + str(iv.note)
+            rows.append((iv.step, str(iv.rule).encode()[:32], str(iv.param).encode()[:32], iv.old, iv.new,
+                         note.encode()[:96].decode("utf-8", "ignore").encode()))
+        step_c, rule, param, old, new, note = zip(*rows)
+        self.writer.append("interventions", step=np.array(step_c, dtype="i8"), rule=np.array(rule, dtype="S32"),
+                           param=np.array(param, dtype="S32"), old=np.array(old, dtype="f8"),
+                           new=np.array(new, dtype="f8"), note=np.array(note, dtype="S96"))
+        for _, iv in made:
+            log.info("phasewatch: %s", iv)
+
+    # ------------------------------------------------------------------------------------------
     # failure policy
     def _fail(self, e: BaseException) -> None:
         if self.strict:
@@ -713,6 +940,11 @@ class Recorder:
         self._remove_hooks()
         writer = getattr(self, "writer", None)
         if writer is not None:
+            if not getattr(writer, "failed", True):
+                try:  # a probe or a hook failed, not the disk: keep the steps computed so far
+                    self._drain(final=True)
+                except Exception:  # noqa: BLE001
+                    pass
             try:
                 writer.close()  # keep what is buffered if the writer itself still works
             except Exception:  # noqa: BLE001

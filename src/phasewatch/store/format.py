@@ -198,3 +198,15 @@ def ntk_table(m: int) -> TableSpec:
         "ntk",
         {"step": Column("i8"), "gram": Column("f8", (m, m)), "method": Column("S16"), "seconds": Column("f8")},
     )
+
+
+def interventions_table() -> TableSpec:
+    """Changes made by controllers (:mod:`phasewatch.control`), one row per change: after step
+    ``step`` rule ``rule`` set ``param`` (``param_groups[i].lr``, or ``stop``) from ``old`` to
+    ``new`` (a learning rate set after step t is the lr of step t + 1); ``note`` says why (UTF-8,
+    cut to 96 bytes; ``dry run: …`` when the controller only tracked what it would have done)."""
+    return TableSpec(
+        "interventions",
+        {"step": Column("i8"), "rule": Column("S32"), "param": Column("S32"), "old": Column("f8"),
+         "new": Column("f8"), "note": Column("S96")},
+    )

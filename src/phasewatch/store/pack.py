@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import RunFormatError
 from . import format as fmt
 from .reader import _open_h5, open_run, read_table
-from .writer import _json_default, write_json_atomic
+from .writer import _json_default, write_json_atomic, writer_is_live
 
 
 def _copy_table(
@@ -82,6 +82,9 @@ def repair_run(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_dir():
         raise RunFormatError(f"{p}: repair works on a run directory; for a packed file, re-pack the original")
+    if writer_is_live(p):
+        raise RunFormatError(f"{p}: a recorder is writing this run right now; repair it after the recorder "
+                             "closed (or was killed)")
     actions: list[str] = []
     segs = sorted(p.glob(fmt.SEGMENT_GLOB))
     if not segs:

@@ -5,14 +5,27 @@ segments in order, reports a segment it cannot open and goes on, refuses externa
 virtual datasets, and reports (never silently merges) steps that overlap or leave a gap between
 segments.  Where a resumed segment overlaps an earlier one, the later rows win: they are the
 trajectory training actually continued on.
+
+Hostile or damaged files (issue 8, ``tests/fault``): before anything is read, declared sizes are
+checked against the bytes the file stores (a count or a shape the file cannot hold is refused, no
+memory is allocated for it), as are dtypes, filters, the table declarations of the metadata and
+hard-link cycles; a file's HDF5 metadata is first walked in a helper process with a time limit,
+because some corruptions make HDF5 loop forever (see :func:`_guard_files`).  In a run directory a
+damaged segment is skipped with a one-line warning; a single file (packed run, or one segment) is
+a one-line :class:`RunFormatError`.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import select
 import struct
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +35,13 @@ import numpy as np
 
 from ..errors import RunFormatError, SchemaVersionError
 from . import format as fmt
+from .writer import writer_is_live
 
 log = logging.getLogger("phasewatch")
 
 # Tables whose rows are keyed by training step and cut where a resumed segment starts.
-_STEP_TABLES = ("steps", "band", "metrics", "snapshots", "checkpoints")
+_STEP_TABLES = ("steps", "band", "metrics", "snapshots", "checkpoints", "grad_samples", "interventions",
+                "curvature", "ntk")
 # Tables with wide rows: only their ``step`` column is read up front, the rest on first access.
 HEAVY_TABLES = ("snapshots", "checkpoints")
 
@@ -82,6 +97,15 @@ class _UnsafeContentError(RunFormatError):
     """A link or dataset that may point outside the run: the run is refused, not skipped."""
 
 
+# Filters phasewatch writes (deflate, shuffle, fletcher32); anything else is refused.  Deflate
+# cannot expand data more than ~1032x, so a chunk cannot honestly hold more than this per byte.
+_KNOWN_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
+_MAX_DEFLATE_RATIO = 1100
+_MAX_META_BYTES = 256 << 20  # a real meta.json is kilobytes to a few megabytes
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, RecursionError, MemoryError,
+                AttributeError, IndexError)
+
+
 def check_schema(attrs_or_meta, where: str) -> None:
     if not hasattr(attrs_or_meta, "get"):
         raise RunFormatError(f"{where}: not a phasewatch run (metadata is not a JSON object)")
@@ -105,8 +129,12 @@ def check_schema(attrs_or_meta, where: str) -> None:
         raise RunFormatError(f"{where}: invalid schema version {version}")
 
 
-def _check_safe(group: h5py.Group, where: str) -> None:
+def _check_safe(group: h5py.Group, where: str, seen: set | None = None) -> None:
     """Refuse external links, soft links, external raw storage and virtual datasets."""
+    seen = set() if seen is None else seen
+    if hash(group.id) in seen:
+        raise RunFormatError(f"{where}: a group that contains itself (hard-link cycle); damaged or hostile file")
+    seen.add(hash(group.id))
     for name in group:
         link = group.get(name, getlink=True)
         if not isinstance(link, h5py.HardLink):
@@ -116,7 +144,7 @@ def _check_safe(group: h5py.Group, where: str) -> None:
             )
         obj = group[name]
         if isinstance(obj, h5py.Group):
-            _check_safe(obj, f"{where}/{name}")
+            _check_safe(obj, f"{where}/{name}", seen)
         elif isinstance(obj, h5py.Dataset):
             if obj.is_virtual or obj.external:
                 raise _UnsafeContentError(
@@ -133,17 +161,44 @@ def read_table(
     ``rows``: only these (increasing) row indices."""
     if fmt.COMMITTED not in group:
         raise RunFormatError(f"{where}: table without '{fmt.COMMITTED}'; not a phasewatch table")
-    committed = int(np.asarray(group[fmt.COMMITTED][()]).reshape(-1)[0])
+    cds = group[fmt.COMMITTED]
+    if not isinstance(cds, h5py.Dataset) or cds.shape not in ((1,), ()) or cds.dtype.kind not in "iu":
+        raise RunFormatError(f"{where}/{fmt.COMMITTED}: not a one-element integer count; damaged or foreign file")
+    committed = int(cds[()] if cds.shape == () else cds[0])
+    if committed < 0:
+        raise RunFormatError(f"{where}/{fmt.COMMITTED}: negative count {committed}; damaged or foreign file")
     names = [n for n in group if n != fmt.COMMITTED]
     if spec_cols is not None:
+        missing = [n for n in spec_cols if n not in group]
+        if missing:
+            raise RunFormatError(f"{where}: column {missing[0]!r} is missing; the file is damaged or foreign")
         names = [n for n in spec_cols if n in group] + [n for n in names if n not in spec_cols]
-    lengths = [group[n].shape[0] for n in names if group[n].ndim]
+    if "step" not in names:
+        raise RunFormatError(f"{where}: no 'step' column; not a phasewatch table")
+    datasets = {}
+    for name in names:
+        ds = group[name]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim == 0:
+            raise RunFormatError(f"{where}/{name}: not a column (a group or a scalar); damaged or foreign file")
+        datasets[name] = ds
+    lengths = [ds.shape[0] for ds in datasets.values()]
+    # A count a little beyond the data (data lost after the count was written) is trimmed to the
+    # shortest column; a count the whole file could not hold is damage or forgery: refused.
+    row_bytes = sum(max(1, int(np.prod(ds.shape[1:], dtype=object)) * ds.dtype.itemsize)
+                    for ds in datasets.values())
+    capacity = _MAX_DEFLATE_RATIO * os.path.getsize(group.file.filename)
+    if committed > 0 and row_bytes and committed * row_bytes > capacity:
+        raise RunFormatError(
+            f"{where}/{fmt.COMMITTED}: {committed:,} rows of {row_bytes:,} bytes cannot fit in a file "
+            "of this size; damaged or hostile file, refused"
+        )
     n = max(0, min([committed, *lengths]))
     out = {}
     for name in names:
         if only is not None and name not in only:
             continue
-        ds = group[name]
+        ds = datasets[name]
+        _check_declared_size(ds, n if rows is None else len(rows), f"{where}/{name}")
         if spec_cols is not None and name in spec_cols:
             want_dtype, want_shape = spec_cols[name]
             if tuple(ds.shape[1:]) != tuple(want_shape) or np.dtype(ds.dtype).kind != np.dtype(want_dtype).kind:
@@ -177,6 +232,52 @@ def read_table(
     return out
 
 
+def _check_declared_size(ds: h5py.Dataset, n: int, where: str) -> None:
+    """Refuse to read ``n`` rows that the file cannot hold: a declared size beyond the bytes
+    stored (at most ~1032x for deflate) would make numpy allocate memory for data that is not
+    there (an allocation bomb), and only a damaged or hostile file declares it."""
+    if ds.dtype.kind not in "biufcS" or ds.dtype.hasobject:
+        raise RunFormatError(f"{where}: unsupported dtype {ds.dtype}; not written by phasewatch")
+    need = n * int(np.prod(ds.shape[1:], dtype=object)) * ds.dtype.itemsize
+    if need == 0:
+        return
+    plist = ds.id.get_create_plist()
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    unknown = filters - _KNOWN_FILTERS
+    if unknown:
+        raise RunFormatError(f"{where}: HDF5 filter {sorted(unknown)} is not one phasewatch writes; refused")
+    ratio = _MAX_DEFLATE_RATIO if h5py.h5z.FILTER_DEFLATE in filters else 1
+    stored = min(ds.id.get_storage_size(), os.path.getsize(ds.file.filename))
+    if need > ratio * stored:
+        raise RunFormatError(
+            f"{where}: declares {n:,} rows ({need:,} bytes) but the file stores {stored:,} bytes for "
+            "them; damaged or hostile file, refused (no memory was allocated for it)"
+        )
+
+
+def _check_table_spec(meta: dict, where: str) -> None:
+    """The metadata's table declarations: {table: {column: [dtype, [row shape]]}}."""
+    tables = meta.get("tables", {})
+    ok = isinstance(tables, dict) and all(isinstance(cols, dict) for cols in tables.values())
+    for cols in tables.values() if ok else ():
+        for spec in cols.values():
+            ok = (isinstance(spec, (list, tuple)) and len(spec) == 2 and isinstance(spec[0], str)
+                  and isinstance(spec[1], (list, tuple))
+                  and all(isinstance(x, int) and 0 <= x < 2**31 for x in spec[1]))
+            if ok:
+                try:
+                    ok = np.dtype(spec[0]).kind in "biufcS"
+                except (TypeError, ValueError):
+                    ok = False
+            if not ok:
+                break
+        if not ok:
+            break
+    if not ok:
+        raise RunFormatError(f"{where}: the metadata's table declarations are damaged or foreign; "
+                             "not a readable phasewatch run")
+
+
 class Run:
     """A recorded run, read-only.  Use :func:`open_run`.
 
@@ -187,11 +288,15 @@ class Run:
     warnings: one-line messages about skipped segments, overlaps and gaps.
     """
 
-    def __init__(self, path: Path, meta: dict, sources: list[tuple[str, int, object]], packed: bool):
+    def __init__(self, path: Path, meta: dict, sources: list[tuple[str, int, object]], packed: bool,
+                 single_file: bool = False, refused: dict[str, str] | None = None):
         self.path = path
         self.meta = meta
         self.packed = packed
+        self._single_file = single_file  # a damaged segment is an error, not a warning
+        self._refused = refused or {}  # label -> why the metadata guard refused the segment
         self._sources = sources
+        _check_table_spec(meta, str(path))
         self.warnings: list[str] = []
         self.segments: list[SegmentInfo] = []
         self._tables: dict[str, dict[str, np.ndarray]] = {}
@@ -205,6 +310,11 @@ class Run:
         per_segment: list[tuple[SegmentInfo, dict[str, dict[str, np.ndarray]]]] = []
         for label, index, opener in self._sources:
             info = SegmentInfo(label=label, index=index)
+            if label in self._refused:
+                info.error = self._refused[label]
+                self.warnings.append(f"skipped {label}: {self._refused[label]}")
+                self.segments.append(info)
+                continue
             try:
                 with opener() as (group, where):
                     check_schema(group.attrs, where) if "format" in group.attrs else None
@@ -218,14 +328,17 @@ class Run:
                             )
                             info.rows[tname] = len(next(iter(tables[tname].values()), []))
             except RunFormatError as e:
-                if isinstance(e, (SchemaVersionError, _UnsafeContentError)):
+                if isinstance(e, (SchemaVersionError, _UnsafeContentError)) or self._single_file:
                     raise
                 info.error = str(e)
                 self.warnings.append(f"skipped {label}: {e}")
                 self.segments.append(info)
                 continue
-            except (OSError, KeyError, ValueError, RuntimeError) as e:
+            except _READ_ERRORS as e:
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if self._single_file:
+                    raise RunFormatError(f"{self.path}: damaged file ({type(e).__name__}: {first[:200]}); "
+                                         "use an intact copy") from None
                 info.error = f"{label}: cannot open ({first})"
                 self.warnings.append(
                     f"skipped {label}: unreadable ({first}); a segment truncated by a crash or "
@@ -319,13 +432,20 @@ class Run:
         parts = []
         spec = self.meta.get("tables", {}).get(name)
         for label, kept in self._heavy_rows[name]:
-            with self._openers[label]() as (group, where):
-                # read the wide columns of the wanted rows only, not the whole table
-                st = read_table(group[name], spec, f"{where}:{name}", only=("step",))["step"]
-                sel = np.isin(st, kept)
-                if want is not None:
-                    sel &= np.isin(st, want)
-                parts.append(read_table(group[name], spec, f"{where}:{name}", rows=np.flatnonzero(sel)))
+            try:
+                with self._openers[label]() as (group, where):
+                    # read the wide columns of the wanted rows only, not the whole table
+                    st = read_table(group[name], spec, f"{where}:{name}", only=("step",))["step"]
+                    sel = np.isin(st, kept)
+                    if want is not None:
+                        sel &= np.isin(st, want)
+                    parts.append(read_table(group[name], spec, f"{where}:{name}", rows=np.flatnonzero(sel)))
+            except RunFormatError:
+                raise
+            except _READ_ERRORS as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RunFormatError(f"{label}:{name}: cannot read ({type(e).__name__}: {first[:200]}); "
+                                     "the segment changed or is damaged") from None
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     @property
@@ -432,11 +552,31 @@ def _is_hdf5(path: Path) -> bool:
     return head == _HDF5_SIGNATURE or h5py.is_hdf5(str(path))
 
 
+def _read_meta_json(text: str | bytes, where: str) -> dict:
+    """Parse run metadata; a damaged, enormous or absurdly nested document is a one-line error."""
+    if isinstance(text, np.ndarray) and text.shape == ():
+        text = text[()]
+    if not isinstance(text, (str, bytes)):
+        raise RunFormatError(f"{where}: metadata is not a JSON string; damaged or foreign file")
+    if len(text) > _MAX_META_BYTES:
+        raise RunFormatError(f"{where}: metadata of {len(text):,} bytes; not a phasewatch run")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise RunFormatError(f"{where}: unreadable metadata ({first})") from None
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"{where}: metadata is not a JSON object; damaged or foreign file")
+    return meta
+
+
 def open_run(path: str | os.PathLike) -> Run:
     """Open a run directory or a packed run file for reading.
 
     Raises :class:`RunFormatError` with a one-line message for a missing path, a foreign file or
     directory, or an unreadable packed file, and :class:`SchemaVersionError` for a newer schema.
+    Before HDF5 reads a file's metadata in this process, the file is walked in a helper process
+    with a time limit (see :func:`_guard_files`).
     """
     p = Path(path)
     if not p.exists():
@@ -446,33 +586,41 @@ def open_run(path: str | os.PathLike) -> Run:
         segs = sorted(p.glob(fmt.SEGMENT_GLOB))
         if meta_path.exists():
             try:
-                meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                meta = None
-            if not isinstance(meta, dict):  # unreadable, or JSON but not an object
+                if meta_path.stat().st_size > _MAX_META_BYTES:
+                    raise RunFormatError(f"{meta_path}: {meta_path.stat().st_size:,} bytes; not a phasewatch meta.json")
+                meta = _read_meta_json(meta_path.read_bytes(), str(meta_path))
+            except (OSError, RunFormatError):
                 meta = None
                 if not segs:
                     raise RunFormatError(f"{meta_path}: unreadable metadata and no segments; not a usable run") from None
         else:
             meta = None
-        if meta is None:
-            if not segs:
-                raise RunFormatError(
-                    f"{p}: not a phasewatch run (no {fmt.META_FILE} and no segment-*.h5 files)"
-                )
-            meta = _meta_from_segments(segs)
-        check_schema(meta, str(meta_path))
-        sources = []
+        sources, files = [], []
         for s in segs:
             try:
                 index = int(s.stem.split("-")[1])
             except (IndexError, ValueError):
                 continue
             sources.append((s.name, index, _FileSegment(s)))
-        return Run(p, meta, sources, packed=False)
+            files.append(s)
+        # The segment a live writer is writing is our own code's output, changing every flush:
+        # it is not walked (that would tax every live read); closed segments are, once each.
+        live = files[-1:] if files and writer_is_live(p) else []
+        verdicts = _guard_files([f for f in files if f not in live])
+        refused = {f.name: v for f, v in verdicts.items() if v}
+        if meta is None:
+            if not segs:
+                raise RunFormatError(
+                    f"{p}: not a phasewatch run (no {fmt.META_FILE} and no segment-*.h5 files)"
+                )
+            meta = _meta_from_segments(p, [s for s in segs if s.name not in refused], refused)
+        check_schema(meta, str(meta_path))
+        return Run(p, meta, sources, packed=False, refused=refused)
     if not _is_hdf5(p):
         raise RunFormatError(f"{p}: not an HDF5 file; pass a run directory or a file made by `phasewatch pack`")
-    _guard_metadata(p)
+    problem = _guard_files([p]).get(p)
+    if problem:
+        raise RunFormatError(f"{p}: {problem}")
     try:
         f = _open_h5(p)
     except OSError as e:
@@ -486,91 +634,258 @@ def open_run(path: str | os.PathLike) -> Run:
         if fmt_name == fmt.FORMAT_NAME:
             # a single segment file given directly: read it as a one-segment run
             check_schema(f.attrs, str(p))
-            meta = json.loads(f.attrs["meta_json"])
+            meta = _read_meta_json(f.attrs["meta_json"], str(p))
             single = True
         elif fmt_name != fmt.PACKED_FORMAT_NAME:
             raise RunFormatError(f"{p}: HDF5 file but not a phasewatch run (no format mark); foreign file?")
         else:
             single = False
             check_schema(f.attrs, str(p))
-            meta = json.loads(f.attrs["meta_json"])
+            meta = _read_meta_json(f.attrs["meta_json"], str(p))
             link = f.get(fmt.PACKED_SEGMENTS, getlink=True)
-            if not isinstance(link, h5py.HardLink):
+            if not isinstance(link, h5py.HardLink) or not isinstance(f[fmt.PACKED_SEGMENTS], h5py.Group):
                 raise RunFormatError(f"{p}: '{fmt.PACKED_SEGMENTS}' is missing or a link; refused")
             names = sorted(f[fmt.PACKED_SEGMENTS])
-        if not isinstance(meta, dict):
-            raise ValueError("meta_json is not a JSON object")
-    except (KeyError, ValueError) as e:  # missing or broken meta_json
+    except RunFormatError:
+        raise
+    except _READ_ERRORS as e:  # missing or broken attributes
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RunFormatError(f"{p}: damaged phasewatch file, no readable metadata ({first})") from None
+        raise RunFormatError(f"{p}: damaged phasewatch file, no readable metadata ({first[:200]})") from None
     finally:
-        f.close()
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - closing a damaged file may fail too
+            pass
     if single:
-        return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False)
+        return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False, single_file=True)
     sources = [(f"{p.name}:{n}", int(n), _PackedSegment(n, p)) for n in names if n.isdigit()]
-    return Run(p, meta, sources, packed=True)
+    return Run(p, meta, sources, packed=True, single_file=True)
 
 
-# Walks every object and attribute of a file, as the reader will; run in a child process.
-_METADATA_WALK = """
-import sys
+# ------------------------------------------------------------------------------------------------
+# The metadata guard.  Some corruptions (found by fuzzing: a zeroed run of bytes in an attribute
+# message) make HDF5 2.0 loop forever inside the C library, where no signal or thread can interrupt
+# it.  So before this process lets HDF5 read a file's metadata, a helper process walks every
+# object, attribute and chunk index of it, as the reader will, with a time limit
+# (``PHASEWATCH_OPEN_TIMEOUT`` seconds, default 60; 0 disables the guard).  The helper is spawned
+# once per process (not forked: a loaded torch is no concern) and reused; verdicts are cached per
+# file identity (path, device, inode, size, mtime), so a closed segment is walked once per process
+# and a follower re-reading a live run pays nothing for it.
+
+_GUARD_HELPER = r"""
+import json, os, struct, sys, time
 import h5py
-from phasewatch.store.reader import _open_h5
 
-def walk(g):
+SIG = b"\x89HDF\r\n\x1a\n"
+
+def superblock_eof(path):
+    with open(path, "rb") as fh:
+        head = fh.read(44)
+    if len(head) < 44 or head[:8] != SIG or head[8] not in (2, 3) or head[9] != 8:
+        return None
+    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
+    return base + eof
+
+def open_h5(path):
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        if "already open" not in str(e) and "lock" not in str(e):
+            raise
+    eof = superblock_eof(path)
+    if eof is not None and os.path.getsize(path) < eof:
+        raise OSError("truncated")
+    return h5py.File(path, "r", swmr=True)
+
+def walk(g, seen):
+    if hash(g.id) in seen:
+        return
+    seen.add(hash(g.id))
     for k in g.attrs:
         g.attrs[k]
     for name in g:
+        if not isinstance(g.get(name, getlink=True), h5py.HardLink):
+            continue  # the reader refuses links; never follow one here
         obj = g.get(name)
         if isinstance(obj, h5py.Group):
-            walk(obj)
-        elif obj is not None:
-            obj.shape, obj.dtype, [obj.attrs[k] for k in obj.attrs]
+            walk(obj, seen)
+        elif isinstance(obj, h5py.Dataset):
+            obj.shape, obj.dtype, obj.chunks, obj.is_virtual, obj.external
+            [obj.attrs[k] for k in obj.attrs]
+            plist = obj.id.get_create_plist()
+            [plist.get_filter(i) for i in range(plist.get_nfilters())]
+            obj.id.get_storage_size()  # walks the chunk index
+            if obj.chunks is not None:
+                obj.id.get_num_chunks()
+            if obj.size <= 16 and obj.dtype.kind in "iu":
+                obj[()]
 
-try:
-    with _open_h5(sys.argv[1]) as f:
-        walk(f)
-except Exception:
-    pass  # the reader itself reports errors; only a hang matters here
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        with open_h5(json.loads(line)) as f:
+            walk(f, set())
+        out = {"status": "ok"}
+    except MemoryError:
+        out = {"status": "memory"}
+    except BaseException as e:  # the reader reports ordinary errors itself; only hangs, crashes
+        out = {"status": "error", "type": type(e).__name__}  # and allocation bombs matter here
+    print(json.dumps(out), flush=True)
 """
 
+_guard_lock = threading.Lock()
+_guard_proc: subprocess.Popen | None = None
+_guard_cache: dict[tuple, str | None] = {}
+_guard_orphans: list = []  # helpers inherited by a forked child: the parent's, left alone
+guard_walks = 0  # files walked by the helper in this process (for tests)
 
-def _guard_metadata(path: Path) -> None:
-    """Refuse a file whose HDF5 metadata cannot be read in bounded time.
 
-    Some corruptions (found by fuzzing: a zeroed run of bytes in an attribute message) make HDF5
-    2.0 loop forever inside the C library, where no signal or thread can interrupt it.  A single
-    file handed to the reader (a packed run, possibly copied from elsewhere) is therefore first
-    walked in a child process with a time limit (``PHASEWATCH_OPEN_TIMEOUT`` seconds, default 60;
-    0 disables the check).  The child is spawned, not forked, so a loaded torch is no concern.
-    """
-    import subprocess
-    import sys
-
+def _guard_limit() -> float:
     try:
-        limit = float(os.environ.get("PHASEWATCH_OPEN_TIMEOUT", "60"))
+        return float(os.environ.get("PHASEWATCH_OPEN_TIMEOUT", "60"))
     except ValueError:
-        limit = 60.0
-    if limit <= 0:
+        return 60.0
+
+
+def _stop_helper() -> None:
+    global _guard_proc
+    proc, _guard_proc = _guard_proc, None
+    if proc is None:
         return
     try:
-        subprocess.run([sys.executable, "-c", _METADATA_WALK, str(path)], timeout=limit,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       check=False)
-    except subprocess.TimeoutExpired:
-        raise RunFormatError(
-            f"{path}: reading its HDF5 metadata did not finish in {limit:g} s; the file is damaged "
-            "(HDF5 loops on some corruptions): use an intact copy"
-        ) from None
-    except OSError as e:  # cannot start a child here: skip the check rather than refuse the file
-        log.debug("phasewatch: metadata check skipped (%s)", e)
+        proc.kill()
+        proc.wait(timeout=5)
+    except Exception:  # noqa: BLE001
+        pass
+    for fh in (proc.stdin, proc.stdout):
+        try:
+            fh.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
-def _meta_from_segments(segs: list[Path]) -> dict:
+def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """One line from the helper, or None on timeout; '' if it died."""
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return ""
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+def _helper() -> subprocess.Popen | None:
+    global _guard_proc
+    if _guard_proc is not None and _guard_proc.poll() is None:
+        return _guard_proc
+    _stop_helper()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _GUARD_HELPER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    except OSError as e:  # cannot start a child here: skip the check rather than refuse files
+        log.debug("phasewatch: metadata guard unavailable (%s)", e)
+        return None
+    _guard_proc = proc
+    if _read_line(proc, max(30.0, _guard_limit())) != "ready\n":
+        _stop_helper()
+        log.debug("phasewatch: metadata guard did not start")
+        return None
+    return proc
+
+
+def _walk_in_helper(path: Path, limit: float) -> tuple[bool, str | None]:
+    """(known, problem): whether the helper gave a verdict, and the problem it found if any."""
+    global guard_walks
+    proc = _helper()
+    if proc is None:
+        return False, None
+    try:
+        proc.stdin.write((json.dumps(str(path)) + "\n").encode())
+    except OSError:
+        _stop_helper()
+        return False, None
+    guard_walks += 1
+    line = _read_line(proc, limit)
+    if line is None:
+        _stop_helper()
+        return True, (f"reading its HDF5 metadata did not finish in {limit:g} s; the file is damaged "
+                      "(HDF5 loops on some corruptions): use an intact copy")
+    if line == "":
+        _stop_helper()
+        return True, "reading its HDF5 metadata crashed the HDF5 library; the file is damaged: use an intact copy"
+    try:
+        status = json.loads(line).get("status")
+    except ValueError:
+        status = None
+    if status == "memory":
+        return True, "its HDF5 metadata declares more memory than exists; damaged or hostile file, refused"
+    return True, None
+
+
+def _guard_files(paths: list[Path]) -> dict[Path, str | None]:
+    """Walk each file's metadata in the helper (cached per file identity); the problem per file."""
+    limit = _guard_limit()
+    out: dict[Path, str | None] = {}
+    if limit <= 0 or not paths:
+        return out
+    with _guard_lock:
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # the reader reports it
+            key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key in _guard_cache:
+                out[path] = _guard_cache[key]
+                continue
+            known, problem = _walk_in_helper(path, limit)
+            if known:
+                if len(_guard_cache) > 10_000:
+                    _guard_cache.clear()
+                _guard_cache[key] = problem
+            out[path] = problem
+    return out
+
+
+def _forget_helper_in_child() -> None:
+    global _guard_proc, _guard_lock
+    if _guard_proc is not None:
+        _guard_orphans.append(_guard_proc)  # the parent's helper: neither used nor killed here
+    _guard_proc = None
+    _guard_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helper_in_child)
+
+
+@atexit.register
+def _close_helper_at_exit() -> None:
+    proc = _guard_proc
+    if proc is None:
+        return
+    try:
+        proc.stdin.close()  # the helper ends at end of input
+        proc.wait(timeout=2)
+    except Exception:  # noqa: BLE001
+        _stop_helper()
+
+
+def _meta_from_segments(run: Path, segs: list[Path], refused: dict[str, str] | None = None) -> dict:
     for s in reversed(segs):
         try:
             with _open_h5(s) as f:
-                return json.loads(f.attrs["meta_json"])
-        except (OSError, KeyError, ValueError):
+                return _read_meta_json(f.attrs["meta_json"], str(s))
+        except (RunFormatError, *_READ_ERRORS):
             continue
-    raise RunFormatError(f"{segs[0].parent}: {fmt.META_FILE} missing and no segment readable; not a usable run")
+    why = "".join(f" ({name}: {v})" for name, v in list((refused or {}).items())[:1])
+    raise RunFormatError(f"{run}: {fmt.META_FILE} missing and no segment readable{why}; not a usable run")

@@ -533,6 +533,14 @@ def test_interventions_overlay_marks_each_change_at_its_step(tmp_path):
     png = save(fig, tmp_path / "o.png")
     assert plt.imread(png).shape[2] in (3, 4)
     plt.close(fig)
+    # the overview's loss panel carries the same marks, in its legend
+    from phasewatch.plot import FIGURES
+
+    fig = FIGURES["overview"](res, panels=["loss"]) if "panels" in FIGURES["overview"].__code__.co_varnames \
+        else FIGURES["overview"](res)
+    marks = [ln for a in fig.axes for ln in a.lines if ln.get_marker() == "^"]
+    assert marks and marks[0].get_xdata().tolist() == up
+    plt.close(fig)
     # a run without interventions: nothing drawn
     fig, ax = plt.subplots()
     _, _, _, res0 = _scripted_run(tmp_path / "off", lambda o: [], C_SCRIPT, lr=0.01, steps=9)

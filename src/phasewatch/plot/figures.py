@@ -374,6 +374,11 @@ def _panel_loss(ax, a) -> None:
             ax.annotate(f"{e.metric.replace('_', ' ')} ≥ {thr}\nat step {e.step}", xy=(e.step, 0.5),
                         xycoords=("data", "axes fraction"), xytext=(3, 0), textcoords="offset points",
                         fontsize=6, color=EVENT_COLOUR, va="center")
+    from .controls import interventions_overlay  # controllers' learning-rate changes, if any
+
+    for lbl, h in interventions_overlay(ax, a).items():
+        handles.append(h)
+        labels.append(lbl)
     ax.set_title("loss and accuracy", loc="left")
     _legend_above(ax, handles, labels)
 

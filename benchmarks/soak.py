@@ -21,15 +21,17 @@ the parent opens the run (this process never imports torch) and checks:
   - it opens, no segment is skipped (else: an *unreadable run*);
   - steps are exactly 1..n, band rows are consistent (finite exactly where the lag stays within a
     session, global band = sum of the layer bands, Cauchy-Schwarz), else an *inconsistent run*;
-  - steps lost beyond the last flush: after SIGKILL, max(0, last flushed step - n); after SIGTERM
-    or SIGINT (the recorder's handler, or the exit handler after KeyboardInterrupt, writes what
-    is buffered), max(0, last step taken - n).  Both must be 0;
+  - steps lost beyond the last flush: max(0, last flushed step - n), whatever the signal: must
+    be 0;
+  - buffered steps not written: after SIGTERM or SIGINT (the recorder's handler, or the exit
+    handler after KeyboardInterrupt, writes what is buffered) and after a normal end,
+    max(0, last step taken - n) beyond the above: must be 0 too;
   - the child died of the signal sent (the default action was re-raised), a finished one exits 0.
 
 At the end of each run, ``pack_run`` and ``repair_run`` (on a copy) must give the same steps.
 The report: runs tried, sessions, faults injected (by kind), steps recorded, steps lost beyond
-the last flush, unreadable runs, inconsistent runs, and the slowest resume.  Exit status 1 if any
-of the must-be-zero counts is not zero.
+the last flush, buffered steps not written, unreadable runs, inconsistent runs, and the slowest
+resume.  Exit status 1 if any of the must-be-zero counts is not zero.
 
 ``--fsync-cost`` instead measures, in this process, the time the writer spends per flush (and per
 closed segment) under each fsync policy, flushing every 256 rows (the default) and every 16, on
@@ -152,7 +154,8 @@ def soak(args) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
     c = dict(runs=0, sessions=0, sigkill=0, sigterm=0, sigint=0, during_startup=0, finished=0, steps=0,
-             lost_beyond_last_flush=0, unreadable_runs=0, inconsistent_runs=0, bad_exit=0,
+             lost_beyond_last_flush=0, unwritten_sigterm=0, unwritten_sigint=0, unwritten_finished=0,
+             unreadable_runs=0, inconsistent_runs=0, bad_exit=0,
              child_errors=0)
     problems: list[str] = []
     slowest_resume = 0.0
@@ -226,12 +229,17 @@ def soak(args) -> int:
                 break
             if inc:
                 incons = incons or f"{path.name} after session {s}: {inc}"
-            must_have = flushed if kind == signal.SIGKILL else taken  # TERM/INT: the recorder closes
-            lost = max(0, must_have - n)
+            lost = max(0, flushed - n)  # any kind: what rec.flush() had committed
+            if kind in (signal.SIGTERM, signal.SIGINT, None):  # the handlers write what is buffered
+                unwritten = max(0, taken - n) - lost
+                c[f"unwritten_{getattr(kind, 'name', 'finished').lower()}"] += unwritten
+                if unwritten:
+                    problems.append(f"{path.name} session {s} ({getattr(kind, 'name', 'finished')}): "
+                                    f"{unwritten} buffered steps not written (took {taken}, read {n})")
             if lost:
                 c["lost_beyond_last_flush"] += lost
                 problems.append(f"{path.name} session {s} ({getattr(kind, 'name', 'finished')}): "
-                                f"{lost} steps lost (had {must_have}, read {n})")
+                                f"{lost} steps lost beyond the last flush (flushed {flushed}, read {n})")
             c["finished"] += kind is None
             if n > n_read:  # a session that wrote steps rows began right after the last one read
                 starts.append(n_read + 1)
@@ -270,6 +278,8 @@ def soak(args) -> int:
           "was being built)")
     print(f"  steps recorded                 {c['steps']}")
     print(f"  steps lost beyond last flush   {c['lost_beyond_last_flush']}   (must be 0)")
+    print(f"  buffered steps not written     SIGTERM {c['unwritten_sigterm']}, SIGINT {c['unwritten_sigint']}, "
+          f"normal end {c['unwritten_finished']}   (must be 0: the handlers write them)")
     print(f"  unreadable runs                {c['unreadable_runs']}   (must be 0)")
     print(f"  inconsistent runs              {c['inconsistent_runs']}   (must be 0)")
     print(f"  wrong exit status              {c['bad_exit']}   (must be 0)")
@@ -281,7 +291,8 @@ def soak(args) -> int:
         print(f"  runs with a problem are kept in {root}")
     elif not args.keep and not args.dir:
         shutil.rmtree(root, ignore_errors=True)
-    zero = ("lost_beyond_last_flush", "unreadable_runs", "inconsistent_runs", "bad_exit", "child_errors")
+    zero = ("lost_beyond_last_flush", "unwritten_sigterm", "unwritten_sigint", "unwritten_finished",
+            "unreadable_runs", "inconsistent_runs", "bad_exit", "child_errors")
     return 1 if any(c[k] for k in zero) else 0
 
 

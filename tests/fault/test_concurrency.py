@@ -249,3 +249,58 @@ def test_forked_children_never_write(tmp_path):
                 c = int(f[t][fmt.COMMITTED][0])
                 assert all(f[t][d].shape[0] == c for d in f[t] if d != fmt.COMMITTED)
     assert json.loads((path / fmt.META_FILE).read_text())["sessions"][1]["resumed"]
+
+
+def test_sigterm_that_interrupts_a_write_is_deferred_until_the_write_ends(tmp_path, monkeypatch):
+    """When the process has other threads, the kernel may hand SIGTERM to one of them and Python
+    runs the handler in the main thread at once, in the middle of a block write.  The handler
+    then waits for the end of the write (the outermost critical section), and only then closes
+    the run and chains to the previous handler."""
+    from phasewatch.record import signals
+
+    path = tmp_path / "run"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    rec = phasewatch.Recorder(path, model, opt, k=K, block=4, flush_rows=1000, flush_seconds=1e9, strict=True)
+    _train(rec, model, opt, 21, x, y)  # nothing written yet
+    chained = []
+    monkeypatch.setattr(signals, "_previous", lambda signum, frame: chained.append(signum))
+    with rec.writer._critical:  # a block write under way
+        signals._on_sigterm(signal.SIGTERM, None)
+        assert chained == [] and not rec._closed  # deferred
+        assert phasewatch.open_run(path).steps["step"].tolist() == []
+    assert chained == [signal.SIGTERM] and rec._closed  # ran when the write ended
+    run = phasewatch.open_run(path)
+    assert run.steps["step"].tolist() == list(range(1, 22)) and run.warnings == []
+
+
+def test_keyboard_interrupt_in_the_middle_of_a_drain_writes_nothing_twice(tmp_path, monkeypatch):
+    """Ctrl-C raises KeyboardInterrupt wherever the main thread is; if that is inside the
+    recorder's drain (band rows handed to the writer, steps rows not yet), the exit handler's
+    close must not drain again: the run keeps every row once."""
+    path = tmp_path / "run"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    rec = phasewatch.Recorder(path, model, opt, k=K, block=4, flush_rows=8, flush_seconds=1e9, strict=True)
+    _train(rec, model, opt, 10, x, y)
+    real_append = rec.writer.append
+
+    def append_then_interrupt(table, **cols):
+        real_append(table, **cols)
+        if table == "band":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec.writer, "append", append_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _train(rec, model, opt, 10, x, y)
+    monkeypatch.setattr(rec.writer, "append", real_append)
+    assert rec._critical.torn
+    rec.close()  # what the exit handler does
+    run = phasewatch.open_run(path)
+    assert run.warnings == []
+    st, bs = run.steps["step"], run.band["step"]
+    np.testing.assert_array_equal(st, np.arange(1, len(st) + 1))
+    np.testing.assert_array_equal(bs, np.arange(1, len(bs) + 1))  # no band row twice
+    assert len(bs) >= len(st) >= 8

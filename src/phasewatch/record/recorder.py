@@ -571,23 +571,25 @@ class Recorder:
 
     def flush(self) -> None:
         """Compute pending band rows and write everything buffered to disk."""
-        if not self.enabled or self._forked():
+        if not self.enabled or self._forked() or Critical.active():  # (a handler amid a write)
             return
         with self._critical:
             try:
-                self._drain(final=True)
+                if not self._critical.torn:
+                    self._drain(final=True)
                 self.writer.flush(rotate=False)
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
 
     def close(self) -> None:
         """Write what is pending, close the run, remove the hooks.  Idempotent."""
-        if self._closed or self._forked():
+        if self._closed or self._forked() or Critical.active():  # (a handler amid a write)
             return
         if self.enabled:
             with self._critical:
                 try:
-                    self._drain(final=True)
+                    if not self._critical.torn:  # a KeyboardInterrupt left a drain half-done
+                        self._drain(final=True)
                     self.writer.close()
                 except Exception as e:  # noqa: BLE001
                     self._fail(e)

@@ -15,6 +15,8 @@ import signal
 import threading
 import weakref
 
+from ..store.writer import Critical
+
 log = logging.getLogger("phasewatch")
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -41,6 +43,9 @@ def unregister(recorder) -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    if Critical.active():  # it interrupted a write (see Critical): finish that first, then run
+        _deferred.append((signum, frame))
+        return
     for rec in list(_live):
         try:
             rec.close()
@@ -54,3 +59,14 @@ def _on_sigterm(signum, frame) -> None:
     else:  # SIG_DFL (or unknown): restore the default action and deliver the signal again
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+_deferred: list = []
+
+
+def _run_deferred() -> None:
+    while _deferred and threading.current_thread() is threading.main_thread():
+        _on_sigterm(*_deferred.pop())
+
+
+Critical.after_sections = _run_deferred

@@ -287,23 +287,34 @@ class Critical:
     Python runs signal handlers between any two bytecodes of the main thread.  The recorder's
     SIGTERM handler closes the run, that is, writes what is buffered: run in the middle of a
     block write or of the recorder's bookkeeping it would write rows twice or lose them (found by
-    ``benchmarks/soak.py``).  SIGINT raises KeyboardInterrupt there, after which the exit handler
-    closes the run: the same.  Inside the section both are blocked (main thread;
-    ``pthread_sigmask``) and delivered when it ends; an RLock keeps a handler in the main thread
-    from racing a training loop in another thread.
+    ``benchmarks/soak.py``).  So inside a section SIGTERM and SIGINT are held back in the calling
+    thread (``pthread_sigmask``) and delivered when it ends.  That is not enough when the process
+    has other threads (torch has some): the kernel then hands the signal to one of them, and
+    Python runs the handler in the main thread at once, inside the section.  Hence also:
+    :meth:`active` tells a handler that it interrupted a section (the recorder's SIGTERM handler
+    then defers itself to :attr:`after_sections`, run when the outermost section ends), and a
+    section left by an exception that is not an ``Exception`` (KeyboardInterrupt, SystemExit) is
+    marked :attr:`torn`: its owner then writes nothing more, rather than redo half-done work.
+    An RLock keeps a handler in the main thread from racing a training loop in another thread.
     """
 
-    __slots__ = ("_lock",)
-    _tls = threading.local()  # sections nest (recorder, then writer): signals are blocked once
+    __slots__ = ("_lock", "torn")
+    _tls = threading.local()  # per thread: a stack of saved signal masks (sections nest)
+    after_sections = None  # set by phasewatch.record.signals: runs a deferred SIGTERM handler
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self.torn = False
+
+    @staticmethod
+    def active() -> bool:
+        """True inside a section in this thread: a signal handler running now interrupted it."""
+        return bool(getattr(Critical._tls, "stack", None))
 
     def __enter__(self) -> Critical:
         # The saved mask lives on a per-entry stack, not in one slot: a handler may run inside
-        # __enter__ or __exit__ (its signal came just before the block) and open sections of its
-        # own; with one slot it would overwrite the mask to restore, and SIGTERM would stay
-        # blocked for good (found by benchmarks/soak.py).
+        # __enter__ or __exit__ and open sections of its own; with one slot it would overwrite
+        # the mask to restore, and SIGTERM would stay blocked for good (found by soak.py).
         self._lock.acquire()
         stack = Critical._tls.__dict__.setdefault("stack", [])
         stack.append(None)
@@ -316,11 +327,16 @@ class Critical:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        old = Critical._tls.stack.pop()
+    def __exit__(self, exc_type=None, *exc: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.torn = True
+        stack = Critical._tls.stack
+        old = stack.pop()
         self._lock.release()
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held signal is delivered now
+        if not stack and Critical.after_sections is not None:
+            Critical.after_sections()
 
 
 def _run_pending_handlers() -> None:
@@ -667,6 +683,8 @@ class RunWriter:
         f = self._file
         if f is None or not self._mine():
             return
+        if self._critical.torn:  # a KeyboardInterrupt left a block half-written: write no more
+            self.failed = True
         if self.failed:
             raise RunWriteError(f"{self.path}: an earlier write failed; the writer writes nothing more")
         pending = [t for t in self.tables if self._buffered[t]]
@@ -745,7 +763,7 @@ class RunWriter:
             if self._closed:
                 return
             try:
-                if not self.failed:
+                if not (self.failed or self._critical.torn):
                     self.flush(rotate=False)
             finally:
                 self._closed = True

@@ -37,6 +37,8 @@ WORKER = textwrap.dedent("""
             opt.step()
     if mode == "ddp":
         dist.destroy_process_group()
+    # skip interpreter teardown: gloo's threads occasionally abort it (std::terminate, exit -6)
+    sys.stdout.flush(); os._exit(0)
 """)
 
 
@@ -106,6 +108,8 @@ PER_RANK_WORKER = textwrap.dedent("""
         opt.step()
     rec.close()
     dist.destroy_process_group()
+    # skip interpreter teardown: gloo's threads occasionally abort it (std::terminate, exit -6)
+    sys.stdout.flush(); os._exit(0)
 """)
 
 

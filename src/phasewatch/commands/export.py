@@ -68,9 +68,9 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="analysis to TensorBoard / CSV / Parquet / W&B; --follow a live run",
                        description=__doc__)
     s.add_argument("run", help="run directory or packed .h5 file")
-    s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
-    s.add_argument("--source", choices=["band", "snapshots"], default="band",
-                   help="spectra from the per-step band (default) or from stored update snapshots")
+    from ..cli import _add_window  # the same --window/--source as analyze and plot
+
+    _add_window(s)
     s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")
     s.add_argument("--csv", metavar="DIR", help="one CSV per table (window, steps, noise, tail, curvature, eval, events)")
     s.add_argument("--parquet", metavar="DIR", help="one Parquet file per table (needs pyarrow)")

@@ -40,6 +40,55 @@ def _sample_source(cfg: dict[str, Any]) -> None:
         cfg.setdefault("grad_source", "per_rank")
 
 
+def _active(recorder: Any) -> bool:
+    """True for a recorder that writes: built, open and on rank 0 (under DDP the other ranks'
+    recorders are disabled from the start and have no step counter)."""
+    return recorder is not None and bool(getattr(recorder, "enabled", False))
+
+
+def _global_mean(total: Any, count: int) -> Any:
+    """The mean of every rank's values: ``(Σ_ranks total) / (Σ_ranks count)``, by one all-reduce of
+    two numbers over the default process group; ``total / count`` on one process.
+
+    A collective: every rank calls it at the same point of the step, a rank without a value with
+    ``total=0, count=0`` (the result is NaN only if no rank had one).  ``total`` must be on the
+    backend's device (CUDA for nccl; gloo's numbers travel on the CPU).  The result stays a tensor:
+    no host synchronisation."""
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import world_size
+
+    t = torch.as_tensor(total).detach().reshape(())
+    if world_size() < 2:
+        return t / count
+    vec = torch.stack([t.to(torch.float64), torch.full((), float(count), dtype=torch.float64, device=t.device)])
+    if dist.get_backend() == "gloo":
+        vec = vec.cpu()
+    dist.all_reduce(vec)
+    return vec[0] / vec[1]
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """Examples per batch of a single ``DataLoader`` (its ``batch_size``, else its batch sampler's),
+    or None."""
+    for obj in (loader, getattr(loader, "batch_sampler", None)):
+        bs = getattr(obj, "batch_size", None)
+        if isinstance(bs, int) and not isinstance(bs, bool) and bs > 0:
+            return bs
+    return None
+
+
+def _leading_dim(batch: Any) -> int | None:
+    """The common leading dimension of the tensors of a batch (a tensor or a nested tuple/list/dict
+    of them), or None if they disagree or there is none."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    dims = {int(t.shape[0]) for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.ndim}
+    return dims.pop() if len(dims) == 1 else None
+
+
 _SKIP_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 

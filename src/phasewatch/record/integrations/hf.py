@@ -18,15 +18,25 @@ What is recorded, exactly
   clipping (``max_grad_norm``) and after unscaling (Accelerate unscales before clipping; without
   clipping the scaler unscales before calling the optimizer).  Micro-batch gradient samples
   (``grad_samples_every`` without a probe batch) are captured at backward time: before clipping,
-  and under fp16 still multiplied by the loss scale.  Under DDP (``torchrun``), only rank 0 writes,
-  and the samples are every rank's local micro-batch gradients (source ``per_rank``).
+  and under fp16 still multiplied by the loss scale.
 * **Loss.**  The training loss of a step is what the Trainer back-propagates, from the model
   outputs' ``loss`` of each training forward pass: their mean over the step's micro-batches, or their
   sum when the Trainer passes ``num_items_in_batch`` to the model (it then does not divide by m;
   times the world size when ``average_tokens_across_devices``) — the same number as the Trainer's
-  logged ``loss`` with ``logging_steps=1``.
+  logged ``loss`` with ``logging_steps=1``.  (A model whose ``forward`` takes ``**kwargs`` but
+  ignores ``num_items_in_batch`` — ``BertForSequenceClassification`` in transformers 5 — gets the
+  sum from the Trainer; that is what it back-propagates and logs, so it is what is recorded.)
 * **Evaluation metrics.**  Every scalar of ``on_evaluate``'s metrics (``eval_loss``,
   ``eval_accuracy`` from ``compute_metrics`` ...), without timings, throughputs and ``epoch``.
+
+Under DDP (``torchrun --nproc_per_node R script.py``, ``ddp_backend="gloo"`` on CPU; every rank
+runs the callback with the same arguments) only rank 0 writes.  The recorded gradient is the
+all-reduced one the optimizer uses, the gradient of the global batch; the step's loss is averaged
+over the ranks (one all-reduce of two numbers per step), the Trainer's logged loss again;
+``grad_samples_every`` without a probe batch gives every rank's local micro-batch gradients,
+captured before the all-reduce (source ``per_rank``: n = R × ``gradient_accumulation_steps``, b =
+``per_device_train_batch_size``; pass ``grad_source="micro_batch"`` for rank 0's own micro-batches
+only).  Evaluation metrics are the Trainer's, gathered over the ranks.
 
 The recorder is built in ``on_train_begin`` from the callback's ``model`` and ``optimizer`` (the
 Trainer creates the optimizer before that event).  If a Trainer version passes no optimizer, the
@@ -46,7 +56,8 @@ import torch
 from transformers import TrainerCallback
 
 from ...errors import RecorderError
-from . import _sample_source, _scalar_metrics, _torch_optimizer
+from ..distributed import world_size
+from . import _active, _global_mean, _sample_source, _scalar_metrics, _torch_optimizer
 
 log = logging.getLogger("phasewatch")
 
@@ -100,7 +111,8 @@ class PhasewatchCallback(TrainerCallback):
         self.recorder = Recorder(self.path, model, optimizer, **cfg)
         self._sessions += 1
         if self._pending_loss is not None:
-            self.recorder.loss(self._pending_loss, step=self.recorder.step + 1)
+            if _active(self.recorder):
+                self.recorder.loss(self._pending_loss, step=self.recorder.step + 1)
             self._pending_loss = None
 
     def _discover(self, args: Any, state: Any, model: torch.nn.Module) -> None:
@@ -145,19 +157,26 @@ class PhasewatchCallback(TrainerCallback):
             self._loss_is_share = kwargs.get("num_items_in_batch") is not None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.record_loss:
+            return
         losses, self._losses = self._losses, []
+        value = torch.zeros((), device=args.device)
+        if losses:
+            v = torch.stack([x.float() for x in losses])
+            if self._loss_is_share:
+                value = v.sum()
+                if getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
+                    value = value * args.world_size
+            else:
+                value = v.mean()
+        if world_size() >= 2:
+            # every rank is here once per optimizer step: the step's loss is the mean over ranks
+            value = _global_mean(value, 1 if losses else 0)
         if not losses:
             return
-        v = torch.stack([x.float() for x in losses])
-        if self._loss_is_share:
-            value = v.sum()
-            if getattr(args, "average_tokens_across_devices", False) and args.world_size > 1:
-                value = value * args.world_size
-        else:
-            value = v.mean()
         if self.recorder is None:
             self._pending_loss = value  # the recorder is built at this very step (optimizer discovery)
-        else:  # before the step: it belongs to the step about to be taken
+        elif _active(self.recorder):  # before the step: it belongs to the step about to be taken
             self.recorder.loss(value, step=self.recorder.step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -166,7 +185,7 @@ class PhasewatchCallback(TrainerCallback):
             self._discover_handle = None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.recorder is None:
+        if not _active(self.recorder):
             return
         vals = _scalar_metrics(metrics)
         if vals:

@@ -272,6 +272,30 @@ def test_recorder_failure_never_stops_training(tmp_path, caplog):
         _train(rec, model, opt, 4, x, y)
 
 
+def test_failing_recorder_keeps_later_optimizer_hooks_working(tmp_path, caplog):
+    """A recorder that fails inside its step post-hook must not remove hooks while torch iterates
+    them: a second recorder (or any later hook) on the same optimizer would make step() raise."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = _data()
+    first = phasewatch.Recorder(tmp_path / "a", model, opt, k=4, block=2, flush_rows=1)
+    second = phasewatch.Recorder(tmp_path / "b", model, opt, k=4, block=2, flush_rows=1)
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append(1))
+    with caplog.at_level(logging.ERROR, logger="phasewatch"):
+        _train(first, model, opt, 3, x, y)
+        first.writer._file.close()  # the first recorder's next write fails, inside its post-hook
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()  # must not raise
+    first.close()
+    second.close()
+    assert not first.enabled and caplog.text.count("recorder disabled") == 1
+    assert len(seen) == 8  # the user's hook after both recorders ran at every step
+    assert list(phasewatch.open_run(tmp_path / "b").steps["step"]) == list(range(1, 9))
+
+
 def test_stride_records_displacements(tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)

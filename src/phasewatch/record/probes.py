@@ -10,6 +10,7 @@ statistics never need the samples concatenated; memory is n·P values (float64 w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,20 @@ def gram_statistics(samples: Sequence[torch.Tensor], group_of: Sequence[int], n_
         g = s_.reshape(n_all, -1).to(torch.float64)
         Ms[gi] += g @ g.T
     return gram_matrix_statistics(Ms, n_max)
+
+
+def _eigvalsh(K: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of a small symmetric matrix.  On CPU on one intra-op thread: LAPACK's
+    threaded tridiagonalisation gains nothing at n ≲ 10³ and collapses when the cores are busy
+    (n = 500: 4.5 s on 2 threads vs 0.12 s on one, measured on a loaded 2-core machine)."""
+    if K.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.linalg.eigvalsh(K)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvalsh(K)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -85,12 +100,20 @@ def gram_matrix_statistics(Ms: torch.Tensor, n_max: int) -> dict[str, Any] | Non
     padded = torch.full((n_max,), float("nan"), dtype=torch.float64)
     k = min(n_max, n_all)
     padded[:k] = norms[:k].cpu()
+    # The nonzero eigenvalues of Σ̂ = Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ/(n−1) (P × P) are those of K/(n−1)
+    # (n × n): Σ̂ = DᵀD/(n−1) and K = DDᵀ share their nonzero spectrum.  K·1 = 0, so at most n−1
+    # are nonzero: the top min(n_max, n−1), descending, clipped at 0 (roundoff), NaN-padded.
+    # Cost O(n³) (eigvalsh), below the O(n²P) of the Gram matrix whenever n ≤ P.
+    eigs = _eigvalsh(0.5 * (K + K.T)).flip(0).clamp_min(0) / (n - 1)
+    cov = torch.full((n_max,), float("nan"), dtype=torch.float64)
+    k = min(n_max, n - 1)
+    cov[:k] = eigs[:k].cpu()
     return {
         "n": n,
         "mean_sq_norm": stats[0], "trace": stats[1], "quad": stats[2],
         "trace_sq": stats[3], "fourth": stats[4], "third": stats[5],
         "layer_mean_sq_norm": layer_A.cpu().numpy(), "layer_trace": layer_T.cpu().numpy(),
-        "sample_norms": padded.numpy(),
+        "sample_norms": padded.numpy(), "cov_eigs": cov.numpy(),
     }
 
 
@@ -142,10 +165,21 @@ def per_example_gradients(
         raise RecorderError(f"grad_probe: inputs have {n} examples but targets {_batch_size(targets)}")
     step = n if not chunk else max(1, int(chunk))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    for a in range(0, n, step):
-        g = f(diff, const, buffers, _slice(args_tree, a, a + step), _slice(targets, a, a + step))
-        for k in names:
-            parts[k].append(g[k].detach())
+    # torch.nn.utils.prune sets module.<name> = <name>_orig * <name>_mask in a forward pre-hook;
+    # inside functional_call that attribute becomes a tensor of the transform: put the real one back
+    from torch.nn.utils.prune import BasePruningMethod
+
+    pruned = [(m, h._tensor_name) for m in model.modules() for h in m._forward_pre_hooks.values()
+              if isinstance(h, BasePruningMethod) and hasattr(m, h._tensor_name)]
+    saved = [(m, a, getattr(m, a)) for m, a in pruned]
+    try:
+        for a in range(0, n, step):
+            g = f(diff, const, buffers, _slice(args_tree, a, a + step), _slice(targets, a, a + step))
+            for k in names:
+                parts[k].append(g[k].detach())
+    finally:
+        for m, a, v in saved:
+            setattr(m, a, v)
     return [torch.cat(parts[k]) if len(parts[k]) > 1 else parts[k][0] for k in names]
 
 
@@ -167,6 +201,7 @@ class MicroBatchCapture:
         self.on_error = on_error
         self._handles: list[Any] = []
         self._snaps: list[list[torch.Tensor]] = [[] for _ in self.params]
+        self._stopped = False
 
     @property
     def armed(self) -> bool:
@@ -181,6 +216,8 @@ class MicroBatchCapture:
 
     def _make_hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
+            if self._stopped:
+                return
             try:
                 with torch.no_grad():
                     self._snaps[i].append(p.grad.detach().clone())
@@ -189,6 +226,12 @@ class MicroBatchCapture:
                     raise
                 self.on_error(e)
         return hook
+
+    def stop(self) -> None:
+        """Capture nothing more, without removing hooks (safe from inside a hook: torch iterates
+        the hook dicts while it calls them); :meth:`disarm` removes them later."""
+        self._stopped = True
+        self._snaps = [[] for _ in self.params]
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -211,3 +254,223 @@ class MicroBatchCapture:
             diff[1:] -= cum[:-1]
             out.append(diff)
         return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# parameter masks (pruned networks)
+# --------------------------------------------------------------------------------------------- #
+def _prune_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.<name>_orig": <name>_mask buffer}`` of every tensor pruned with
+    ``torch.nn.utils.prune`` (parameter ``<name>_orig`` plus buffer ``<name>_mask`` on one module)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        bufs = dict(mod.named_buffers(recurse=False))
+        for pname, _ in mod.named_parameters(recurse=False):
+            if pname.endswith("_orig") and pname[:-5] + "_mask" in bufs:
+                out[f"{mname}.{pname}" if mname else pname] = bufs[pname[:-5] + "_mask"]
+    return out
+
+
+def gradient_masks(model: torch.nn.Module, names: Sequence[str],
+                   grad_mask: dict[str, Any] | None) -> tuple[list[torch.Tensor | None], dict[str, Any] | None]:
+    """Masks restricting the gradient statistics to the unpruned coordinates, and their description.
+
+    ``grad_mask`` maps parameter names (as in ``model.named_parameters()``) to bool or 0/1 tensors
+    of the parameter's shape; each per-example or micro-batch gradient sample g is replaced by
+    m ⊙ g, so ‖ḡ‖², T and the sample norms are those of the unpruned coordinates only (a pruned
+    coordinate adds 0 to every inner product).  Tensors pruned with ``torch.nn.utils.prune`` need
+    no entry: the parameter is ``<name>_orig`` and the forward uses ``<name>_orig ⊙ <name>_mask``,
+    so ∂L/∂<name>_orig = mask ⊙ ∂L/∂<name> is already masked; they are found and described here.
+
+    Returns one float mask per name in ``names`` (None: not masked explicitly; copied, on the
+    parameter's device and dtype) and ``None`` or a dict for the run's metadata: ``source``,
+    ``density`` (unmasked fraction of the recorded parameters, explicit and pruned masks together),
+    ``n_unmasked``, ``n_params``, per-tensor ``tensors`` densities.  Densities are those at
+    construction: a mask changed later (iterative pruning) is not re-described.
+    """
+    named = dict(model.named_parameters())
+    grad_mask = dict(grad_mask or {})
+    unknown = [k for k in grad_mask if k not in names]
+    if unknown:
+        raise RecorderError(f"grad_mask: {unknown[0]!r} is not a recorded parameter; use names of "
+                            f"model.named_parameters() in the optimizer (e.g. {names[0]!r})")
+    masks: list[torch.Tensor | None] = []
+    for n in names:
+        if n not in grad_mask:
+            masks.append(None)
+            continue
+        p = named[n]
+        m = torch.as_tensor(grad_mask[n]).detach()
+        if tuple(m.shape) != tuple(p.shape):
+            raise RecorderError(f"grad_mask[{n!r}]: shape {tuple(m.shape)} but the parameter is {tuple(p.shape)}")
+        m = m.to(device=p.device, dtype=p.dtype, copy=True)
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise RecorderError(f"grad_mask[{n!r}]: values must be 0/1 (or bool); pass the pruning mask itself")
+        masks.append(m)
+    pruned = {k: v for k, v in _prune_masks(model).items() if k in names}
+    if not grad_mask and not pruned:
+        return masks, None
+    tensors, kept, total = {}, 0, 0
+    for n, m in zip(names, masks):
+        numel = named[n].numel()
+        keep = torch.ones(named[n].shape, dtype=torch.bool, device=named[n].device)
+        if m is not None:
+            keep &= m.bool()
+        if n in pruned:
+            keep &= pruned[n].to(keep.device).bool()
+        k = int(keep.sum())
+        if m is not None or n in pruned:
+            tensors[n] = k / numel
+        kept += k
+        total += numel
+    source = "+".join(s for s, on in (("explicit", bool(grad_mask)), ("torch.nn.utils.prune", bool(pruned))) if on)
+    return masks, {"source": source, "density": kept / total, "n_unmasked": kept, "n_params": total,
+                   "tensors": tensors}
+
+
+@torch.no_grad()
+def apply_masks(samples: list[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """m ⊙ g in place for every sample ``(n, *shape)`` whose mask is not None; returns ``samples``."""
+    for s, m in zip(samples, masks):
+        if m is not None and s.numel():
+            s.mul_(m.to(s.dtype))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------- #
+# projected gradient samples (the grad_proj table)
+# --------------------------------------------------------------------------------------------- #
+GRAD_PROJ_METHODS = ("coords", "gaussian")
+#: Columns of the Gaussian sketch generated from one seed (per parameter tensor and chunk): it fixes
+#: the random stream, so R is the same on any device, with or without the cache.
+SKETCH_CHUNK = 1 << 16
+#: R (d × P float32) is kept on the device after its first use when it takes at most this much.
+SKETCH_CACHE_BYTES = 128 << 20
+
+
+def coordinate_subset(n_params: int, d: int, seed: int):
+    """The ``coords`` projection: d distinct coordinates of the flattened parameter vector (in the
+    order of ``meta['model']['params']``), uniform without replacement from
+    ``numpy.random.default_rng(seed)``, sorted ascending (int64 numpy array)."""
+    import numpy as np
+
+    return np.sort(np.random.default_rng(int(seed)).choice(int(n_params), size=int(d), replace=False)).astype(np.int64)
+
+
+def sketch_block(seed: int, index: int, chunk: int, d: int, cols: int) -> torch.Tensor:
+    """Columns ``[chunk·SKETCH_CHUNK, chunk·SKETCH_CHUNK + cols)`` of the Gaussian sketch R restricted to
+    parameter tensor ``index`` (the recorder's order): a ``(d, cols)`` float32 CPU tensor with i.i.d.
+    N(0, 1/d) entries from a ``torch.Generator`` seeded by ``SeedSequence([seed, index, chunk])``."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(index), int(chunk)]).generate_state(1, np.uint64)[0]
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(state) & ((1 << 63) - 1))
+    return torch.randn(int(d), int(cols), generator=g, dtype=torch.float32).mul_(1.0 / math.sqrt(d))
+
+
+class SampleProjector:
+    """d-dimensional projections of gradient samples, for the ``grad_proj`` table.
+
+    ``coords``: the exact values of d seeded coordinates (:func:`coordinate_subset`) — for
+    coordinate-wise tail estimates.  ``gaussian``: y = R g with R ∈ R^{d×P}, R_ij ~ N(0, 1/d) i.i.d.
+    (Johnson–Lindenstrauss: E⟨Ra, Rb⟩ = ⟨a, b⟩, relative error of ‖Ra‖² ≈ √(2/d) for any a), applied
+    per parameter tensor and per chunk of :data:`SKETCH_CHUNK` columns, each block generated from its
+    own seed (:func:`sketch_block`), so R is never materialised unless it fits
+    :data:`SKETCH_CACHE_BYTES` (then it is cached on the device).  Cost n·d·P multiply-adds per
+    measurement plus d·P normals when not cached.  The sign fold of :mod:`.projection` costs only n·P
+    but sums fixed blocks of coordinates (one nonzero per column): its inner products are unbiased
+    but without the Gaussian sketch's rotation invariance, so a projected coordinate's law depends on
+    the parameter layout; we keep the true Gaussian sketch for ``gaussian``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], method: str, d: int, seed: int = 0,
+                 cache_bytes: int = SKETCH_CACHE_BYTES) -> None:
+        import numpy as np
+
+        if method not in GRAD_PROJ_METHODS:
+            raise RecorderError(f"grad_proj={method!r}: use 'coords' or 'gaussian'")
+        numels = [int(p.numel()) for p in params]
+        P = sum(numels)
+        self.method, self.d, self.seed, self.n_params = method, int(d), int(seed), P
+        if self.d < 1:
+            raise RecorderError(f"grad_proj_dim={d}: must be a positive integer")
+        self.device = params[0].device
+        self.index = None
+        self._take: list[tuple[int, torch.Tensor, slice]] = []
+        self._numels = numels
+        self._cache: dict[tuple[int, int], torch.Tensor] | None = None
+        if method == "coords":
+            if self.d > P:
+                raise RecorderError(f"grad_proj_dim={d} exceeds the {P} recorded parameters; coords picks "
+                                    "distinct coordinates: use grad_proj_dim <= P")
+            self.index = coordinate_subset(P, self.d, self.seed)
+            offsets = np.concatenate([[0], np.cumsum(numels)])
+            for i, p in enumerate(params):
+                a, b = np.searchsorted(self.index, [offsets[i], offsets[i + 1]])
+                if b > a:
+                    loc = torch.as_tensor(self.index[a:b] - offsets[i], dtype=torch.long, device=p.device)
+                    self._take.append((i, loc, slice(int(a), int(b))))
+        elif self.d * P * 4 <= cache_bytes:
+            self._cache = {}
+
+    def describe(self) -> dict[str, Any]:
+        """The projection's metadata (stored in the run's ``recorder.grad_proj``)."""
+        d: dict[str, Any] = {"method": self.method, "dim": self.d, "seed": self.seed, "n_params": self.n_params}
+        if self.method == "coords":
+            d["index"] = self.index.tolist()
+        else:
+            d.update(entries="N(0, 1/d)", chunk=SKETCH_CHUNK, generator="torch.Generator(cpu), "
+                     "seed SeedSequence([seed, tensor, chunk]); see phasewatch.record.probes.sketch_block")
+        return d
+
+    def _block(self, i: int, c: int, cols: int, device: torch.device) -> torch.Tensor:
+        if self._cache is not None and (i, c) in self._cache:
+            return self._cache[(i, c)]
+        R = sketch_block(self.seed, i, c, self.d, cols).to(device)
+        if self._cache is not None:
+            self._cache[(i, c)] = R
+        return R
+
+    @torch.no_grad()
+    def project(self, samples: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(n, d)`` float64 projections of the n samples given per tensor as ``(n, *shape)``."""
+        n = int(samples[0].shape[0])
+        Y = torch.zeros(n, self.d, dtype=torch.float64, device=samples[0].device)
+        if self.method == "coords":
+            for i, loc, sl in self._take:
+                Y[:, sl] = samples[i].reshape(n, -1)[:, loc.to(samples[i].device)].to(torch.float64)
+            return Y
+        for i, s in enumerate(samples):
+            flat = s.reshape(n, -1)
+            dt = torch.float64 if flat.dtype == torch.float64 else torch.float32
+            for c, a in enumerate(range(0, flat.shape[1], SKETCH_CHUNK)):
+                b = min(a + SKETCH_CHUNK, flat.shape[1])
+                R = self._block(i, c, b - a, flat.device)
+                Y += (flat[:, a:b].to(dt) @ R.to(dt).T).to(torch.float64)
+        return Y
+
+    @torch.no_grad()
+    def row(self, samples: Sequence[torch.Tensor], n_max: int, n_finite: int | None = None) -> dict[str, Any] | None:
+        """The ``grad_proj`` row of one measurement: ``n`` finite samples (rows with a NaN/Inf
+        anywhere are dropped, as for the statistics), ``mean`` = R ḡ (d,) float64 and ``samples`` =
+        R(g_i − ḡ) for the first min(n, n_max) of them, float32, NaN-padded to (n_max, d).
+        ``n_finite``: the statistics' count of finite samples; when it is all of them the pass that
+        finds non-finite rows is skipped (it costs as much as a second copy of the samples)."""
+        import numpy as np
+
+        n_all = int(samples[0].shape[0])
+        Y = self.project(samples)
+        if n_finite is None or n_finite != n_all:
+            ok = torch.ones(n_all, dtype=torch.bool, device=Y.device)
+            for s in samples:
+                ok &= torch.isfinite(s.reshape(n_all, -1)).all(1).to(Y.device)
+            Y = Y[ok]
+        n = int(Y.shape[0])
+        if n < 2:
+            return None
+        mean = Y.mean(0)
+        out = np.full((n_max, self.d), np.nan, dtype=np.float32)
+        k = min(n, n_max)
+        out[:k] = (Y[:k] - mean).to(torch.float32).cpu().numpy()
+        return {"n": n, "samples": out, "mean": mean.cpu().numpy()}

@@ -47,9 +47,17 @@ from ..errors import PhasewatchError, RecorderError
 from ..store import format as fmt
 from ..store.reader import open_run
 from ..store.writer import Critical, RunWriter
-from . import signals
-from .distributed import PerRankSampler, choose_source, run_after_closure
-from .probes import MicroBatchCapture, gram_statistics, per_example_gradients, training_batchnorm
+from . import fsdp, signals
+from .distributed import PerRankSampler, choose_source, run_after_closure, trainable_named
+from .probes import (
+    MicroBatchCapture,
+    SampleProjector,
+    apply_masks,
+    gradient_masks,
+    gram_statistics,
+    per_example_gradients,
+    training_batchnorm,
+)
 from .projection import fold_signs, fold_sum
 from .schedule import Schedule
 
@@ -124,13 +132,30 @@ class Recorder:
         micro-batch size (see :mod:`phasewatch.record.distributed`).  ``per_rank`` runs
         collectives: build and close the recorder on every rank, with the same arguments.  The
         HF and Lightning callbacks choose it under DDP.
+    grad_mask: ``{parameter name: bool or 0/1 tensor}``: gradient statistics of a pruned network
+        over its unpruned coordinates only (each sample g becomes m ⊙ g; per-example and
+        micro-batch samples, not ``per_rank``).  Tensors pruned with ``torch.nn.utils.prune``
+        need no entry (the gradient of ``<name>_orig`` is already masked); either way the run's
+        ``recorder.grad_mask`` metadata gives the density (see
+        :func:`phasewatch.record.probes.gradient_masks`).  The update band and the steps table's
+        gradient norm stay those of the parameters the optimizer moves: a pruned coordinate that
+        receives no gradient does not move, but weight decay on ``<name>_orig`` does move it
+        (towards 0, while the effective weight stays 0), and that motion is in the band.
     grad_probe: ``(inputs, targets)`` with examples along dim 0 (inputs may be a tuple of
         positional arguments); ``grad_loss(outputs, targets)`` returns per-example losses or
         their mean.  Computed with ``torch.func`` (``vmap(grad(functional_call))``), buffers passed
         through, ``grad_chunk`` examples at a time (default: all).  A model with BatchNorm in
         training mode is refused unless ``grad_probe_eval=True`` (the probe then runs in eval mode).
-    grad_samples_max: stored per-sample norms per row (64, NaN-padded); all samples enter the
-        statistics.
+    grad_samples_max: stored per-sample norms and covariance eigenvalues (``cov_eigs``: the top
+        eigenvalues of the samples' covariance, from the centred Gram) per row (64, NaN-padded);
+        all samples enter the statistics.
+    grad_proj_dim, grad_proj, grad_proj_seed: also store each measurement's samples projected to
+        d = ``grad_proj_dim`` dimensions (off by default), centred, in the ``grad_proj`` table
+        (first ``grad_samples_max`` samples; float32; plus the projected mean): ``"coords"`` (default)
+        keeps d seeded random coordinates of the flattened parameter vector exactly (their indices
+        in the run's ``recorder.grad_proj.index``), for coordinate-wise tail indices;
+        ``"gaussian"`` a seeded Gaussian sketch R (d × P, N(0, 1/d) entries, generated per tensor
+        and chunk, never materialised for large P).  Per-example and micro-batch samples only.
     grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
     grad_microbatch_scale: factor applied to each captured micro-batch gradient (the difference
         of p.grad between successive backward passes).  ``"n_micro"`` (default) multiplies by the
@@ -197,6 +222,10 @@ class Recorder:
         grad_microbatch_size: int | None = None,
         grad_microbatch_scale: str | float = "n_micro",
         grad_source: str | None = None,
+        grad_mask: dict[str, Any] | None = None,
+        grad_proj_dim: int | None = None,
+        grad_proj: str = "coords",
+        grad_proj_seed: int = 0,
         curvature_every: Any = None,
         curvature_batch: Any = None,
         curvature_loss: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -242,8 +271,18 @@ class Recorder:
         self._measured: list[tuple[int, float, dict]] = []  # (step, b, statistics) awaiting the controllers
         self._last_loss: Any = None  # the last loss given to loss(), for the controllers' estimates
         grad_source = choose_source(grad_samples_every, grad_probe, grad_source)
+        if grad_mask and grad_source == "per_rank":
+            raise RecorderError("grad_mask is not supported with per_rank gradient samples; prune with "
+                                "torch.nn.utils.prune instead (its gradients are already masked)")
+        # FSDP2 (DTensor parameters): every rank records its shards, rank 0 writes (record/fsdp.py)
+        self._shard: Any = None
+        sharded = fsdp.detect(trainable_named(model, optimizer))
+        if sharded:
+            fsdp.refuse_options(grad_samples_every=grad_samples_every, grad_mask=grad_mask or None,
+                                grad_proj_dim=grad_proj_dim or None, curvature_every=curvature_every)
+        self._writes = not sharded or torch.distributed.get_rank() == 0  # ranks != 0 open no file
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_rank() != 0:
+                and torch.distributed.get_rank() != 0 and not sharded:
             # under DDP the parameters are the same on every rank: rank 0 records, the others idle
             # (except for capturing their local gradients when per-rank samples are scheduled)
             self.enabled, self._closed, self._hooks = False, True, []
@@ -275,11 +314,16 @@ class Recorder:
         param_group_idx = [order.index(lbl) for lbl, _ in named]
         self.n_params = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
+        if sharded:  # a collective: agree on the layout, learn every rank's shard sizes
+            self._shard = fsdp.ShardSync(self.params, self.param_names)
+        # elements of each tensor this rank's ring sees (under FSDP its shard)
+        local_numel = [p.numel() if self._shard is None else self._shard.local_numel(i)
+                       for i, p in enumerate(self.params)]
 
         # -- exact or projected -------------------------------------------------------------
         # ring rows R >= K-1+B, a multiple of B so that a block of new rows never wraps around
         self.rows = self.block * -(-(self.k - 1 + self.block) // self.block)
-        exact_bytes = self.rows * self.n_params * 8
+        exact_bytes = self.rows * (self.n_params if self._shard is None else self._shard.max_local_numel()) * 8
         if mode == "auto":
             mode = "exact" if exact_bytes <= memory_budget else "projected"
             if mode == "projected":
@@ -290,7 +334,7 @@ class Recorder:
         self.mode = mode
         self.proj_dim, self.proj_seed = int(proj_dim), int(proj_seed)
         projected = [mode == "projected" and p.numel() > self.proj_dim for p in self.params]
-        dims = [self.proj_dim if pr else p.numel() for p, pr in zip(self.params, projected)]
+        dims = [self.proj_dim if pr else n for n, pr in zip(local_numel, projected)]
         self.dim = sum(dims)
         offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
         n_groups = len(order)
@@ -324,6 +368,7 @@ class Recorder:
         if grad_microbatch_scale != "n_micro" and not isinstance(grad_microbatch_scale, (int, float)):
             raise RecorderError(f"grad_microbatch_scale={grad_microbatch_scale!r}: use 'n_micro' or a number")
         self._grad_source = grad_source  # per_example | micro_batch | per_rank | None (choose_source)
+        self._grad_masks, grad_mask_meta = gradient_masks(model, self.param_names, grad_mask)
         self._model = model
         self._grad_probe = None if grad_probe is None else tuple(pytree.tree_map(
             lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, tuple(grad_probe)))
@@ -334,6 +379,14 @@ class Recorder:
         self._grad_mb_scale = grad_microbatch_scale
         self._mb = (MicroBatchCapture(self.params, on_error=self._fail)
                     if self._grad_source == "micro_batch" else None)
+        self._proj = None  # projected samples (grad_proj table): opt-in
+        if grad_proj_dim:
+            if not self._grad_on:
+                raise RecorderError("grad_proj_dim is given but grad_samples_every is not; say when to sample")
+            if self._grad_source == "per_rank":
+                raise RecorderError("grad_proj_dim: projected samples are recorded for per-example and "
+                                    "micro-batch samples only, not per_rank; drop grad_proj_dim under DDP")
+            self._proj = SampleProjector(self.params, grad_proj, grad_proj_dim, grad_proj_seed)
         self.checkpoints = Schedule(checkpoint_every)
 
         # -- curvature probes ---------------------------------------------------------------
@@ -366,11 +419,13 @@ class Recorder:
             self._exact = [i for i, pr in enumerate(projected) if not pr]
             self._folded = [i for i, pr in enumerate(projected) if pr]
             # θ_{t-stride} of every recorded tensor, in its own dtype (u_t is computed in it)
-            self._prev = {i: p.detach().clone() for i, p in enumerate(self.params)}
+            self._prev = {i: fsdp.local(p.detach()).clone() for i, p in enumerate(self.params)}
             self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
                                          self.params[i].dtype, dev) for i in self._folded}
+            if self._shard is not None:  # the signs of this rank's coordinates of each tensor
+                self._signs = {i: self._shard.local_signs(i, s) for i, s in self._signs.items()}
             # preallocated scratch: no allocation (and no page faults) on the per-step path
-            self._scratch = {i: torch.empty(self.params[i].numel(), dtype=self.params[i].dtype, device=dev)
+            self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
                              for i in self._folded}
             self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
                 self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
@@ -379,9 +434,9 @@ class Recorder:
             for r in range(self.rows):
                 row = self._ring[r]
                 views = {}
-                for i, p in enumerate(self.params):
+                for i in range(len(self.params)):
                     v = row[offsets[i]: offsets[i + 1]]
-                    views[i] = v if i in self._signs else v.view(p.shape)
+                    views[i] = v if i in self._signs else v.view(self._prev[i].shape)
                 self._slot_views.append(views)
 
         # -- host-side buffers --------------------------------------------------------------
@@ -399,7 +454,9 @@ class Recorder:
 
         # -- the run on disk ----------------------------------------------------------------
         n_lr = len(optimizer.param_groups)
-        snap_dim = self.n_params if snapshot_kind == "raw" else self.dim
+        # (under FSDP the ring row is this rank's part; stored snapshots are of the full model)
+        global_dim = self.dim if self._shard is None else self._shard.global_dim(dims, projected)
+        snap_dim = self.n_params if snapshot_kind == "raw" else global_dim
         self._snap_dtype = snapshot_dtype if snapshot_kind == "raw" else "float64"
         tables = [
             fmt.steps_table(n_groups, n_lr),
@@ -411,9 +468,10 @@ class Recorder:
         # grad_samples is always declared (segments are SWMR: no datasets can be added later).
         # Resuming a run recorded before the table existed: without sampling, keep its tables;
         # with sampling, say so in one line.  An existing table's n_max is kept.
-        grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max)
+        self._grad_cov = True  # the cov_eigs column (kept off when resuming a run recorded without it)
+        grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max, cov_eigs=True)
         old_tables = None
-        if resume and (self.path / fmt.META_FILE).exists():
+        if resume and self._writes and (self.path / fmt.META_FILE).exists():
             try:
                 old_tables = json.loads((self.path / fmt.META_FILE).read_text()).get("tables")
             except Exception:  # noqa: BLE001 - the writer reports an unreadable meta.json
@@ -428,9 +486,13 @@ class Recorder:
             old_norms = old_tables["grad_samples"].get("sample_norms")
             if old_norms and old_norms[1] and old_norms[1][0] != self.grad_samples_max:
                 self.grad_samples_max = int(old_norms[1][0])
-                grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max)
+            self._grad_cov = "cov_eigs" in old_tables["grad_samples"]
+            grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max, cov_eigs=self._grad_cov)
         if grad_spec is not None:
             tables.append(grad_spec)
+        proj_spec = self._grad_proj_spec(old_tables)
+        if proj_spec is not None:
+            tables.append(proj_spec)
         if self._curv is not None:
             if isinstance(old_tables, dict) and (("curvature" not in old_tables and self._curv.batch is not None)
                                                  or ("ntk" not in old_tables and self._curv.ntk_size)):
@@ -464,12 +526,15 @@ class Recorder:
             "grad_probe_size": (None if self._grad_probe is None else _probe_size(self._grad_probe[0])),
             "grad_chunk": self._grad_chunk, "grad_probe_eval": self._grad_probe_eval,
             "grad_microbatch_size": None if math.isnan(self._grad_mb_size) else self._grad_mb_size,
-            "grad_microbatch_scale": self._grad_mb_scale,
+            "grad_microbatch_scale": self._grad_mb_scale, "grad_mask": grad_mask_meta,
+            "grad_proj": self._proj.describe() if self._proj is not None else None,
             "curvature_every": self.curvature.describe() if self._curv is not None else None,
             "curvature": self._curv.config() if self._curv is not None else None,
             "controllers": [_json_safe(c.describe()) if callable(getattr(c, "describe", None))
                             else {"class": type(c).__name__} for c in self.controllers],
             "batch_size": self._batch_size,
+            "sharding": None if self._shard is None else {"kind": "fsdp2", "placement": "Shard(0)",
+                                                          "world_size": self._shard.world},
         }
         model_meta = {
             "class": type(model).__name__,
@@ -481,7 +546,8 @@ class Recorder:
             ],
             "groups": [
                 {"name": lbl, "numel": sum(p.numel() for p, g in zip(self.params, param_group_idx) if g == gi),
-                 "dim": self._group_slices[gi].stop - self._group_slices[gi].start}
+                 "dim": sum(self.proj_dim if pr else p.numel() for p, pr, g in zip(self.params, projected,
+                                                                                  param_group_idx) if g == gi)}
                 for gi, lbl in enumerate(order)
             ],
         }
@@ -501,18 +567,27 @@ class Recorder:
             "command": " ".join(sys.argv),
         }
         last_step = 0
-        if resume and (self.path / fmt.META_FILE).exists():
+        if resume and self._writes and (self.path / fmt.META_FILE).exists():
             try:
                 prev_run = open_run(self.path)
                 st = prev_run.steps["step"]
                 last_step = int(st[-1]) if len(st) else 0
             except Exception as e:  # noqa: BLE001 - resume from what can be read
                 log.warning("phasewatch: could not read the run to resume (%s); steps restart at 1", e)
-        self.writer = RunWriter(self.path, run_meta, tables, resume=resume, block_rows=flush_rows,
-                                flush_seconds=flush_seconds, rotate_rows=rotate_rows,
-                                rotate_seconds=rotate_seconds, fsync=fsync,
-                                min_free_bytes=min_free_bytes)
+        writer_error = None
+        try:
+            self.writer = (RunWriter(self.path, run_meta, tables, resume=resume, block_rows=flush_rows,
+                                     flush_seconds=flush_seconds, rotate_rows=rotate_rows,
+                                     rotate_seconds=rotate_seconds, fsync=fsync,
+                                     min_free_bytes=min_free_bytes)
+                           if self._writes else fsdp.NullWriter())
+        except Exception as e:
+            if self._shard is None:
+                raise
+            writer_error = e
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
+        if self._shard is not None:  # a collective: rank 0's error is raised on every rank, its step kept
+            self.step = self._shard.start(writer_error, self.step)
         self._resume_step = self.step
 
         self.optimizer = optimizer
@@ -520,9 +595,13 @@ class Recorder:
         self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
         self._pid = os.getpid()
         self._critical = Critical()
-        self._atexit = weakref.WeakMethod(self.close)
+        # (under FSDP: close without collectives, see record/fsdp.py)
+        self._atexit = weakref.WeakMethod(self.close if self._shard is None else self._shard.close)
         atexit.register(_close_at_exit, self._atexit)
-        signals.register(self)  # SIGTERM: flush and close, then the signal's previous action
+        # SIGTERM: flush and close, then the signal's previous action
+        signals.register(self if self._shard is None else self._shard)
+        if self._shard is not None:
+            self._shard.setup(self)  # its step post-hook runs after the recorder's
         self._arm_micro_batches()
         if self._grad_source == "per_rank":  # a collective: every rank builds its sampler here
             self._dist_sampler = PerRankSampler(
@@ -536,7 +615,7 @@ class Recorder:
         the first call tells which (before any step: the loss belongs to the coming step; after
         the first step: to the step just taken).  Several calls per step (gradient accumulation)
         are averaged."""
-        if not self.enabled:
+        if not self.enabled or not self._writes:  # (under FSDP, rank 0's loss is recorded)
             return
         try:
             if isinstance(value, torch.Tensor):
@@ -570,9 +649,15 @@ class Recorder:
             self._fail(e)
 
     def flush(self) -> None:
-        """Compute pending band rows and write everything buffered to disk."""
+        """Compute pending band rows and write everything buffered to disk.  Under FSDP a
+        collective: call it on every rank."""
+        shard = self._shard
+        if shard is not None and not self.enabled and not self._closed and not self._forked():
+            shard.ensure_met(shard.meetings)  # FSDP: a failed rank still meets the others' all-reduce
+            return
         if not self.enabled or self._forked() or Critical.active():  # (a handler amid a write)
             return
+        m0 = shard.meetings if shard is not None else 0
         with self._critical:
             try:
                 if not self._critical.torn:
@@ -580,11 +665,16 @@ class Recorder:
                 self.writer.flush(rotate=False)
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
+        if shard is not None:
+            shard.ensure_met(m0)
 
     def close(self) -> None:
-        """Write what is pending, close the run, remove the hooks.  Idempotent."""
+        """Write what is pending, close the run, remove the hooks.  Idempotent.  Under FSDP a
+        collective: call it on every rank."""
         if self._closed or self._forked() or Critical.active():  # (a handler amid a write)
             return
+        shard = getattr(self, "_shard", None)
+        m0 = shard.meetings if shard is not None else 0
         if self.enabled:
             with self._critical:
                 try:
@@ -595,6 +685,8 @@ class Recorder:
                     self._fail(e)
         if getattr(self, "_dist_sampler", None) is not None:
             self._dist_sampler.close()  # not in _fail: the other ranks still expect its collectives
+        if shard is not None:
+            shard.finish(m0)  # FSDP: a rank that failed still meets the others' last all-reduce
         self._remove_hooks()
         signals.unregister(self)
         self._closed = True
@@ -632,11 +724,14 @@ class Recorder:
             return
         try:
             with torch.no_grad():
+                # (under FSDP the norms of this rank's shards; the drain all-reduces their squares)
                 grads = [p.grad for p in self.params if p.grad is not None]
+                if self._shard is not None:
+                    grads = [g.to_local() for g in grads]
                 if len(grads) == len(self.params):
                     norms = torch.stack(torch._foreach_norm(grads))
                 else:
-                    norms = torch.stack([p.grad.detach().norm() if p.grad is not None
+                    norms = torch.stack([fsdp.local(p.grad).detach().norm() if p.grad is not None
                                          else torch.zeros((), device=p.device) for p in self.params])
                 self._cur_grad = norms
             self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
@@ -656,7 +751,7 @@ class Recorder:
             self._cur_grad = None
             if (step - self._resume_step) % self.stride == 0:
                 self._record_update(step)
-            if self.checkpoints(step):
+            if self.checkpoints(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
                 self._checkpoint(step)
             if self._grad_source == "per_example" and self.grad_samples(step):
                 self._per_example_samples(step)
@@ -665,7 +760,7 @@ class Recorder:
             if self.controllers:  # last: a changed lr is the lr of step + 1
                 self._control(step)
             self._arm_micro_batches()
-            if len(self._pending_update_steps) >= self.block:
+            if len(self._pending_update_steps) >= self.block and self._shard is None:  # (FSDP: ditto)
                 with self._critical:  # a SIGTERM handler (close) must not run in the middle of a drain
                     self._drain(final=False)
         except Exception as e:  # noqa: BLE001
@@ -680,17 +775,24 @@ class Recorder:
         for i in self._exact:
             # u = θ_t − θ_{t−stride} in the parameters' dtype, stored in the float64 ring
             p, prev = self.params[i], self._prev[i]
+            if self._shard is not None:  # FSDP: this rank's shard
+                p = p.to_local()
             torch.sub(p, prev, out=views[i])
             prev.copy_(p)
         for i in self._folded:
             p, prev, u = self.params[i], self._prev[i], self._scratch[i]
+            if self._shard is not None:
+                p = p.to_local()
             torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
             prev.copy_(p)
             u.mul_(self._signs[i])
-            views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
+            if self._shard is None:
+                views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
+            else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
+                self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]), views[i])
         self._n_updates += 1
         self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
-        if self.snapshots(step):
+        if self.snapshots(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
             self._snapshot(step, slot)
 
     @torch.no_grad()
@@ -713,6 +815,11 @@ class Recorder:
     @torch.no_grad()
     def _drain(self, final: bool) -> None:
         """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer."""
+        reduced = None
+        if self._shard is not None:  # FSDP: one all-reduce of every rank's local contributions
+            reduced = self._shard.reduce(self)
+            if reduced is None:  # a rank other than 0 (it writes nothing), or recording stopped
+                return
         pend = self._pending_update_steps
         if pend:
             n1 = self._n_updates
@@ -720,12 +827,15 @@ class Recorder:
             first = n0 % self.rows
             wraps = first + (n1 - n0) > self.rows  # only after a flush between block boundaries
             slots_dev = (torch.arange(n0, n1) % self.rows).to(self.device) if wraps else None
-            per_group = []
-            for sl in self._group_slices:
-                block = self._ring[:, sl]
-                new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
-                per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster order)
-            m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
+            if reduced is None:
+                per_group = []
+                for sl in self._group_slices:
+                    block = self._ring[:, sl]
+                    new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
+                    per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster)
+                m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
+            else:
+                m = reduced  # (G, R, nb), summed over the ranks
             i = np.arange(n0, n1)[:, None]
             j = np.arange(self.k)[None, :]
             src = i - j  # (nb, K)
@@ -834,7 +944,38 @@ class Recorder:
             **{k: np.array([st[k]], dtype="f8") for k in
                ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third")},
             layer_mean_sq_norm=st["layer_mean_sq_norm"][None], layer_trace=st["layer_trace"][None],
-            sample_norms=st["sample_norms"][None])
+            sample_norms=st["sample_norms"][None],
+            **({"cov_eigs": st["cov_eigs"][None]} if self._grad_cov else {}))
+
+    def _write_proj_row(self, step: int, samples: list[torch.Tensor], n_finite: int) -> None:
+        """The ``grad_proj`` row of a measurement (projected, centred samples; see SampleProjector)."""
+        row = self._proj.row(samples, self.grad_samples_max, n_finite)
+        if row is not None:
+            self.writer.append("grad_proj", step=np.array([step], dtype="i8"), n=np.array([row["n"]], dtype="i8"),
+                               mean=row["mean"][None], samples=row["samples"][None])
+
+    def _grad_proj_spec(self, old_tables: Any) -> fmt.TableSpec | None:
+        """The ``grad_proj`` table to declare: when projections are asked for, and when resuming a run
+        that has the table (the writer resumes only with the same tables).  A resumed projection must
+        be the run's own (same method, d and seed), or the rows would not be comparable."""
+        old = old_tables.get("grad_proj") if isinstance(old_tables, dict) else None
+        if self._proj is None:
+            return None if old is None else fmt.grad_proj_table(*old["samples"][1])
+        if isinstance(old_tables, dict):
+            try:
+                old_cfg = json.loads((self.path / fmt.META_FILE).read_text()).get("recorder", {}).get("grad_proj")
+            except Exception:  # noqa: BLE001 - the writer reports an unreadable meta.json
+                old_cfg = None
+            new_cfg = self._proj.describe()
+            same = old is not None and isinstance(old_cfg, dict) and all(
+                old_cfg.get(k) == new_cfg[k] for k in ("method", "dim", "seed"))
+            if not same:
+                raise RecorderError(f"{self.path}: cannot resume with grad_proj_dim: the run was recorded "
+                                    + ("without projected samples" if old is None else
+                                       "with another projection (method, d or seed)")
+                                    + "; resume with the run's own projection, without it, or into a new path")
+            return fmt.grad_proj_table(*old["samples"][1])
+        return fmt.grad_proj_table(self.grad_samples_max, self._proj.d)
 
     def _per_example_samples(self, step: int) -> None:
         model = self._model
@@ -849,13 +990,15 @@ class Recorder:
                                     "gradients are undefined (pass grad_probe_eval=True)")
         try:
             inputs, targets = self._grad_probe
-            samples = per_example_gradients(model, self.param_names, inputs, targets, self._grad_loss,
-                                            self._grad_chunk)
+            samples = apply_masks(per_example_gradients(model, self.param_names, inputs, targets,
+                                                        self._grad_loss, self._grad_chunk), self._grad_masks)
         finally:
             if modes is not None:
                 for m, tr in modes:
                     m.training = tr
         st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
+        if st is not None and self._proj is not None:
+            self._write_proj_row(step, samples, st["n"])
         del samples
         if st is None:
             log.debug("phasewatch: step %d: fewer than 2 finite per-example gradients; no grad_samples row",
@@ -885,12 +1028,14 @@ class Recorder:
                       "need >= 2; no grad_samples row", step, n_micro)
             return
         scale = float(n_micro) if self._grad_mb_scale == "n_micro" else float(self._grad_mb_scale)
-        samples = [s.mul_(scale) for s in per_param]
+        samples = apply_masks([s.mul_(scale) for s in per_param], self._grad_masks)
         del per_param
         st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
         if st is None:
             log.debug("phasewatch: step %d: fewer than 2 finite micro-batch gradients; no row", step)
             return
+        if self._proj is not None:
+            self._write_proj_row(step, samples, st["n"])
         self._write_grad_row(step, "micro_batch", self._grad_mb_size, st)
 
     # ------------------------------------------------------------------------------------------
@@ -935,11 +1080,19 @@ class Recorder:
     def _fail(self, e: BaseException) -> None:
         if self.strict:
             raise e
+        if getattr(self, "_shard", None) is not None:  # FSDP: no collective here (record/fsdp.py)
+            self._shard.fail(self, e)
+            return
         if self.enabled:
             log.error("phasewatch: recorder disabled after an error (%s: %s); training continues, "
                       "the %s run keeps what was written", type(e).__name__, e, self.path)
         self.enabled = False
-        self._remove_hooks()
+        # The hooks stay registered (they do nothing once disabled) until close(): removing them
+        # here, from inside torch's loop over the optimizer's (or a tensor's) hooks, makes the
+        # user's step() raise "OrderedDict mutated during iteration" when another hook follows.
+        mb = getattr(self, "_mb", None)
+        if mb is not None:
+            mb.stop()
         writer = getattr(self, "writer", None)
         if writer is not None:
             if not getattr(writer, "failed", True):

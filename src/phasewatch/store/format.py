@@ -124,7 +124,7 @@ def checkpoints_table(n_params: int, dtype: str) -> TableSpec:
 GRAD_SOURCES = ("per_example", "micro_batch", "per_rank")
 
 
-def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
+def grad_samples_table(n_layers: int, n_max: int, cov_eigs: bool = False) -> TableSpec:
     """Sufficient statistics of n gradient samples at (nearly) one θ, each a mean over b examples
     (``phasewatch.analysis.noise.SufficientStatistics``): one row per measurement.
 
@@ -133,6 +133,9 @@ def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
     size or NaN; ``per_rank``: under DDP, each rank's local micro-batch gradients before the
     all-reduce, n = ranks × micro-batches, b = per-rank micro-batch size or NaN).  ``layer_mean_sq_norm`` and ``layer_trace`` are per layer group (they add up to
     the global values); ``sample_norms`` are the first ``n_max`` sample norms, NaN-padded.
+    ``cov_eigs`` (the recorder declares it; runs recorded before it existed lack it): the top
+    ``n_max`` eigenvalues of the sample covariance Σ̂ = Σ(g_i − ḡ)(g_i − ḡ)ᵀ/(n−1), descending,
+    at most n−1 of them (the eigenvalues of K/(n−1), K the centred n×n Gram), NaN-padded.
     """
     return TableSpec(
         "grad_samples",
@@ -150,7 +153,22 @@ def grad_samples_table(n_layers: int, n_max: int) -> TableSpec:
             "layer_mean_sq_norm": Column("f8", (n_layers,)),
             "layer_trace": Column("f8", (n_layers,)),
             "sample_norms": Column("f8", (n_max,)),
+            **({"cov_eigs": Column("f8", (n_max,))} if cov_eigs else {}),
         },
+    )
+
+
+def grad_proj_table(n_max: int, d: int) -> TableSpec:
+    """Projected gradient samples (declared only with ``Recorder(grad_proj_dim=d)``), one row per
+    measurement of ``grad_samples``: ``n`` finite samples, ``mean`` = R ḡ (d,) and ``samples`` =
+    R(g_i − ḡ) for the first min(n, n_max) samples (centred, float32, NaN-padded to (n_max, d)); the
+    raw projections are ``samples + mean``.  R is the run's ``recorder.grad_proj`` projection:
+    ``coords`` (d exact coordinates, their flat indices in the metadata) or ``gaussian`` (a seeded
+    d × P sketch, N(0, 1/d) entries; see ``phasewatch.record.probes.SampleProjector``).
+    """
+    return TableSpec(
+        "grad_proj",
+        {"step": Column("i8"), "n": Column("i8"), "mean": Column("f8", (d,)), "samples": Column("f4", (n_max, d))},
     )
 
 

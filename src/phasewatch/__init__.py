@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from .analysis import pipeline
 
         return getattr(pipeline, name)
+    if name in ("analyze_many", "AnalysisFailure"):
+        from . import batch
+
+        return getattr(batch, name)
     if name == "plots":
         from . import plot
 
@@ -32,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Analysis",
+    "AnalysisFailure",
     "PhasewatchError",
     "Recorder",
     "RecorderError",
@@ -40,6 +45,7 @@ __all__ = [
     "SchemaVersionError",
     "__version__",
     "analyze",
+    "analyze_many",
     "open_run",
     "pack_run",
     "plots",

@@ -216,6 +216,29 @@ def _consolidation(a, max_rows: int) -> dict[str, Any]:
     data["band"] = [str(x) for x in pr["band"]]
     data["phase"] = [str(x) for x in pr["phase"]]
     data["n"] = [int(x) for x in pr["n"]]
+    # covariance spectrum, Langevin ratio and coordinate tail index (analysis.gradcov), when defined
+    extra = [k for k in ("cov_eff_rank", "cov_eff_rank_corrected", "cov_top", "cov_top_fraction", "C_langevin",
+                         "C_langevin_lo", "C_langevin_hi", "alpha_coord", "alpha_coord_lo", "alpha_coord_hi")
+             if k in pr and np.isfinite(np.asarray(pr[k], float)).any()]
+    for k in extra:
+        data[k] = [_f(x) for x in np.asarray(pr[k], float)]
+    last = {k: float(np.asarray(pr[k], float)[-1]) for k in extra}
+    if "cov_eff_rank" in last:
+        lines.append(f"- noise covariance (last): effective rank {_g(last['cov_eff_rank'])} (plug-in, ≤ n−1; "
+                     f"Gaussian-corrected {_g(last.get('cov_eff_rank_corrected', math.nan))})"
+                     + (f"; top direction {_pct(last['cov_top_fraction'])} of the variance"
+                        if "cov_top_fraction" in last else ""))
+    if "C_langevin" in last:
+        lines.append(f"- Langevin variant (last): C_L = {_g(last['C_langevin'])} "
+                     f"[{_g(last.get('C_langevin_lo'))}, {_g(last.get('C_langevin_hi'))}] (units 1/η²; "
+                     "not comparable to C)")
+    if "alpha_coord" in last:
+        lines.append(f"- coordinate tail index (last): α = {_g(last['alpha_coord'], '{:.2f}')} "
+                     f"[{_g(last.get('alpha_coord_lo'), '{:.2f}')}, {_g(last.get('alpha_coord_hi'), '{:.2f}')}] "
+                     "(pooled Hill of standardised noise coordinates; > 2: no evidence of a stable heavy tail)")
+    if extra:
+        conv += "; " + "; ".join(f"{k}: {a.conventions[k]}" for k in ("cov", "C_langevin", "alpha_coord")
+                                 if k in a.conventions)
     return _section("C", "Consolidation ratio C and p", conv, True, lines, data)
 
 
@@ -258,6 +281,11 @@ def _alpha(a) -> dict[str, Any]:
     if frac2 > 0:
         lines.append(f"- α > 2 in {100 * frac2:.0f}% of windows: no evidence of a stable heavy tail there "
                      "(Hill gives 5–12 on Gaussian data); not a number to interpret")
+    cl = np.asarray(ti.get("C_levy", []), float)
+    if np.isfinite(cl).any():
+        lines.append(f"- Lévy variant C_α (same windows): median {_g(float(np.nanmedian(cl)))}, last "
+                     f"{_g(cl[np.isfinite(cl)][-1])} (the note's levy variant: 100 norms, Hill α clipped to "
+                     "[1.1, 1.9]; units of ‖g‖², not comparable to C)")
     return _section("alpha", "Tail index α", a.conventions.get("alpha", ""), True, lines,
                     {"median": med, "last": _f(al[j]), "last_ci": [_f(ti["alpha_lo"][j]), _f(ti["alpha_hi"][j])],
                      "fraction_above_2": frac2})

@@ -26,6 +26,7 @@ import numpy as np
 
 from .analysis import leadtime as lt
 from .analysis.events import ONSET_RULES, first_rule, parse_rule, series, signal_rule
+from .batch import AnalysisFailure, analyze_many, raise_failures
 from .errors import PhasewatchError
 
 __all__ = ["StudyRow", "Study", "run_study", "load_analyses"]
@@ -74,6 +75,7 @@ class Study:
     window: int | None = None
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run, one-line error), left out
 
     @property
     def event_rows(self) -> list[StudyRow]:
@@ -242,11 +244,20 @@ def _label(run: Any, i: int, used: set[str]) -> str:
     return name
 
 
-def load_analyses(runs: Sequence[Any], window: int = 10) -> list[Any]:
-    """Analyse each run given as a path; Analysis objects pass through."""
-    from .analysis.pipeline import analyze
-
-    return [analyze(r, window=window) if isinstance(r, (str, Path)) else r for r in runs]
+def load_analyses(runs: Sequence[Any], window: int = 10, workers: int | None = 1,
+                  skip_failed: bool = False) -> list[Any]:
+    """Analyse each run given as a path (in ``workers`` processes: :func:`phasewatch.analyze_many`);
+    Analysis objects pass through.  A run that fails raises one :class:`PhasewatchError` naming
+    every failure once all are analysed, or, with ``skip_failed``, stays in the list as its
+    :class:`~phasewatch.batch.AnalysisFailure`."""
+    at = [i for i, r in enumerate(runs) if isinstance(r, (str, Path))]
+    done = analyze_many([runs[i] for i in at], workers=workers, window=window)
+    out = list(runs)
+    for i, a in zip(at, done):
+        out[i] = a
+    if not skip_failed:
+        raise_failures(out)
+    return out
 
 
 def run_study(
@@ -266,6 +277,8 @@ def run_study(
     level: float = 0.95,
     n_boot: int = 2000,
     seed: int = 0,
+    workers: int | None = 1,
+    skip_failed: bool = False,
 ) -> Study:
     """A precursor study over ``runs`` (paths of runs, or :class:`~phasewatch.analysis.pipeline.Analysis`).
 
@@ -276,17 +289,27 @@ def run_study(
         decline by more than 1.5× from the pre-event peak).
     alternative: what the per-run and across-run tests look for (``lead``, ``lag``, ``either``).
     min_lead: smallest τ counted as a hit (1 step).
+    workers: processes analysing the runs (:func:`phasewatch.analyze_many`; 1: one after another).
+    skip_failed: a run that cannot be analysed is left out (listed in ``failed`` and the notes)
+        instead of raising; the study needs at least one run.
     """
     rule = parse_rule(event)
     column, orule = signal_rule(signal, onset, params)
-    analyses = load_analyses(runs, window)
     used: set[str] = set()
     names = list(labels) if labels is not None else [_label(r, i, used) for i, r in enumerate(runs)]
-    if len(names) != len(analyses):
-        raise PhasewatchError(f"{len(names)} labels for {len(analyses)} runs; give one label per run")
+    if len(names) != len(runs):
+        raise PhasewatchError(f"{len(names)} labels for {len(runs)} runs; give one label per run")
+    analyses = load_analyses(runs, window, workers=workers, skip_failed=skip_failed)
     rng = np.random.default_rng(seed)
     rows: list[StudyRow] = []
     notes: list[str] = []
+    failed = [(name, str(a)) for name, a in zip(names, analyses) if isinstance(a, AnalysisFailure)]
+    if failed and len(failed) == len(names):
+        raise PhasewatchError(f"no run could be analysed: {failed[0][1]}")
+    for name, why in failed:
+        notes.append(f"{name}: not analysed, left out ({why})")
+    kept = [(n, a) for n, a in zip(names, analyses) if not isinstance(a, AnalysisFailure)]
+    names, analyses = [n for n, _ in kept], [a for _, a in kept]
     for name, a in zip(names, analyses):
         es, ev = series(a, rule.column)[:2]
         e = first_rule(es, ev, rule, sustain=event_sustain, kind="event")
@@ -314,4 +337,4 @@ def run_study(
                            level=level, n_boot=n_boot, seed=rng)
     return Study(event=str(rule), signal=signal, column=column, onset=orule.describe(),
                  onset_help=ONSET_RULES[orule.name][2], alternative=alternative, rows=rows, summary=summary,
-                 permutation=perm, window=window, seed=seed, notes=notes)
+                 permutation=perm, window=window, seed=seed, notes=notes, failed=failed)

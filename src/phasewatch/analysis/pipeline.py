@@ -4,7 +4,9 @@ Reads the band from a :class:`~phasewatch.store.Run` (or takes arrays), computes
 Gram spectrum, k* (plain and weighted), gap ratio, gap, g₂₃, BBP reference and the adiabatic
 parameter (canonical and ``eigen``), and returns an :class:`Analysis` with a per-window table that
 exports to CSV, JSON and pandas.  Vectorised over windows and processed in chunks, so memory stays
-bounded for long runs; a progress bar shows on a terminal.
+bounded for long runs; a progress bar shows on a terminal.  A band larger than ``memory_budget``
+(or any band, with ``chunk_steps=``) is streamed: read from the run's segments chunk by chunk with
+the W rows of overlap its windows need, giving the in-memory result value for value.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import numpy as np
 
 from ..errors import PhasewatchError, RunTooShortError
 from . import adiabatic as adia
-from . import gram, tails
+from . import gradcov, gram, tails
 from . import noise as nz
 from .events import Event, first_crossing, jumps
 
 log = logging.getLogger("phasewatch")
 
 CHUNK_WINDOWS = 100_000
+#: ``analyze`` streams the band (reads it chunk by chunk) when holding it would take more than this.
+MEMORY_BUDGET = 1 << 30
 
 
 @dataclass
@@ -44,8 +48,12 @@ class Analysis:
     metrics: evaluation metrics ``{name: (steps, values)}``.
     events: grokking step and accuracy jumps found in the metrics.
     conventions: which definition each column uses.
-    probes: per gradient-sample measurement (``noise_table``): C with CI, p, phases, B_simple, ...
-    tail_index: rolling Hill α on gradient norms: ``step``, ``alpha``, ``alpha_lo``, ``alpha_hi``.
+    probes: per gradient-sample measurement (``noise_table``): C with CI, p, phases, B_simple, ...,
+        ``C_langevin`` (with CI), the covariance spectrum ``cov_eff_rank``, ``cov_eff_rank_corrected``
+        (and ``cov_top``, ``cov_top_fraction`` when recorded), and with a ``grad_proj`` table
+        ``alpha_coord``, ``alpha_coord_lo``, ``alpha_coord_hi`` (:mod:`~phasewatch.analysis.gradcov`).
+    tail_index: rolling Hill α on gradient norms: ``step``, ``alpha``, ``alpha_lo``, ``alpha_hi``, and
+        the per-step Lévy consolidation ratio ``C_levy`` on the same windows.
     curvature: per curvature probe (empty if the run has none): ``step``, ``lr``, ``lambda_max``,
         ``lambda_residual``, ``hvps``, ``threshold`` (2/η for SGD, the optimizer-appropriate
         threshold otherwise), ``S`` = threshold − λ_max, ``eta_opt``, ``trace``, ``trace_lo``,
@@ -156,9 +164,17 @@ class Analysis:
             d["b_last"] = float(pr["b"][-1])
             d["n_last"] = int(pr["n"][-1])
             d["early_stopping_first"] = {k: v for k, v in self.probe_flags.items()}
+            for key in ("cov_eff_rank", "cov_eff_rank_corrected", "cov_top_fraction", "C_langevin", "alpha_coord"):
+                v = np.asarray(pr.get(key, []), dtype=float)
+                if v.size and np.isfinite(v[-1]):
+                    d[f"{key}_last"] = float(v[-1])
+            if "alpha_coord_last" in d:
+                d["alpha_coord_last_ci"] = [float(pr["alpha_coord_lo"][-1]), float(pr["alpha_coord_hi"][-1])]
         ti = self.tail_index
         if ti and np.isfinite(ti["alpha"]).any():
             d["alpha_gradnorm_median"] = float(np.nanmedian(ti["alpha"]))
+        if ti and np.isfinite(np.asarray(ti.get("C_levy", []), dtype=float)).any():
+            d["C_levy_median"] = float(np.nanmedian(ti["C_levy"]))
         for e in self.events:
             d.setdefault("events", []).append(f"{e.kind} at step {e.step} ({e.rule})")
         return d
@@ -203,6 +219,20 @@ class Analysis:
             a = d["alpha_gradnorm_median"]
             lines.append(f"alpha (Hill) median {a:.2f} over 100-step windows of gradient norms"
                          + ("; > 2: no evidence of a stable heavy tail" if a > 2 else ""))
+        if "cov_eff_rank_last" in d:
+            lines.append(f"noise cov.   last: effective rank {d['cov_eff_rank_last']:.3g} (plug-in"
+                         + (f"; Gaussian-corrected {d['cov_eff_rank_corrected_last']:.3g}"
+                            if "cov_eff_rank_corrected_last" in d else "") + ")"
+                         + (f", top direction {100 * d['cov_top_fraction_last']:.0f}% of the variance"
+                            if "cov_top_fraction_last" in d else ""))
+        if "alpha_coord_last" in d:
+            a, (lo, hi) = d["alpha_coord_last"], d["alpha_coord_last_ci"]
+            lines.append(f"alpha coord. last {a:.2f} [{lo:.2f}, {hi:.2f}] (pooled Hill of standardised noise "
+                         "coordinates)" + ("; > 2: no evidence of a stable heavy tail" if a > 2 else ""))
+        if "C_langevin_last" in d:
+            lines.append(f"C (Langevin) last {d['C_langevin_last']:.3g} (units 1/lr^2; not comparable to C)")
+        if "C_levy_median" in d:
+            lines.append(f"C (Levy)     median {d['C_levy_median']:.3g} over 100-step windows (units of ||g||^2)")
         for e in d.get("events", []):
             lines.append(f"event        {e}")
         for w in self.warnings:
@@ -221,9 +251,13 @@ def _fmt_cell(x) -> str:
     return "" if math.isnan(x) else repr(x)
 
 
-def noise_table(gs: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.ndarray]:
+def noise_table(gs: dict[str, np.ndarray], level: float = 0.95, *, lr=None, batch_size=None) -> dict[str, np.ndarray]:
     """Per gradient-sample measurement: consolidation ratio (canonical, delta-method CI), its naive
-    variant, C_1 = C_b/b, p with CI, phase, decision band, B_simple = 1/C_1, and per-layer canonical C.
+    variant, C_1 = C_b/b, p with CI, phase, decision band, B_simple = 1/C_1, and per-layer canonical C;
+    the covariance spectrum (``cov_eff_rank``, ``cov_eff_rank_corrected``; ``cov_top``,
+    ``cov_top_fraction`` when the run has ``cov_eigs``) and ``C_langevin`` with its CI where ``lr``
+    and ``batch_size`` (per measurement, e.g. :func:`~phasewatch.analysis.gradcov.measurement_inputs`)
+    are known (:func:`~phasewatch.analysis.gradcov.probe_columns`).
 
     Input: the ``grad_samples`` table of a run (sufficient statistics written by the recorder).
     """
@@ -264,6 +298,7 @@ def noise_table(gs: dict[str, np.ndarray], level: float = 0.95) -> dict[str, np.
         lm = np.asarray(gs["layer_mean_sq_norm"], dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             out["layer_C"] = np.maximum(lm - lt / n[:, None], 0.0) / lt
+    out.update(gradcov.probe_columns(gs, lr=lr, batch_size=batch_size, level=level))
     out["phase"] = out["phase"].astype(str)
     out["band"] = out["band"].astype(str)
     return out
@@ -290,10 +325,49 @@ def analyze_band(
     plateau_below: float = 0.1,
     forgetting_above: float = 10.0,
     where: str = "run",
+    chunk_windows: int = CHUNK_WINDOWS,
 ) -> dict[str, np.ndarray]:
-    """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks."""
+    """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks of
+    ``chunk_windows`` windows (see :func:`band_table_chunked`)."""
     b = gram.global_band(np.asarray(band, dtype=np.float64))
+    lr = np.asarray(lr, dtype=float)
     T, K = b.shape
+
+    def read(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return b[lo:hi], lr[lo:hi]
+
+    return band_table_chunked(read, steps, K, window, n_params=n_params, rel_floor=rel_floor,
+                              plateau_below=plateau_below, forgetting_above=forgetting_above, where=where,
+                              chunk_windows=chunk_windows)
+
+
+def band_table_chunked(
+    read,
+    steps: np.ndarray,
+    K: int,
+    window: int = 10,
+    *,
+    n_params: int | None = None,
+    rel_floor: float = gram.DEFAULT_REL_FLOOR,
+    plateau_below: float = 0.1,
+    forgetting_above: float = 10.0,
+    where: str = "run",
+    chunk_windows: int = CHUNK_WINDOWS,
+) -> dict[str, np.ndarray]:
+    """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
+
+    ``read(lo, hi)`` returns the global band rows ``lo <= r < hi`` (``(hi - lo, K)`` float64) and
+    their learning rates; ``steps`` (T,) holds the step of every band row.  The windows ending at
+    rows ``start <= r < start + chunk_windows`` are computed from rows ``start - W .. stop - 1``:
+    W − 1 rows before ``start`` complete the first window, one more gives the lag-W inner product
+    of the canonical A and the previous window of ``A_eigen``.  Every window is therefore computed
+    from exactly the rows it depends on, whatever the chunking, and each statistic is a per-window
+    function (batched ``eigvalsh`` solves each matrix on its own): the table is the same, value for
+    value, for every ``chunk_windows`` ≥ 1.  Memory: O(chunk_windows · (K + W²)) beside the
+    returned table (allocated once, N × (2W + 14) values).
+    """
+    steps = np.asarray(steps)
+    T = len(steps)
     if window < 2:
         raise PhasewatchError(f"window={window}: the Gram window needs W >= 2")
     if window > K:
@@ -302,17 +376,24 @@ def analyze_band(
     if T < window:
         raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
                                f"record longer or pass a smaller --window")
+    if int(chunk_windows) < 1:
+        raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")
+    chunk_windows = int(chunk_windows)
     if window + 1 > K:
         log.warning("phasewatch: K=%d < W+1=%d: the canonical A needs lag W; only A_eigen is computed", K, window + 1)
     n_win = T - window + 1
-    parts: list[dict[str, np.ndarray]] = []
+    out: dict[str, np.ndarray] = {}
     bar = _progress(n_win, "spectra")
-    for start in range(window - 1, T, CHUNK_WINDOWS):  # start = first window end of the chunk
-        stop = min(T, start + CHUNK_WINDOWS)
+    for start in range(window - 1, T, chunk_windows):  # start = first window end of the chunk
+        stop = min(T, start + chunk_windows)
         lo = max(0, start - window)  # room for lag W (canonical A) and the previous window (eigen A)
-        sub = b[lo:stop]
+        sub, sub_lr = read(lo, stop)
+        sub = gram.global_band(np.asarray(sub, dtype=np.float64))
+        sub_lr = np.asarray(sub_lr, dtype=float)
+        if sub.shape != (stop - lo, K) or sub_lr.shape != (stop - lo,):
+            raise PhasewatchError(f"{where}: band rows {lo}:{stop} came back with shape {sub.shape}; "
+                                  "the run changed while it was read")
         spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
-        sub_lr = np.asarray(lr, dtype=float)[lo:stop]
         with np.errstate(invalid="ignore", divide="ignore"):
             with warnings.catch_warnings():  # K < W+1 was reported above, once
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -327,11 +408,11 @@ def analyze_band(
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
         else:
             s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
-        rows = spec.ends[keep] + lo
-        parts.append({
-            "step": np.asarray(steps)[rows].astype("i8"),
-            "lr": np.asarray(lr, dtype=float)[rows],
-            "update_norm": np.sqrt(np.maximum(b[rows, 0], 0)),
+        local = spec.ends[keep]
+        part = {
+            "step": steps[local + lo].astype("i8"),
+            "lr": sub_lr[local],
+            "update_norm": np.sqrt(np.maximum(sub[local, 0], 0)),
             "kstar": spec.kstar[keep].astype("i8"),
             "gap_ratio": spec.ratio[keep],
             "gap": spec.gap[keep],
@@ -345,12 +426,18 @@ def analyze_band(
             "valid": spec.valid[keep],
             "sigma": spec.sigma[keep],
             "stability": stab[keep],
-        })
+        }
+        if not out:  # the table is allocated once: no concatenation (no second copy) at the end
+            out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+        at = start - (window - 1)
+        for k, v in part.items():
+            out[k][at: at + len(v)] = v
+        del spec, a_can, a_eig, stab, sub, part
         if bar is not None:
             bar.update(int(keep.sum()))
     if bar is not None:
         bar.close()
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return out
 
 
 def analyze(
@@ -363,6 +450,8 @@ def analyze(
     rel_floor: float = gram.DEFAULT_REL_FLOOR,
     plateau_below: float = 0.1,
     forgetting_above: float = 10.0,
+    chunk_steps: int | None = None,
+    memory_budget: int | None = MEMORY_BUDGET,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -373,11 +462,23 @@ def analyze(
         consecutive snapshot steps only): both give the same spectra where both exist.
     grok_metric, grok_threshold: the metric whose first crossing is the grokking event (default:
         the first of ``test_acc``, ``test_accuracy``, ``val_acc``, ``eval_accuracy`` present).
+    chunk_steps, memory_budget: streaming (``source="band"``).  ``chunk_steps=n`` reads the band
+        ``n`` windows at a time (plus the W rows before each chunk that its first windows need),
+        never holding the whole band: memory O(n·(K + W²)) beside the result.  ``None``
+        (default): stream in chunks of ``CHUNK_WINDOWS`` when the band (T·(K+2) float64) would
+        take more than ``memory_budget`` bytes (1 GiB; ``None``: never), else read it whole.  The
+        result is the same either way, value for value (:func:`band_table_chunked`).  A path is
+        opened lazily when streaming (:func:`~phasewatch.store.open_run` ``lazy=True``), so the
+        per-layer band is never read; a run opened eagerly is chunked from memory.
     """
     from ..store import open_run
 
+    if chunk_steps is not None and (isinstance(chunk_steps, bool) or int(chunk_steps) < 1):
+        raise PhasewatchError(f"chunk_steps={chunk_steps!r}: use a number of windows >= 1, or None")
+    if chunk_steps is not None and source != "band":
+        raise PhasewatchError(f"chunk_steps streams the band; source={source!r} reads its snapshots whole")
     if not hasattr(run, "table"):
-        run = open_run(run)
+        run = open_run(run, lazy=True if chunk_steps is not None else None)
     where = str(run.path)
     warns = list(run.warnings)
     if source == "band":
@@ -385,8 +486,14 @@ def analyze(
         if not len(bt["step"]):
             raise RunTooShortError(f"{where}: the run has no recorded updates (empty run); train "
                                    "at least W steps with the recorder attached")
-        table = analyze_band(bt["band"], bt["lr"], bt["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
-                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
+        chunk = _stream_chunk(run, bt, chunk_steps, memory_budget)
+        opts = dict(n_params=run.n_params or None, rel_floor=rel_floor, plateau_below=plateau_below,
+                    forgetting_above=forgetting_above, where=where)
+        if chunk is None:
+            table = analyze_band(bt["band"], bt["lr"], bt["step"], window, **opts)
+        else:
+            table = band_table_chunked(_band_reader(bt), bt["step"], _band_width(run, bt), window,
+                                       chunk_windows=chunk, **opts)
         conv_src = "band (exact float64 inner products)" if run.meta.get("recorder", {}).get("mode") != "projected" \
             else f"band of sign-fold projections, d={run.meta['recorder'].get('proj_dim')}"
     elif source == "snapshots":
@@ -435,19 +542,34 @@ def analyze(
     if "grad_samples" in run.meta.get("tables", {}):
         gs = run.table("grad_samples")
         if len(gs["step"]):
-            probes = noise_table(gs)
+            probes = noise_table(gs, **gradcov.measurement_inputs(gs, run.steps, run.meta))
+            if "grad_proj" in run.meta.get("tables", {}):
+                probes.update(gradcov.coordinate_columns(run.table("grad_proj"), probes["step"]))
     tail_index: dict[str, np.ndarray] = {}
     gn = run.steps.get("grad_norm")
     if gn is not None and len(gn) >= 100:
         rh = tails.rolling_hill(gn, window=100, fraction=0.1)
         tail_index = {"step": run.steps["step"][rh.ends], "alpha": rh.alpha,
-                      "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1]}
+                      "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1],
+                      "C_levy": gradcov.levy_rolling(gn, window=100).C}
     curvature = _curvature(run, probes, tail_index)
     conventions = {
         "alpha": "Hill MLE on the top 10% of the last 100 gradient norms (the note's choice), exact chi2 CI; "
                  "alpha > 2: no evidence of a stable heavy tail",
         "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
              "C_per_example = C/b; B_simple = 1/C_per_example",
+        "C_langevin": "B ||g_bar||^2/(eta^2 b T) (= ||g||^2/(2DP), D = eta^2 sigma^2/(2B)), delta-method CI; units "
+                      "1/eta^2; eta = lr of param group 0 at the measurement step; B = Recorder(batch_size), else "
+                      "b*n for micro-batch/per-rank samples, else NaN",
+        "C_levy": "levy variant per step (tail_index): window of the last 100 gradient norms, Hill alpha on the top "
+                  "10% clipped to [1.1, 1.9], D = (std/||g_t||)^alpha, C = ||g_t||^2/(2 D 100) (divides by the "
+                  "window length, as the note does); units of ||g||^2",
+        "cov": "sample covariance of the gradient samples: cov_top = lambda_1, cov_top_fraction = lambda_1/Tr, "
+               "cov_eff_rank = Tr^2/Tr(Sigma^2) (plug-in, <= n-1), cov_eff_rank_corrected = ratio of "
+               "Gaussian-unbiased estimates of Tr^2 and Tr(Sigma^2)",
+        "alpha_coord": "pooled Hill (top 10%) of the grad_proj noise coordinates, each divided by its median "
+                       "|x| first; 95% percentile bootstrap over samples; alpha > 2: no evidence of a stable "
+                       "heavy tail",
         "source": conv_src,
         "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
@@ -472,6 +594,37 @@ def analyze(
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
                     tail_index=tail_index, curvature=curvature, interventions=interventions)
+
+
+def _band_width(run, bt) -> int:
+    """K of a run's band, from its schema (reading no band rows)."""
+    spec = run.meta.get("tables", {}).get("band", {}).get("band")
+    if spec and len(spec[1]) == 1:
+        return int(spec[1][0])
+    return int(np.asarray(bt["band"]).shape[-1])
+
+
+def _stream_chunk(run, bt, chunk_steps: int | None, memory_budget: int | None) -> int | None:
+    """Windows per chunk when the band is to be streamed, None to read it whole."""
+    if chunk_steps is not None:
+        return int(chunk_steps)
+    if memory_budget is None or not hasattr(bt, "rows"):
+        return None  # no budget, or a table that is in memory already
+    need = len(bt["step"]) * (_band_width(run, bt) + 2) * 8
+    return CHUNK_WINDOWS if need > memory_budget else None
+
+
+def _band_reader(bt):
+    """``read(lo, hi)`` -> (global band rows, learning rates) of a band table: by row range from
+    the segments for a lazy table, by slicing for one in memory."""
+    if hasattr(bt, "rows"):
+        def read(lo: int, hi: int):
+            r = bt.rows(lo, hi, ("band", "lr"))
+            return r["band"], r["lr"]
+    else:
+        def read(lo: int, hi: int):
+            return bt["band"][lo:hi], bt["lr"][lo:hi]
+    return read
 
 
 def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:

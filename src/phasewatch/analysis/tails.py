@@ -1259,7 +1259,7 @@ def rolling_hill(
     and the exact χ² interval 2αS ~ χ²_{2k} (Hill 1975).  Windows with a non-finite value are NaN.
 
     The values of a window are a time series, not independent draws, so the interval is optimistic;
-    α̂ > 2 is no evidence of a stable heavy tail.  Vectorised: one sort of a (N, window) view.
+    α̂ > 2 is no evidence of a stable heavy tail.  Vectorised: sorts of (block, window) views, memory O(block).
     Returns :class:`RollingHill` with ``ends`` the index of each window's last value.
     """
     from numpy.lib.stride_tricks import sliding_window_view
@@ -1273,13 +1273,20 @@ def rolling_hill(
         e = np.empty(0, dtype=np.int64)
         return RollingHill(e, np.empty(0), np.empty((0, 2)), k, window, level, input_description)
     w = sliding_window_view(v, window)
-    top = -np.sort(-w, axis=1)[:, : k + 1]  # descending, k+1 largest
+    S = np.empty(len(w))
+    bad = np.empty(len(w), dtype=bool)
+    block = max(1, (1 << 20) // window)  # windows per block: each sorted copy stays ~8 MiB
+    for a in range(0, len(w), block):  # rows are independent: blocks give the same values
+        wb = w[a: a + block]
+        top = -np.sort(-wb, axis=1)[:, : k + 1]  # descending, k+1 largest
+        with np.errstate(divide="ignore", invalid="ignore"):
+            S[a: a + block] = np.sum(np.log(top[:, :k] / top[:, k:k + 1]), axis=1)
+        bad[a: a + block] = ~np.isfinite(wb).all(axis=1)
+    bad |= ~(S > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        S = np.sum(np.log(top[:, :k] / top[:, k:k + 1]), axis=1)
         alpha = k / S
         lo = stats.chi2.ppf((1 - level) / 2, 2 * k) / (2 * S)
         hi = stats.chi2.ppf((1 + level) / 2, 2 * k) / (2 * S)
-    bad = ~np.isfinite(w).all(axis=1) | ~(S > 0)
     alpha[bad], lo[bad], hi[bad] = np.nan, np.nan, np.nan
     ends = np.arange(window - 1, len(v), dtype=np.int64)
     return RollingHill(ends, alpha, np.stack([lo, hi], axis=1), k, window, level, input_description)

@@ -90,9 +90,30 @@ def run_row(run: Any, by: str, window: int = 10, analysis: Any = None) -> dict[s
     return row
 
 
-def compare_table(runs: list[Any], by: str, window: int = 10) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (sorted by the attribute) and the union of their columns, ``run`` and ``by`` first."""
-    rows = [run_row(r, by, window) for r in runs]
+def compare_table(runs: list[Any], by: str, window: int = 10, *, workers: int | None = 1,
+                  failed: list[tuple[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (sorted by the attribute) and the union of their columns, ``run`` and ``by`` first.
+
+    The runs are analysed in ``workers`` processes (:func:`phasewatch.analyze_many`).  A run that
+    cannot be analysed raises one :class:`PhasewatchError` naming every failure, or, when a list
+    is given as ``failed``, is left out and its ``(run, error)`` appended there.
+    """
+    from ..batch import AnalysisFailure, analyze_many, raise_failures
+
+    paths = [i for i, r in enumerate(runs) if not hasattr(r, "meta")]
+    analyses: list[Any] = [None] * len(runs)
+    for i, a in zip(paths, analyze_many([runs[i] for i in paths], workers=workers, window=window)):
+        analyses[i] = a
+    if failed is None:
+        raise_failures([a for a in analyses if a is not None], total=len(runs))
+    rows = []
+    for r, a in zip(runs, analyses):
+        if isinstance(a, AnalysisFailure):
+            failed.append((a.run, a.error))
+            continue
+        rows.append(run_row(r, by, window, analysis=a))
+    if not rows and failed:
+        raise PhasewatchError(f"no run could be analysed: {failed[0][1]}")
 
     def key(row):
         v = row[by]
@@ -136,12 +157,13 @@ def to_json(rows: list[dict[str, Any]], by: str) -> str:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .study import formats
+    from .study import formats, report_failures
 
-    rows, cols = compare_table(a.runs, a.by, a.window)
+    failed: list[tuple[str, str]] = []
+    rows, cols = compare_table(a.runs, a.by, a.window, workers=a.workers, failed=failed)
     print(to_markdown(rows, cols), end="")
     if not a.out:
-        return 0
+        return report_failures(failed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for f in formats(a.format):
@@ -180,7 +202,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
             save(fig, p, f)
             print(f"wrote {p}")
         plt.close(fig)
-    return 0
+    return report_failures(failed)
 
 
 def register(sub) -> None:
@@ -190,6 +212,9 @@ def register(sub) -> None:
                    help="attribute from the run's metadata: a user attribute (Recorder(meta=...)), an optimizer "
                         "hyper-parameter (lr, weight_decay), or a dotted path like optimizer.hyper.lr")
     s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
+    from .study import add_workers
+
+    add_workers(s)
     s.add_argument("--out", "-o", help="directory for compare.md/.csv/.json and sweep.pdf/.png")
     s.add_argument("--format", nargs="+", default=["md", "csv", "json"], help="md, csv, json (default all)")
     s.add_argument("--columns", nargs="+", help="columns to plot in the sweep figure (default all with numbers)")

@@ -57,13 +57,28 @@ def cmd_study(a: argparse.Namespace) -> int:
     study = run_study(
         a.runs, event=a.event, signal=a.signal, onset=a.onset, params=parse_params(a.param), labels=a.label,
         window=a.window, alternative=a.alternative, min_lead=a.min_lead, event_sustain=a.event_sustain,
-        n_shifts=a.shifts, level=a.level, seed=a.seed)
+        n_shifts=a.shifts, level=a.level, seed=a.seed, workers=a.workers, skip_failed=True)
     print(study.to_markdown(), end="")
     if a.out:
         fm = formats(a.format)
         for p in study.write(Path(a.out), formats=fm, figure=not a.no_figure):
             print(f"wrote {p}")
-    return 0
+    return report_failures(study.failed)
+
+
+def report_failures(failed: list[tuple[str, str]]) -> int:
+    """One line on stderr per run left out; exit status 1 if any (the others' results stand)."""
+    import sys
+
+    for _, why in failed:
+        print(f"phasewatch: left out {why}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_workers(s) -> None:
+    s.add_argument("--workers", "-j", type=int, default=1,
+                   help="processes analysing the runs in parallel (default 1; 0: one per CPU); a run "
+                        "that cannot be analysed is left out with its error and the exit status is 1")
 
 
 def register(sub) -> None:
@@ -79,6 +94,7 @@ def register(sub) -> None:
     s.add_argument("--param", action="append", metavar="NAME=VALUE", help="onset rule parameter (repeatable)")
     s.add_argument("--label", action="append", help="label of each run in order (repeatable)")
     s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
+    add_workers(s)
     s.add_argument("--alternative", choices=["lead", "lag", "either"], default="lead",
                    help="what the shift and permutation tests look for (default lead)")
     s.add_argument("--min-lead", type=float, default=1, help="smallest τ counted as a hit (default 1 step)")

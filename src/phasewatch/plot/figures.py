@@ -339,6 +339,11 @@ def _has_tail(a) -> bool:
     return bool(ti) and len(ti.get("step", [])) > 0 and bool(np.isfinite(ti["alpha"]).any())
 
 
+def _has_alpha_coord(a) -> bool:
+    pr = a.probes
+    return bool(pr) and "alpha_coord" in pr and bool(np.isfinite(np.asarray(pr["alpha_coord"], float)).any())
+
+
 def _panel_loss(ax, a) -> None:
     nb = _nb(ax.figure)
     sc = a.scalars
@@ -493,10 +498,20 @@ def _panel_C(ax, a) -> None:
 def _panel_alpha(ax, a) -> None:
     nb = _nb(ax.figure)
     ti = a.tail_index
-    x, lo, hi = _envelope(ti["step"], ti["alpha_lo"], ti["alpha_hi"], nb)
-    ax.fill_between(x, lo, hi, color=PALETTE[2], alpha=0.25, lw=0, label="95% CI")
-    x, y = _decimate(ti["step"], ti["alpha"], nb)
-    ax.plot(x, y, color=PALETTE[2], label=r"Hill $\hat\alpha$")
+    hi = np.array([np.nan])
+    if _has_tail(a):
+        x, lo, hi = _envelope(ti["step"], ti["alpha_lo"], ti["alpha_hi"], nb)
+        ax.fill_between(x, lo, hi, color=PALETTE[2], alpha=0.25, lw=0, label="95% CI")
+        x, y = _decimate(ti["step"], ti["alpha"], nb)
+        ax.plot(x, y, color=PALETTE[2], label=r"Hill $\hat\alpha$")
+    if _has_alpha_coord(a):  # pooled Hill of standardised noise coordinates (grad_proj), per measurement
+        pr = a.probes
+        st, y = np.asarray(pr["step"]), np.asarray(pr["alpha_coord"], float)
+        clo, chi = np.asarray(pr["alpha_coord_lo"], float), np.asarray(pr["alpha_coord_hi"], float)
+        ok = np.isfinite(y) & np.isfinite(clo) & np.isfinite(chi)
+        ax.errorbar(st[ok], y[ok], yerr=[y[ok] - clo[ok], chi[ok] - y[ok]], fmt="s", ms=2.5, lw=0.7, capsize=1.5,
+                    color=PALETTE[4], label=r"$\hat\alpha_{\rm coord}$ (95% CI)")
+        hi = np.concatenate([np.asarray(hi, float), chi[ok]])
     ax.axhline(2.0, color="0.3", lw=0.7, ls="--", label=r"$\alpha = 2$")
     top = float(np.nanmax(hi)) if np.isfinite(hi).any() else 4.0
     if top > 20:  # Hill on light tails runs far above 2: a log axis keeps α = 2 readable
@@ -504,7 +519,9 @@ def _panel_alpha(ax, a) -> None:
     else:
         ax.set_ylim(0, max(4.0, top * 1.05))
     ax.set_ylabel(r"$\hat\alpha$")
-    ax.set_title(r"Hill $\hat\alpha$ of gradient norms", loc="left")
+    ax.set_title(r"Hill $\hat\alpha$ of gradient norms" if not _has_alpha_coord(a) else
+                 r"tail index $\hat\alpha$ (gradient norms; noise coordinates)" if _has_tail(a) else
+                 r"tail index $\hat\alpha$ of noise coordinates", loc="left")
     _legend_above(ax, handlelength=1.5)
 
 
@@ -562,8 +579,11 @@ def noise(analysis, width: str | float = "text"):
     """Gradient noise over training: the consolidation ratio C (canonical, delta-method 95 % CI,
     with the naive variant and the phases of p = C/(1+C) shaded) when gradient samples were recorded,
     and Hill's α̂ on 100-step windows of gradient norms with its exact χ² interval and the α = 2 line
-    (α̂ > 2: no evidence of a stable heavy tail).  Draws the panels the run has data for."""
-    names = [p for p, ok in (("C", _has_probes(analysis)), ("alpha", _has_tail(analysis))) if ok]
+    (α̂ > 2: no evidence of a stable heavy tail), and, when projected samples were recorded
+    (``grad_proj``), the pooled coordinate tail index α̂_coord of each measurement with its bootstrap
+    95 % CI.  Draws the panels the run has data for."""
+    names = [p for p, ok in (("C", _has_probes(analysis)),
+                             ("alpha", _has_tail(analysis) or _has_alpha_coord(analysis))) if ok]
     if not names:
         raise MissingDataError("noise: the run has neither gradient samples nor 100 gradient norms; record "
                                "gradient samples with Recorder(grad_samples_every=...)")

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +42,23 @@ log = logging.getLogger("phasewatch")
 
 # Tables whose rows are keyed by training step and cut where a resumed segment starts.
 _STEP_TABLES = ("steps", "band", "metrics", "snapshots", "checkpoints", "grad_samples", "interventions",
-                "curvature", "ntk")
+                "curvature", "ntk", "grad_proj")
 # Tables with wide rows: only their ``step`` column is read up front, the rest on first access.
-HEAVY_TABLES = ("snapshots", "checkpoints")
+HEAVY_TABLES = ("snapshots", "checkpoints", "grad_proj")
+# Per-step tables that a *lazy* run (:func:`open_run` ``lazy=``) reads column by column, on access
+# and by row range (:class:`LazyTable`), instead of at open.
+LAZY_TABLES = ("steps", "band")
+# A run whose files hold more than this many bytes is opened lazily unless ``lazy=`` says otherwise
+# (environment: ``PHASEWATCH_LAZY_ABOVE``, bytes).
+LAZY_ABOVE = 256 << 20
+_ROW = "\0row"  # pseudo-column of a lazy table while loading: the row's index within its segment
+
+
+def _lazy_above() -> int:
+    try:
+        return int(float(os.environ.get("PHASEWATCH_LAZY_ABOVE", LAZY_ABOVE)))
+    except ValueError:
+        return LAZY_ABOVE
 
 
 @dataclass
@@ -155,10 +170,11 @@ def _check_safe(group: h5py.Group, where: str, seen: set | None = None) -> None:
 
 def read_table(
     group: h5py.Group, spec_cols: dict | None, where: str, only: tuple[str, ...] | None = None,
-    rows: np.ndarray | None = None,
+    rows: np.ndarray | None = None, span: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read one table's committed rows (trimmed to the shortest column); ``only`` some columns;
-    ``rows``: only these (increasing) row indices."""
+    ``rows``: only these (increasing) row indices; ``span``: only rows ``a <= i < b`` (one
+    h5py slice per column)."""
     if fmt.COMMITTED not in group:
         raise RunFormatError(f"{where}: table without '{fmt.COMMITTED}'; not a phasewatch table")
     cds = group[fmt.COMMITTED]
@@ -198,7 +214,10 @@ def read_table(
         if only is not None and name not in only:
             continue
         ds = datasets[name]
-        _check_declared_size(ds, n if rows is None else len(rows), f"{where}/{name}")
+        if span is not None and not 0 <= span[0] <= span[1] <= n:
+            raise ValueError(f"{where}: rows {span[0]}:{span[1]} outside the {n} committed rows")
+        want = n if rows is None and span is None else (len(rows) if rows is not None else span[1] - span[0])
+        _check_declared_size(ds, want, f"{where}/{name}")
         if spec_cols is not None and name in spec_cols:
             want_dtype, want_shape = spec_cols[name]
             if tuple(ds.shape[1:]) != tuple(want_shape) or np.dtype(ds.dtype).kind != np.dtype(want_dtype).kind:
@@ -216,7 +235,10 @@ def read_table(
         tries = 6 if group.file.swmr_mode else 1
         for attempt in range(tries):
             try:
-                out[name] = ds[:n] if rows is None else (ds[rows] if len(rows) else ds[:0])
+                if span is not None:
+                    out[name] = ds[span[0]:span[1]]
+                else:
+                    out[name] = ds[:n] if rows is None else (ds[rows] if len(rows) else ds[:0])
                 break
             except OSError as e:
                 msg = str(e).splitlines()[0]
@@ -286,11 +308,24 @@ class Run:
     meta: the run's metadata (model, optimizer, recorder configuration, versions, seeds).
     segments: one :class:`SegmentInfo` per segment, including ones that could not be read.
     warnings: one-line messages about skipped segments, overlaps and gaps.
+    lazy: whether the per-step tables (``steps``, ``band``) are read on access (:class:`LazyTable`)
+        rather than at open.
     """
 
     def __init__(self, path: Path, meta: dict, sources: list[tuple[str, int, object]], packed: bool,
-                 single_file: bool = False, refused: dict[str, str] | None = None):
+                 single_file: bool = False, refused: dict[str, str] | None = None, lazy: bool | None = None):
         self.path = path
+        if lazy is None:
+            files = {getattr(op, "path", None) for _, _, op in sources}
+            size = 0
+            for f in files:
+                try:
+                    size += os.path.getsize(f) if f is not None else 0
+                except OSError:
+                    pass
+            lazy = size > _lazy_above()
+        self.lazy = bool(lazy)
+        self._unguarded = False  # set when unpickled in another process: walk the files before reading
         self.meta = meta
         self.packed = packed
         self._single_file = single_file  # a damaged segment is an error, not a warning
@@ -308,6 +343,7 @@ class Run:
     def _load(self) -> None:
         spec = self.meta.get("tables", {})
         per_segment: list[tuple[SegmentInfo, dict[str, dict[str, np.ndarray]]]] = []
+        lazy_cols: dict[str, list[str]] = {}
         for label, index, opener in self._sources:
             info = SegmentInfo(label=label, index=index)
             if label in self._refused:
@@ -322,11 +358,18 @@ class Run:
                     tables = {}
                     for tname in group:
                         if isinstance(group[tname], h5py.Group):
-                            only = ("step",) if tname in HEAVY_TABLES else None
+                            lazy_t = self.lazy and tname in LAZY_TABLES
+                            only = ("step",) if tname in HEAVY_TABLES or lazy_t else None
                             tables[tname] = read_table(
                                 group[tname], spec.get(tname), f"{where}:{tname}", only
                             )
                             info.rows[tname] = len(next(iter(tables[tname].values()), []))
+                            if lazy_t:  # remember each kept row's index in its segment
+                                tables[tname][_ROW] = np.arange(info.rows[tname], dtype=np.int64)
+                                cols = spec.get(tname) or {}
+                                names = [c for c in cols if c in group[tname]]
+                                names += [c for c in group[tname] if c not in cols and c != fmt.COMMITTED]
+                                lazy_cols.setdefault(tname, names)
             except RunFormatError as e:
                 if isinstance(e, (SchemaVersionError, _UnsafeContentError)) or self._single_file:
                     raise
@@ -398,6 +441,10 @@ class Run:
             ]
         names = {t for _, tables in per_segment for t in tables if t not in HEAVY_TABLES}
         for tname in names:
+            if tname in lazy_cols:
+                self._tables[tname] = LazyTable(self, tname, lazy_cols[tname], [
+                    (info.label, tables[tname]) for info, tables in per_segment if tname in tables])
+                continue
             parts = [tables[tname] for _, tables in per_segment if tname in tables]
             cols = parts[0].keys()
             self._tables[tname] = {
@@ -406,12 +453,29 @@ class Run:
         for w in self.warnings:
             log.warning("%s", w)
 
+    def __setstate__(self, state: dict) -> None:
+        # a Run sent to another process (e.g. inside an Analysis from a worker) reads its files
+        # there: they are walked by this process' metadata guard before the first read
+        self.__dict__.update(state)
+        self._unguarded = True
+
+    def _guard(self) -> None:
+        if not self._unguarded:
+            return
+        files = list(dict.fromkeys(Path(op.path) for op in self._openers.values()))
+        for f, problem in _guard_files(files).items():
+            if problem:
+                raise RunFormatError(f"{f}: {problem}")
+        self._unguarded = False
+
     # -- access -----------------------------------------------------------------------------
     def table(self, name: str, steps=None) -> dict[str, np.ndarray]:
         """Columns of a table as arrays (empty arrays if the run has no such rows).
 
         Wide tables (snapshots, checkpoints) are read on first access; pass ``steps`` to read
-        only the rows of those steps.
+        only the rows of those steps.  In a lazy run (:attr:`lazy`) the per-step tables are
+        :class:`LazyTable` mappings: a column is read when first asked for, and
+        :meth:`LazyTable.rows` reads a range of rows without reading the whole column.
         """
         if name in HEAVY_TABLES and name in self._heavy_rows and self._heavy_rows[name]:
             return self._read_heavy(name, steps)
@@ -513,6 +577,105 @@ class Run:
         return "\n".join(lines)
 
 
+class LazyTable(Mapping):
+    """A per-step table of a lazy run: a read-only mapping column -> array whose columns are read
+    from the segments when first asked for (then kept), and whose :meth:`rows` reads a range of
+    rows with one h5py slice per segment and column, keeping nothing.  Rows are those of the eager
+    reader: segments in order, rows of an interrupted trajectory dropped where a resumed session
+    starts.  Pickles as a reference to the run's files (cached columns are not sent along)."""
+
+    def __init__(self, run: Run, name: str, columns: list[str], parts: list[tuple[str, dict[str, np.ndarray]]]):
+        self._run, self.name = run, name
+        self._columns = list(dict.fromkeys([*columns, "step"]))  # the eager reader's order
+        self._parts: list[tuple[str, np.ndarray, int]] = []  # (segment label, rows in it, first global row)
+        off = 0
+        for label, t in parts:
+            self._parts.append((label, np.asarray(t[_ROW], dtype=np.int64), off))
+            off += len(t[_ROW])
+        self.n_rows = off
+        steps = [t["step"] for _, t in parts]
+        self._cache: dict[str, np.ndarray] = {"step": np.concatenate(steps) if steps else np.empty(0, "i8")}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = {"step": self._cache["step"]}
+        return state
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._columns
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._columns:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = self.rows(0, self.n_rows, (name,))[name]
+        return self._cache[name]
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The columns held in memory (read whole by an earlier access); ``step`` always is."""
+        return tuple(self._cache)
+
+    def __repr__(self) -> str:
+        return f"<LazyTable {self.name!r}: {self.n_rows} rows, columns {', '.join(self._columns)}>"
+
+    def _empty(self, name: str) -> np.ndarray:
+        dt, shape = self._run.meta.get("tables", {}).get(self.name, {}).get(name, ("f8", ()))
+        return np.empty((0, *shape), dtype=dt)
+
+    def rows(self, start: int, stop: int, columns=None) -> dict[str, np.ndarray]:
+        """Rows ``start <= i < stop`` (clipped to the table) of ``columns`` (default: all)."""
+        start, stop = max(0, int(start)), min(self.n_rows, int(stop))
+        stop = max(start, stop)
+        cols = list(self._columns if columns is None else columns)
+        for c in cols:
+            if c not in self._columns:
+                raise KeyError(f"{self._run.path}: table {self.name!r} has no column {c!r}")
+        out = {c: self._cache[c][start:stop] for c in cols if c in self._cache}
+        read = [c for c in cols if c not in out]
+        if read:
+            pieces: dict[str, list[np.ndarray]] = {c: [] for c in read}
+            for label, local, off in self._parts:
+                a, b = max(start, off), min(stop, off + len(local))
+                if a >= b:
+                    continue
+                idx = local[a - off: b - off]
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                data = self._read_segment(label, read, (lo, hi))
+                for c in read:
+                    pieces[c].append(data[c] if hi - lo == len(idx) else data[c][idx - lo])
+            for c in read:
+                out[c] = np.concatenate(pieces[c]) if pieces[c] else self._empty(c)
+        return {c: out[c] for c in cols}
+
+    def _read_segment(self, label: str, cols: list[str], span: tuple[int, int]) -> dict[str, np.ndarray]:
+        run = self._run
+        run._guard()
+        try:
+            with run._openers[label]() as (group, where):
+                if self.name not in group or not isinstance(group[self.name], h5py.Group):
+                    raise RunFormatError(f"{where}: table {self.name!r} is gone; the segment changed since "
+                                         "the run was opened")
+                data = read_table(group[self.name], run.meta.get("tables", {}).get(self.name),
+                                  f"{where}:{self.name}", only=tuple(cols), span=span)
+        except RunFormatError:
+            raise
+        except _READ_ERRORS as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise RunFormatError(f"{label}:{self.name}: cannot read ({type(e).__name__}: {first[:200]}); "
+                                 "the segment changed or is damaged; `phasewatch repair` sets it aside") from None
+        missing = [c for c in cols if c not in data]
+        if missing:
+            raise RunFormatError(f"{label}:{self.name}: column {missing[0]!r} is missing; damaged or foreign segment")
+        return data
+
+
 class _FileSegment:
     def __init__(self, path: Path):
         self.path = path
@@ -526,6 +689,7 @@ class _FileSegment:
 
     def __exit__(self, *exc):
         self.f.close()
+        self.f = None
 
 
 class _PackedSegment:
@@ -541,6 +705,7 @@ class _PackedSegment:
 
     def __exit__(self, *exc):
         self.f.close()
+        self.f = None
 
 
 def _is_hdf5(path: Path) -> bool:
@@ -570,8 +735,15 @@ def _read_meta_json(text: str | bytes, where: str) -> dict:
     return meta
 
 
-def open_run(path: str | os.PathLike) -> Run:
+def open_run(path: str | os.PathLike, *, lazy: bool | None = None) -> Run:
     """Open a run directory or a packed run file for reading.
+
+    ``lazy``: read the per-step tables (``steps``, ``band``, including the per-layer band) on
+    access, column by column and by row range (:class:`LazyTable`), instead of at open; only their
+    ``step`` columns are read at open.  Default: lazy when the run's files hold more than
+    ``LAZY_ABOVE`` (256 MiB; environment ``PHASEWATCH_LAZY_ABOVE``).  In a lazy run a damaged data
+    chunk of those tables is reported when it is read (a one-line :class:`RunFormatError` that
+    names the segment), not by skipping the segment at open.
 
     Raises :class:`RunFormatError` with a one-line message for a missing path, a foreign file or
     directory, or an unreadable packed file, and :class:`SchemaVersionError` for a newer schema.
@@ -615,7 +787,7 @@ def open_run(path: str | os.PathLike) -> Run:
                 )
             meta = _meta_from_segments(p, [s for s in segs if s.name not in refused], refused)
         check_schema(meta, str(meta_path))
-        return Run(p, meta, sources, packed=False, refused=refused)
+        return Run(p, meta, sources, packed=False, refused=refused, lazy=lazy)
     if not _is_hdf5(p):
         raise RunFormatError(f"{p}: not an HDF5 file; pass a run directory or a file made by `phasewatch pack`")
     problem = _guard_files([p]).get(p)
@@ -657,9 +829,9 @@ def open_run(path: str | os.PathLike) -> Run:
         except Exception:  # noqa: BLE001 - closing a damaged file may fail too
             pass
     if single:
-        return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False, single_file=True)
+        return Run(p, meta, [(p.name, 0, _FileSegment(p))], packed=False, single_file=True, lazy=lazy)
     sources = [(f"{p.name}:{n}", int(n), _PackedSegment(n, p)) for n in names if n.isdigit()]
-    return Run(p, meta, sources, packed=True, single_file=True)
+    return Run(p, meta, sources, packed=True, single_file=True, lazy=lazy)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -356,3 +356,35 @@ def test_a_failing_probe_switches_itself_off(tmp_path, caplog):
     assert r.steps["step"].tolist() == list(range(1, 9))
     assert r.table("curvature")["step"].tolist() == [2]
     assert "curvature probe failed at step 4" in caplog.text
+
+
+def test_criticality_uses_the_training_batch_snr_when_the_batch_size_is_known(tmp_path):
+    """Φ and all_critical judge the SNR of the training gradient, C_B = B·C_1 (DEFINITIONS §2), not
+    the per-example probe's C_1, whenever the recorder was told the batch size."""
+    import phasewatch
+
+    def per_example_ce(out, y):
+        return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    xp = torch.randn(32, 5, generator=g)
+    yp = (xp[:, 0] > 0).long()  # a learnable probe: a clear mean gradient, so C_1 > 0
+    kw = dict(grad_samples_every=1, grad_probe=(xp, yp), grad_loss=per_example_ce)
+    _train_recorded(tmp_path / "b", {**kw, "batch_size": 64})
+    _train_recorded(tmp_path / "nob", kw)
+    an = phasewatch.analyze(tmp_path / "b", window=3)
+    pr, cv = an.probes, an.curvature
+    np.testing.assert_allclose(pr["C_batch"], 64 * pr["C_per_example"], rtol=1e-12)
+    np.testing.assert_allclose(pr["p_batch"], pr["C_batch"] / (1 + pr["C_batch"]), rtol=1e-12)
+    np.testing.assert_allclose(pr["C_batch_lo"], 64 * pr["C_lo"], rtol=1e-12)
+    assert (pr["b"] == 1).all() and (pr["C_batch"] > pr["C"]).any()
+    cb = align(cv["step"], pr["step"], pr["C_batch"])
+    np.testing.assert_allclose(cv["C_crit"], cb, rtol=1e-12)
+    r = align(cv["step"], cv["step"][np.isfinite(cv["ntk_rate"])], cv["ntk_rate"][np.isfinite(cv["ntk_rate"])])
+    phi, flag = criticality(cb, cv["S"], r)
+    np.testing.assert_allclose(cv["phi"], phi, rtol=1e-12)
+    np.testing.assert_array_equal(cv["all_critical"], flag)
+    # without a batch size the probe's own C is all there is
+    an0 = phasewatch.analyze(tmp_path / "nob", window=3)
+    assert "C_batch" not in an0.probes
+    np.testing.assert_allclose(an0.curvature["C_crit"], an0.curvature["C"], rtol=0, equal_nan=True)

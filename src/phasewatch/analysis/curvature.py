@@ -189,7 +189,8 @@ def curvature_columns(
 ) -> dict[str, np.ndarray]:
     """The per-probe curvature table (``Analysis.curvature``) from the stored ``curvature`` and
     ``ntk`` tables, with C, p (gradient-noise probes) and α (tail index) taken at each probe as
-    their latest measurement at or before it.
+    their latest measurement at or before it.  Φ and ``all_critical`` use ``C_crit``: the training
+    batch's C_B (``C_batch`` of the probes, when the batch size is known) else the probe's own C_b.
 
     S uses the stored optimizer threshold (against λ_max, or against the preconditioned
     sharpness for Adam-type optimizers when it was measured); ``threshold_fn(lr)`` supplies one
@@ -251,12 +252,17 @@ def curvature_columns(
         out["ntk_rho"] = out["ntk_rank"] = out["ntk_rate"] = np.full(n, np.nan)
     pr = probes or {}
     ti = tail_index or {}
-    c = align(steps, pr["step"], pr["C"]) if pr.get("step") is not None and len(pr["step"]) else np.full(n, np.nan)
+    have = pr.get("step") is not None and len(pr["step"])
+    c = align(steps, pr["step"], pr["C"]) if have else np.full(n, np.nan)
+    # criticality is about the training gradient's SNR: C_B = B·C_1 where the batch size is known
+    cb = align(steps, pr["step"], pr["C_batch"]) if have and "C_batch" in pr else np.full(n, np.nan)
     p = align(steps, pr["step"], pr["p"]) if pr.get("step") is not None and len(pr["step"]) else np.full(n, np.nan)
     a = align(steps, ti["step"], ti["alpha"]) if ti.get("step") is not None and len(ti["step"]) else np.full(n, np.nan)
     # dρ/dt between NTK probes holds until the next NTK probe
     r = align(steps, steps[np.isfinite(out["ntk_rate"])], out["ntk_rate"][np.isfinite(out["ntk_rate"])])
     out["C"], out["p"], out["alpha"] = c, p, a
-    out["phi"], out["all_critical"] = criticality(c, out["S"], r, constants)
+    out["C_batch"] = cb
+    out["C_crit"] = np.where(np.isfinite(cb), cb, c)
+    out["phi"], out["all_critical"] = criticality(out["C_crit"], out["S"], r, constants)
     out["I"] = intelligence_coefficient(p, out["S"], a)
     return out

@@ -299,6 +299,16 @@ def noise_table(gs: dict[str, np.ndarray], level: float = 0.95, *, lr=None, batc
         with np.errstate(divide="ignore", invalid="ignore"):
             out["layer_C"] = np.maximum(lm - lt / n[:, None], 0.0) / lt
     out.update(gradcov.probe_columns(gs, lr=lr, batch_size=batch_size, level=level))
+    if batch_size is not None:
+        # the SNR of a training-batch gradient: C_B = B·C_1 = (B/b)·C_b (DEFINITIONS §2), CI scaled alike
+        B = np.broadcast_to(np.asarray(batch_size, dtype=float), n.shape)
+        if np.isfinite(B).any():
+            with np.errstate(invalid="ignore"):
+                scale = B / out["b"]
+                out["C_batch"] = out["C"] * scale
+                out["C_batch_lo"], out["C_batch_hi"] = out["C_lo"] * scale, out["C_hi"] * scale
+                for c in ("", "_lo", "_hi"):
+                    out["p_batch" + c] = out["C_batch" + c] / (1.0 + out["C_batch" + c])
     out["phase"] = out["phase"].astype(str)
     out["band"] = out["band"].astype(str)
     return out
@@ -557,7 +567,8 @@ def analyze(
         "alpha": "Hill MLE on the top 10% of the last 100 gradient norms (the note's choice), exact chi2 CI; "
                  "alpha > 2: no evidence of a stable heavy tail",
         "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
-             "C_per_example = C/b; B_simple = 1/C_per_example",
+             "C_per_example = C/b; B_simple = 1/C_per_example; C_batch = B*C_per_example (B the training "
+             "batch: Recorder(batch_size), else b*n for micro-batch/per-rank samples), p_batch = C_batch/(1+C_batch)",
         "C_langevin": "B ||g_bar||^2/(eta^2 b T) (= ||g||^2/(2DP), D = eta^2 sigma^2/(2B)), delta-method CI; units "
                       "1/eta^2; eta = lr of param group 0 at the measurement step; B = Recorder(batch_size), else "
                       "b*n for micro-batch/per-rank samples, else NaN",
@@ -581,7 +592,8 @@ def analyze(
         "eta_opt": "2D/lambda_max with D = 1 (the largest stable step; reported, not acted on)",
         "ntk_rho": "sum of ln(eigenvalues) of K = J J^T/n above 1e-6 * lambda_1; ntk_rate = backward difference per step",
         "phi": "exp(-[(C-1)^2/(2*0.3^2) + S^2/(2*0.15^2) + (r-1)^2/(2*0.5^2)]), r = d rho/dt (note 001); "
-               "all_critical: 0.8<=C<=1.2, |S|<=0.1, |r|>0.5; C, alpha: latest measurement at or before the probe",
+               "all_critical: 0.8<=C<=1.2, |S|<=0.1, |r|>0.5; C here is C_crit = C_batch (training batch) where "
+               "the batch size is known, else the probe's C_b; C, alpha: latest measurement at or before the probe",
         "I": "p*S/min(d, alpha) (note 000; the framework's heuristic)",
         "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
     }

@@ -388,3 +388,10 @@ def test_criticality_uses_the_training_batch_snr_when_the_batch_size_is_known(tm
     an0 = phasewatch.analyze(tmp_path / "nob", window=3)
     assert "C_batch" not in an0.probes
     np.testing.assert_allclose(an0.curvature["C_crit"], an0.curvature["C"], rtol=0, equal_nan=True)
+
+
+def test_ntk_auto_rules_out_jacobians_over_the_memory_cap():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(10, 4)
+    assert cv.choose_ntk_method(m, x, jacobian_bytes=1) == "ntk_vp"
+    assert cv.choose_ntk_method(m, x) in ("jacobian", "ntk_vp")

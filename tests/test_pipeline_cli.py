@@ -131,6 +131,10 @@ def test_cli_commands(tmp_path, capsys):
     assert "436,224 parameters" in out and "K=32" in out
     assert main(["analyze", str(SAMPLE), "--window", "8", "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "analysis.csv").exists() and (tmp_path / "a" / "analysis.json").exists()
+    # streamed in chunks of 7 windows: the same table, byte for byte
+    assert main(["analyze", str(SAMPLE), "--window", "8", "--chunk-steps", "7", "--out", str(tmp_path / "c"),
+                 "--format", "csv"]) == 0
+    assert (tmp_path / "c" / "analysis.csv").read_bytes() == (tmp_path / "a" / "analysis.csv").read_bytes()
     assert main(["plot", str(SAMPLE), "--out", str(tmp_path / "p"), "--format", "pdf", "png"]) == 0
     assert (tmp_path / "p" / "noise.pdf").read_bytes().startswith(b"%PDF")
     pdf = (tmp_path / "p" / "overview.pdf").read_bytes()

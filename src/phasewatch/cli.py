@@ -50,7 +50,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .analysis.pipeline import analyze
 
-    res = analyze(a.run, window=a.window, source=a.source)
+    res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps)
     print(res.summary())
     if a.out:
         out = Path(a.out)
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     _add_window(s)
     s.add_argument("--out", "-o", help="directory for analysis.csv / analysis.json")
+    s.add_argument("--chunk-steps", type=int, default=None, metavar="N",
+                   help="stream the band N windows at a time (bounded memory; same result). Default: "
+                        "streamed only when the band exceeds 1 GiB")
     s.add_argument("--format", nargs="+", default=["csv", "json"], help="csv and/or json (default both)")
     s.set_defaults(func=cmd_analyze)
 

@@ -443,3 +443,16 @@ def test_watch_shows_gradient_noise_refreshes_and_renders_the_figure(tmp_path):
     img = matplotlib.image.imread(tmp_path / "ov.png")
     assert img.shape[0] > 500 and img.shape[1] > 500 and img[..., :3].std() > 0.05  # drawn, not blank
     assert not math.isnan(float(img.mean()))
+
+
+def test_tail_analysis_of_a_lazy_run_reads_only_the_tail_and_equals_the_eager_one(tmp_path):
+    from phasewatch.export import analyze_tail
+
+    path = _run(tmp_path / "run", T=80)
+    after = {"window": 60, "steps": 60, "tail": 60}
+    eager = analyze_tail(phasewatch.open_run(path, lazy=False), window=W, after=after)
+    lazy_run = phasewatch.open_run(path, lazy=True)
+    lazy = analyze_tail(lazy_run, window=W, after=after)
+    for k, v in eager.table.items():
+        np.testing.assert_array_equal(np.asarray(lazy.table[k]), np.asarray(v), err_msg=k)
+    assert set(lazy_run.table("band").loaded) <= {"step", "band", "lr"}  # no per-layer band read whole

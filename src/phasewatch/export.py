@@ -44,7 +44,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -608,6 +608,25 @@ class WandbSink(Sink):
 
 # ------------------------------------------------------------------------------------------------
 # analysing the new tail of a run
+class _TailColumns(Mapping):
+    """Rows from ``cut`` on of a lazy run's table (:class:`~phasewatch.store.reader.LazyTable`):
+    a column is read (its tail only) on first access."""
+
+    def __init__(self, table, cut: int) -> None:
+        self._t, self._cut, self._cache = table, int(cut), {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self._t.rows(self._cut, self._t.n_rows, (name,))[name]
+        return self._cache[name]
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
 class _TailRun:
     """A :class:`~phasewatch.store.Run` whose ``band`` and ``steps`` tables start at given rows;
     everything else is the run itself.  ``analyze`` of it gives, for every window and rolling-Hill
@@ -620,7 +639,11 @@ class _TailRun:
     def table(self, name: str, steps=None):
         t = self._run.table(name) if steps is None else self._run.table(name, steps)
         cut = self._cut.get(name, 0)
-        return {k: v[cut:] for k, v in t.items()} if cut else t
+        if not cut:
+            return t
+        if hasattr(t, "rows"):  # a lazy run: read each column's tail when asked, never whole
+            return _TailColumns(t, cut)
+        return {k: v[cut:] for k, v in t.items()}
 
     @property
     def band(self):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ import numpy as np
 import phasewatch
 from phasewatch.analysis.events import first_rule, series, signal_rule
 from phasewatch.analysis.leadtime import lead_time, summarize
-from phasewatch.claims import GROKKING, grokking_runs, grokking_setup, result, save_figure
+from phasewatch.claims import GROKKING, cached_runs, grokking_runs, grokking_setup, result, save_figure
 from phasewatch.study import run_study
 
 CLAIM = ("g₂₃ = λ₂ − λ₃ declines > 1.5× from its pre-event peak before every grokking event; "
@@ -47,27 +44,12 @@ def subtraction_runs(out_dir, quick: bool) -> list[dict[str, Any]]:
     """Record (or reuse) the second task's runs, with weight decay and without, every seed of the demo
     runs; cached in ``out_dir/../_runs/subtraction-<hash of the configuration>`` like the demo runs."""
     cfg = {**SUBTRACTION[bool(quick)], "seeds": list(GROKKING[bool(quick)]["seeds"])}
-    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    base = Path(out_dir).resolve().parent / "_runs" / f"subtraction-{key}"
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "config.json").write_text(json.dumps(cfg, indent=1))
-    train = None
-    runs = []
-    for group, wd in (("wd", cfg["weight_decay"]), ("nowd", 0.0)):
-        for seed in cfg["seeds"]:
-            path = base / f"{group}-seed{seed}"
-            done = path.with_suffix(".summary.json")
-            if done.exists() and (path / "meta.json").exists():
-                summary = json.loads(done.read_text())
-            else:
-                if path.exists():
-                    shutil.rmtree(path)
-                train = train or _subtraction_module().train
-                kw = {k: v for k, v in cfg.items() if k not in ("seeds", "weight_decay")}
-                summary = train(path, weight_decay=wd, seed=seed, **kw)
-                done.write_text(json.dumps(summary))
-            runs.append({"path": path, "group": group, "seed": seed, "weight_decay": wd, **summary})
-    return runs
+    kw = {k: v for k, v in cfg.items() if k not in ("seeds", "weight_decay")}
+
+    def train(path, weight_decay, seed):
+        return _subtraction_module().train(path, weight_decay=weight_decay, seed=seed, **kw)
+
+    return cached_runs(out_dir, "subtraction", cfg, train)
 
 
 def subtraction_setup(quick: bool) -> str:

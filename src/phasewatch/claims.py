@@ -32,7 +32,7 @@ from typing import Any
 from .errors import PhasewatchError
 
 __all__ = ["VERDICTS", "RESULT_KEYS", "claims_dir", "discover", "load_claim", "run_claims", "write_table", "merge_previous",
-           "result", "save_figure", "grokking_runs", "GROKKING"]
+           "result", "save_figure", "cached_runs", "grokking_runs", "GROKKING"]
 
 VERDICTS = ("holds", "fails", "inconclusive")
 RESULT_KEYS = ("claim", "source", "setup", "verdict", "reason", "numbers", "figure")
@@ -128,18 +128,20 @@ GROKKING = {
 }
 
 
-def grokking_runs(out_dir: str | Path, quick: bool) -> list[dict[str, Any]]:
-    """Record (or reuse) the grokking demo runs: every seed with weight decay and without.
+def cached_runs(out_dir: str | Path, name: str, cfg: dict[str, Any], train) -> list[dict[str, Any]]:
+    """Record (or reuse) the runs of one configuration: every seed of ``cfg["seeds"]`` with weight
+    decay ``cfg["weight_decay"]`` and without.
 
-    Runs live in ``out_dir/../_runs/grokking-<hash of the configuration>/{wd,nowd}-seed<N>`` so the
-    claims that share them record them once.  Returns one dict per run: ``path``, ``group``
-    (``"wd"``/``"nowd"``), ``seed``, ``weight_decay`` and the training summary (``grok_step``, ...).
+    Runs live in ``out_dir/../_runs/<name>-<hash of cfg>/{wd,nowd}-seed<N>``, so the claims that
+    share them record them once; a run counts as done when its ``.summary.json`` exists.
+    ``train(path, weight_decay=, seed=)`` records one and returns its summary dict.  Returns one
+    dict per run: ``path``, ``group`` (``"wd"``/``"nowd"``), ``seed``, ``weight_decay`` and the
+    summary (``grok_step``, ...).
     """
-    from .demo import train_grokking
+    import shutil
 
-    cfg = dict(GROKKING[bool(quick)])
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    base = Path(out_dir).resolve().parent / "_runs" / f"grokking-{key}"
+    base = Path(out_dir).resolve().parent / "_runs" / f"{name}-{key}"
     base.mkdir(parents=True, exist_ok=True)
     (base / "config.json").write_text(json.dumps(cfg, indent=1))
     runs = []
@@ -151,15 +153,26 @@ def grokking_runs(out_dir: str | Path, quick: bool) -> list[dict[str, Any]]:
                 summary = json.loads(done.read_text())
             else:
                 if path.exists():
-                    import shutil
-
                     shutil.rmtree(path)
-                summary = train_grokking(path, p=cfg["p"], width=cfg["width"], steps=cfg["steps"], lr=cfg["lr"],
-                                         weight_decay=wd, seed=seed, grad_samples_every=cfg["grad_samples_every"],
-                                         grad_probe=cfg["grad_probe"])
+                summary = train(path, weight_decay=wd, seed=seed)
                 done.write_text(json.dumps(summary))
             runs.append({"path": path, "group": group, "seed": seed, "weight_decay": wd, **summary})
     return runs
+
+
+def grokking_runs(out_dir: str | Path, quick: bool) -> list[dict[str, Any]]:
+    """Record (or reuse) the grokking demo runs (:data:`GROKKING`): every seed with weight decay and
+    without, cached as :func:`cached_runs` says."""
+    from .demo import train_grokking
+
+    cfg = dict(GROKKING[bool(quick)])
+
+    def train(path, weight_decay, seed):
+        return train_grokking(path, p=cfg["p"], width=cfg["width"], steps=cfg["steps"], lr=cfg["lr"],
+                              weight_decay=weight_decay, seed=seed, grad_samples_every=cfg["grad_samples_every"],
+                              grad_probe=cfg["grad_probe"])
+
+    return cached_runs(out_dir, "grokking", cfg, train)
 
 
 def grokking_setup(quick: bool) -> str:

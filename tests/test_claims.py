@@ -93,11 +93,12 @@ def test_cli_bad_only(capsys, tmp_path: Path):
 
 @pytest.mark.slow
 def test_quick_mode_cli(tmp_path: Path):
-    """The quick mode of claims 1 and 3 (a Muon/AdamW pair and the two small grokking runs; ~1 min)."""
+    """The quick mode of every claim experiment (~1 min with one thread): each runs, none raises, the
+    table has a row and a readable figure per claim.  What they conclude is not checked."""
     out = tmp_path / "claims"
-    assert main(["claims", "--quick", "--only", "1,3", "--out", str(out)]) == 0
+    assert main(["claims", "--quick", "--out", str(out)]) == 0
     rows = _table_rows((out / "claims.md").read_text())
-    assert [r[0].strip() for r in rows] == ["1", "3"]
+    assert [int(r[0]) for r in rows] == sorted(discover())
     data = json.loads((out / "claims.json").read_text())
     for c in data["claims"]:
         assert c["verdict"] in VERDICTS

@@ -33,6 +33,10 @@ TRAIN = textwrap.dedent("""
         "proj64": dict(optim="sgd", dtype="float64",
                        rec=dict(mode="projected", proj_dim=16, stride=2, snapshot_every=6, snapshot_kind="projected")),
         "adamw32": dict(optim="adamw", dtype="float32", brute=True, rec=dict(snapshot_every=10)),
+        # gradient accumulation: 3 backward passes per step (global micro-batch: 8 examples, 4 per rank)
+        "mb64": dict(optim="sgd", dtype="float64", accum=3, steps=10,
+                     rec=dict(grad_samples_every=2, grad_microbatch_size=4, grad_samples_max=4,
+                              groups={"hidden": ["0", "2"], "out": ["4"]})),
     }
 
     def build(dtype):
@@ -53,6 +57,7 @@ TRAIN = textwrap.dedent("""
 
     def train(path, name, rank=0, world=1, steps=30, fail_at=None, strict=True):
         cfg = CONFIGS.get(name, CONFIGS["sgd64"])
+        steps = cfg.get("steps", steps)
         dtype = getattr(torch, cfg["dtype"])
         model = build(dtype)
         if world > 1:
@@ -72,9 +77,24 @@ TRAIN = textwrap.dedent("""
                 if fail_at is not None and t == fail_at:
                     rec._slot_views = None  # fault injection: this rank's next update fails
                 xb, yb = x[t], y[t]
+                opt.zero_grad()
+                if cfg.get("accum"):  # micro-batch j: examples 8j..8j+7, split between the ranks
+                    m = cfg["accum"]
+                    if world == 1 and rec.grad_samples(t + 1):  # ground truth: each full micro-batch gradient
+                        full.append([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                            torch.nn.functional.cross_entropy(model(xb[8 * j: 8 * j + 8]), yb[8 * j: 8 * j + 8]),
+                            list(model.parameters()))]).numpy() for j in range(m)])
+                    for j in range(m):
+                        xj, yj = xb[8 * j: 8 * j + 8], yb[8 * j: 8 * j + 8]
+                        if world > 1:
+                            xj, yj = xj.chunk(world)[rank], yj.chunk(world)[rank]
+                        loss = torch.nn.functional.cross_entropy(model(xj), yj) / m
+                        loss.backward()
+                    rec.loss(loss)
+                    opt.step()
+                    continue
                 if world > 1:  # each rank its half of the batch: the mean gradient is the full batch's
                     xb, yb = xb.chunk(world)[rank], yb.chunk(world)[rank]
-                opt.zero_grad()
                 loss = torch.nn.functional.cross_entropy(model(xb), yb)
                 loss.backward()
                 if cfg.get("brute"):  # ground truth: the full gradients (gathered) this step uses
@@ -105,7 +125,7 @@ WORKER = TRAIN + textwrap.dedent("""
             return _f(*a, **k)
         setattr(dist, fn, counting)
     report = {}
-    for name in ("sgd64", "adamw64", "proj64", "adamw32"):
+    for name in ("sgd64", "adamw64", "proj64", "adamw32", "mb64"):
         before = dict(calls)
         path = f"{out}/{name}" if rank == 0 else f"{out}/{name}-rank{rank}"  # rank 1 must write nothing
         _, full = train(path, name, rank, world)
@@ -119,6 +139,11 @@ WORKER = TRAIN + textwrap.dedent("""
         path = f"{out}/fail{bad}" if rank == 0 else f"{out}/fail{bad}-rank{rank}"
         model, _ = train(path, "sgd64", rank, world, fail_at=10 if rank == bad else None, strict=False)
         report[f"fail{bad}"] = bool(all(torch.isfinite(p.full_tensor()).all() for p in model.parameters()))
+    # ... also when the next collective is a micro-batch sample all-reduce (rank 1 fails at step 5)
+    before = dict(calls)
+    path = f"{out}/failmb" if rank == 0 else f"{out}/failmb-rank{rank}"
+    model, _ = train(path, "mb64", rank, world, fail_at=4 if rank == 1 else None, strict=False)
+    report["failmb"] = [calls[k] - before[k] for k in calls]
     # errors: a partly sharded model, a placement FSDP2 does not make, an unsupported option
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -131,7 +156,9 @@ WORKER = TRAIN + textwrap.dedent("""
     for n in ("weight", "bias"):
         setattr(m2, n, torch.nn.Parameter(distribute_tensor(getattr(m2, n).detach(), mesh, [Replicate()])))
     m3 = shard(build(torch.float64), world)
-    for model, kw in ((m1, {}), (m2, {}), (m3, {"grad_samples_every": 5})):
+    probe = (torch.zeros(4, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    for model, kw in ((m1, {}), (m2, {}), (m3, {"grad_samples_every": 5, "grad_source": "per_rank"}),
+                      (m3, {"grad_samples_every": 5, "grad_probe": probe, "grad_loss": lambda o, y: o.sum()})):
         try:
             phasewatch.Recorder(f"{out}/err-{rank}", model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
             errors.append(None)
@@ -178,9 +205,11 @@ def runs(tmp_path_factory):
     try:
         for name in ("sgd64", "adamw64", "proj64", "adamw32"):
             ns["train"](out / f"{name}-single", name)
+        _, mb_brute = ns["train"](out / "mb64-single", "mb64")
     finally:
         torch.set_num_threads(threads)
     reports = [json.loads((out / f"report-{r}.json").read_text()) for r in range(2)]
+    np.save(out / "mb64-brute.npy", np.array(mb_brute))  # (rows, n, P): full micro-batch gradients
     return out, reports, errs
 
 
@@ -313,9 +342,69 @@ def test_fsdp_failure_on_one_rank_stops_every_rank_and_training_continues(runs):
 def test_fsdp_errors_are_one_clear_line(runs):
     _, reports, _ = runs
     for rep in reports:
-        partly, replicate, option = rep["errors"]
+        partly, replicate, per_rank, probe = rep["errors"]
         assert partly.startswith("parameters are partly sharded: 0.weight is a DTensor (FSDP2) but 2.weight")
         assert "apply fully_shard to the root module" in partly
         assert "placements (Replicate(),)" in replicate and "(Shard(0),) on a 1-D mesh" in replicate
-        assert option.startswith("grad_samples_every is not supported for FSDP-sharded")
+        assert per_rank.startswith("grad_source='per_rank' is not supported for FSDP-sharded")
+        assert probe.startswith("grad_probe is not supported for FSDP-sharded")
         assert all("\n" not in e for e in rep["errors"])
+
+
+def _brute_noise_stats(G: np.ndarray, groups: list[slice], n_max: int) -> dict:
+    """The grad_samples columns of n samples G (n, P) by their definitions (DEFINITIONS §2)."""
+    n = G.shape[0]
+    gbar = G.mean(0)
+    D = G - gbar
+    d2 = (D * D).sum(1)  # ‖g_i − ḡ‖²
+    v = D @ gbar  # ⟨g_i − ḡ, ḡ⟩
+    K = D @ D.T
+    eigs = np.sort(np.linalg.eigvalsh(K))[::-1].clip(0) / (n - 1)
+    cov = np.full(n_max, np.nan)
+    cov[: min(n_max, n - 1)] = eigs[: min(n_max, n - 1)]
+    norms = np.full(n_max, np.nan)
+    norms[: min(n_max, n)] = np.linalg.norm(G, axis=1)[:n_max]
+    return {"mean_sq_norm": gbar @ gbar, "trace": d2.sum() / (n - 1), "quad": v @ v / (n - 1),
+            "trace_sq": (K * K).sum() / (n - 1) ** 2, "fourth": (d2**2).mean(), "third": (v * d2).mean(),
+            "layer_mean_sq_norm": np.array([gbar[s] @ gbar[s] for s in groups]),
+            "layer_trace": np.array([(D[:, s] ** 2).sum() / (n - 1) for s in groups]),
+            "cov_eigs": cov, "sample_norms": norms}
+
+
+def test_fsdp_micro_batch_gradient_samples_equal_brute_force(runs):
+    out, reports, _ = runs
+    run = phasewatch.open_run(out / "mb64")
+    gs = run.table("grad_samples")
+    assert gs["step"].tolist() == [2, 4, 6, 8, 10]
+    assert gs["n"].tolist() == [3] * 5 and set(gs["source"].tolist()) == {b"micro_batch"}
+    assert gs["b"].tolist() == [8.0] * 5  # grad_microbatch_size 4 per rank × 2 ranks
+    # brute force: the full micro-batch gradients (8 examples each) of the plain model trained on one
+    # process, at the θ each scheduled step starts from (the trajectories agree to ~1e-15 in float64)
+    G = np.load(out / "mb64-brute.npy")
+    assert G.shape[:2] == (5, 3)
+    n_params = run.meta["model"]["n_params"]
+    assert G.shape[2] == n_params == 6 * 20 + 20 + 20 * 13 + 13 + 13 * 3 + 3
+    # layer groups: "hidden" = 0.* and 2.* (the first 6·20+20 + 20·13+13 coordinates), "out" = 4.*
+    cut = 6 * 20 + 20 + 20 * 13 + 13
+    groups = [slice(0, cut), slice(cut, n_params)]
+    for r in range(5):
+        want = _brute_noise_stats(G[r], groups, 4)
+        for k, w in want.items():
+            np.testing.assert_allclose(gs[k][r], w, rtol=1e-10, atol=1e-13 * abs(want["trace"]), err_msg=f"{k} {r}")
+    # one sample all-reduce per scheduled step (5), plus the band's: 10 steps, B = 4: 2 + 1 at close
+    assert reports[0]["mb64"]["all_reduce"] == 5 + 3
+    assert reports[0]["mb64"] == reports[1]["mb64"]
+    # the band is unchanged by the sampling (same as the single-process run)
+    single = phasewatch.open_run(out / "mb64-single")
+    np.testing.assert_allclose(run.band["band"], single.band["band"], rtol=1e-10)
+
+
+def test_fsdp_failure_before_a_sample_all_reduce_stops_every_rank(runs):
+    out, reports, errs = runs
+    # rank 1 fails at step 5; every rank meets at step 6's sample all-reduce (rank 1 sends status 0)
+    # and stops there: all-reduces at steps 2 (samples), 4 (samples, band block), 6 (samples)
+    assert reports[0]["failmb"] == reports[1]["failmb"] == [4, 0]
+    run = phasewatch.open_run(out / "failmb")
+    assert run.table("grad_samples")["step"].tolist() == [2, 4]
+    assert run.steps["step"].tolist() == [1, 2, 3, 4]
+    assert not (out / "failmb-rank1").exists()

@@ -28,8 +28,22 @@ one (same seed) up to rounding.
 
 Snapshots and checkpoints are gathered to rank 0 on their schedule (one ``gather`` per scheduled
 step, shards concatenated in mesh order, shard folds summed) and stored as full tensors, exactly as
-without FSDP.  Gradient samples and curvature probes are refused under FSDP (they need full-model
-functional calls or per-sample Gram matrices of sharded gradients).
+without FSDP.
+
+Gradient samples: the micro-batch route.  With gradient accumulation (m backward passes per step)
+FSDP2 reduce-scatters after every backward (its default; with ``set_requires_gradient_sync(False)``
+on some micro-batches a sample is the sum of those up to the next synced one, and with sync only on
+the last, n = 1 and no row is written) and then calls the sharded parameter's
+post-accumulate-grad hooks, so p.grad after backward i is the rank's shard of the all-ranks mean of
+the first i micro-batch gradients, and the differences of consecutive passes are the shards of the
+n = m global micro-batch gradients g_i (each over b = world × per-rank micro-batch examples).  The
+Gram matrices are sums over coordinates, so each rank builds its shard-local raw Grams per layer
+group, M_l^(r) = G_l^(r) G_l^(r)ᵀ (n × n), and ONE ``all_reduce(SUM)`` per scheduled step, issued in
+the step post-hook on every rank (also a failed one), gives M_l = Σ_r M_l^(r); rank 0 turns them
+into the ``grad_samples`` row (:func:`~phasewatch.record.probes.gram_matrix_statistics`).  The
+vector's size 1 + G·n² is agreed without a collective: n is the number of hook calls, one per
+reduce-scatter, itself a collective, hence the same on every rank.  Per-example probes (full-model
+functional calls), per-rank samples, ``grad_mask``, ``grad_proj_dim`` and curvature probes are refused.
 
 Failure policy.  Every rank must meet the others at the same collectives, even after its recorder
 failed: a rank whose recorder failed keeps taking part (sending zeros and status 0) until the next
@@ -104,8 +118,10 @@ def refuse_options(**given: Any) -> None:
     """The recorder options FSDP does not support, as one clear error each."""
     for name, value in given.items():
         if value is not None:
-            raise RecorderError(f"{name} is not supported for FSDP-sharded (DTensor) parameters; record without "
-                                f"it (the band, gradient norms, snapshots and checkpoints are supported)")
+            what = f"{name}={value!r}" if isinstance(value, str) else name
+            raise RecorderError(f"{what} is not supported for FSDP-sharded (DTensor) parameters; record without "
+                                f"it (the band, gradient norms, micro-batch gradient samples, snapshots and "
+                                f"checkpoints are supported)")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -218,6 +234,19 @@ class ShardSync:
         self.fold_idx = torch.tensor(fidx, dtype=torch.long, device=rec._ring.device)
         self.n_fold = len(fidx)
         self._hooks.append(rec.optimizer.register_step_post_hook(self._after_step))
+        self.sample_meetings = 0  # sample all-reduces taken part in
+        self._arm_samples()
+
+    def _arm_samples(self) -> None:
+        """Arm the micro-batch capture for the coming step if it is scheduled (on every rank, also a
+        failed one: the hook calls give the size of the step's sample all-reduce)."""
+        mb = self._rec._mb
+        if mb is None:
+            return
+        if not self.stopped and self._rec.grad_samples(self.step + 1):
+            mb.arm()
+        else:
+            mb.disarm()
 
     def global_dim(self, rec_dims: Sequence[int], projected: Sequence[bool]) -> int:
         """Ring dimension of the full model (what a projected snapshot stores)."""
@@ -247,6 +276,14 @@ class ShardSync:
         upd = (self.step - rec._resume_step) % rec.stride == 0
         if upd:
             self.n_upd += 1
+        mb = rec._mb
+        if mb is not None and mb.armed:
+            self.sample_exchange(self.step)
+            self._arm_samples()
+            if self.stopped:
+                return
+        elif mb is not None:
+            self._arm_samples()
         snap = upd and rec.snapshots(self.step)
         ckpt = bool(rec.checkpoints(self.step))
         if snap or ckpt:
@@ -371,6 +408,68 @@ class ShardSync:
             vec[o: o + nb * D] = new.index_select(1, self.fold_idx).reshape(-1)
         return vec
 
+    # -- gradient samples: the micro-batch route -------------------------------------------------
+    @torch.no_grad()
+    def _local_grams(self, rec: Any, n: int) -> torch.Tensor:
+        """This rank's raw Gram matrices (G, n, n) of the shards of the n scaled micro-batch samples."""
+        per_param = rec._mb.take()
+        scale = float(n) if rec._grad_mb_scale == "n_micro" else float(rec._grad_mb_scale)
+        Ms = torch.zeros(self.n_groups, n, n, dtype=torch.float64, device=rec._ring.device)
+        for i, (s, g) in enumerate(zip(per_param, rec._param_group)):
+            if int(s.shape[0]) != n:
+                raise RecorderError(f"parameter {rec.param_names[i]}: {int(s.shape[0])} captured gradients, "
+                                    f"{n} backward passes")
+            flat = s.reshape(n, self.local_numel(i)).to(device=Ms.device, dtype=torch.float64)
+            Ms[g] += flat @ flat.T
+        return Ms.mul_(scale * scale)
+
+    @torch.no_grad()
+    def sample_exchange(self, step: int) -> None:
+        """After a scheduled step, on every rank: one all-reduce of [status, shard-local Grams]; rank 0
+        writes the ``grad_samples`` row (source ``micro_batch``, b = grad_microbatch_size × world)."""
+        rec = self._rec
+        mb = rec._mb
+        calls = list(mb.calls)
+        n = calls[0] if calls else 0
+        if any(c != n for c in calls) or n < 2:  # the same on every rank: no collective
+            mb.disarm()
+            if self.rank == 0 and rec.enabled:
+                log.debug("phasewatch: step %d: backward passes per parameter %s; micro-batch samples need "
+                          ">= 2, the same for every parameter; no grad_samples row", step, sorted(set(calls)))
+            return
+        vec = torch.zeros(1 + self.n_groups * n * n, dtype=torch.float64)
+        if rec.enabled and not self.failed:
+            try:
+                vec[1:] = self._local_grams(rec, n).reshape(-1).cpu()
+                vec[0] = 1.0
+            except Exception as e:  # noqa: BLE001 - a local failure: every rank stops below
+                log.error("phasewatch: rank %d: micro-batch samples failed (%s: %s)", self.rank, type(e).__name__, e)
+                vec.zero_()
+        mb.disarm()
+        self.sample_meetings += 1
+        t = vec.to(self.comm_dev)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        except Exception as e:  # noqa: BLE001 - the group itself failed: no more collectives
+            self._stop(f"the sample all-reduce failed on rank {self.rank} ({type(e).__name__}: {e})")
+            return
+        t = t.cpu()
+        if float(t[0]) < self.world - 0.5:
+            self._stop(f"{self.world - round(float(t[0]))} rank(s) reported a recorder failure")
+            return
+        if self.rank != 0:
+            return
+        from .probes import gram_matrix_statistics
+
+        try:
+            st = gram_matrix_statistics(t[1:].view(self.n_groups, n, n), rec.grad_samples_max)
+            if st is None:
+                log.debug("phasewatch: step %d: fewer than 2 finite micro-batch gradients; no row", step)
+                return
+            rec._write_grad_row(step, "micro_batch", rec._grad_mb_size * self.world, st)
+        except Exception as e:  # noqa: BLE001
+            rec._fail(e)
+
     # -- snapshots and checkpoints: gathered to rank 0 ---------------------------------------------
     def _pieces(self, rec: Any, snap: bool, ckpt: bool) -> list[tuple[str, np.ndarray, Any]]:
         """What each rank sends: (combine, lengths per rank, local data or None) per piece."""
@@ -479,6 +578,8 @@ class ShardSync:
     def _stop(self, why: str) -> None:
         rec = self._rec
         self.stopped = True  # (the hooks return at once from now on; close() removes them)
+        if rec is not None and getattr(rec, "_mb", None) is not None:
+            rec._mb.disarm()
         if rec is not None and rec.enabled:
             log.error("phasewatch: recording stopped on rank %d: %s; what was written stays, training "
                       "continues", self.rank, why)

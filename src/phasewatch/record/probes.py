@@ -18,6 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import RecorderError
+from .fsdp import local
 
 _BN = torch.nn.modules.batchnorm._BatchNorm
 
@@ -190,7 +191,9 @@ class MicroBatchCapture:
     each backward pass; :meth:`take` returns the differences
     g_i = (p.grad after backward i) − (p.grad after backward i−1) in float64 (exact for the
     difference of two stored values), taking p.grad = 0 before the first backward, i.e. assuming
-    the user zeroes gradients after each step.  Armed only for scheduled steps; otherwise no hook
+    the user zeroes gradients after each step.  Under FSDP2 torch calls these hooks on the sharded
+    parameter after each backward's reduce-scatter, and the capture keeps the rank's shard
+    (``to_local()``) of the reduced gradient.  Armed only for scheduled steps; otherwise no hook
     is installed and nothing costs anything.  An error inside a hook goes to ``on_error`` (the
     recorder's failure policy), never into the user's ``backward()``.
     """
@@ -202,6 +205,7 @@ class MicroBatchCapture:
         self._handles: list[Any] = []
         self._snaps: list[list[torch.Tensor]] = [[] for _ in self.params]
         self._stopped = False
+        self.calls = [0] * len(self.params)  # hook calls per parameter since arm() (counted first)
 
     @property
     def armed(self) -> bool:
@@ -211,6 +215,7 @@ class MicroBatchCapture:
         if self.armed:
             return
         self._snaps = [[] for _ in self.params]
+        self.calls = [0] * len(self.params)
         for i, p in enumerate(self.params):
             self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
 
@@ -218,9 +223,10 @@ class MicroBatchCapture:
         def hook(p: torch.Tensor) -> None:
             if self._stopped:
                 return
+            self.calls[i] += 1
             try:
-                with torch.no_grad():
-                    self._snaps[i].append(p.grad.detach().clone())
+                with torch.no_grad():  # (FSDP2: p.grad is a DTensor; keep the rank's shard)
+                    self._snaps[i].append(local(p.grad).detach().clone())
             except Exception as e:  # noqa: BLE001 - never break the user's backward()
                 if self.on_error is None:
                     raise

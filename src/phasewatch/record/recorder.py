@@ -157,6 +157,8 @@ class Recorder:
         ``"gaussian"`` a seeded Gaussian sketch R (d × P, N(0, 1/d) entries, generated per tensor
         and chunk, never materialised for large P).  Per-example and micro-batch samples only.
     grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
+        Under FSDP2 give the per-rank micro-batch size: the samples are the reduce-scattered
+        (all-ranks) micro-batch gradients, so the stored b is ``grad_microbatch_size`` × world size.
     grad_microbatch_scale: factor applied to each captured micro-batch gradient (the difference
         of p.grad between successive backward passes).  ``"n_micro"`` (default) multiplies by the
         number of micro-batches n, so a sample is the micro-batch *mean* gradient when the user
@@ -278,8 +280,11 @@ class Recorder:
         self._shard: Any = None
         sharded = fsdp.detect(trainable_named(model, optimizer))
         if sharded:
-            fsdp.refuse_options(grad_samples_every=grad_samples_every, grad_mask=grad_mask or None,
-                                grad_proj_dim=grad_proj_dim or None, curvature_every=curvature_every)
+            # (gradient samples: the micro-batch route only, see ShardSync.sample_exchange)
+            fsdp.refuse_options(grad_probe=grad_probe,
+                                grad_source=grad_source if grad_source not in (None, "micro_batch") else None,
+                                grad_mask=grad_mask or None, grad_proj_dim=grad_proj_dim or None,
+                                curvature_every=curvature_every)
         self._writes = not sharded or torch.distributed.get_rank() == 0  # ranks != 0 open no file
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_rank() != 0 and not sharded:
@@ -735,7 +740,7 @@ class Recorder:
                                          else torch.zeros((), device=p.device) for p in self.params])
                 self._cur_grad = norms
             self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
-            if self._mb is not None and self._mb.armed:
+            if self._mb is not None and self._mb.armed and self._shard is None:  # (FSDP: in the shard's hook)
                 self._micro_batch_samples(self.step + 1)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
@@ -926,7 +931,7 @@ class Recorder:
     # gradient samples
     def _arm_micro_batches(self) -> None:
         """Install the per-parameter accumulate hooks for the coming step if it is scheduled."""
-        if self._mb is None:
+        if self._mb is None or self._shard is not None:  # (FSDP: armed by the shard's step hook)
             return
         if self.grad_samples(self.step + 1):
             self._mb.arm()

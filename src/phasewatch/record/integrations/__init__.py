@@ -31,13 +31,20 @@ def _torch_optimizer(opt: Any) -> Any:
     return opt if isinstance(opt, torch.optim.Optimizer) else None
 
 
-def _sample_source(cfg: dict[str, Any]) -> None:
+def _sample_source(cfg: dict[str, Any], model: Any = None) -> None:
     """Gradient samples under DDP: the callbacks run on every rank, so they can use the per-rank
-    local gradients (a collective) unless the user chose a source or a probe batch."""
+    local gradients (a collective) unless the user chose a source or a probe batch.  A model
+    sharded with FSDP2 has no per-rank route (its gradients are reduce-scattered after every
+    backward): there the micro-batch route, the one the recorder supports under FSDP."""
     from ..distributed import world_size
 
     if cfg.get("grad_samples_every") is not None and cfg.get("grad_probe") is None and world_size() >= 2:
-        cfg.setdefault("grad_source", "per_rank")
+        sharded = False
+        if model is not None:
+            from ..fsdp import detect
+
+            sharded = detect(list(model.named_parameters()))
+        cfg.setdefault("grad_source", "micro_batch" if sharded else "per_rank")
 
 
 def _active(recorder: Any) -> bool:

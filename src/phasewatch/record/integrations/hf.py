@@ -95,7 +95,7 @@ class PhasewatchCallback(TrainerCallback):
         cfg = dict(self.config)
         if cfg.get("grad_samples_every") is not None and cfg.get("grad_probe") is None:
             cfg.setdefault("grad_microbatch_size", args.per_device_train_batch_size)
-        _sample_source(cfg)
+        _sample_source(cfg, model)
         if self._sessions:
             cfg.setdefault("resume", True)  # a second train() continues the run in a new segment
         if state.global_step or cfg.get("resume"):

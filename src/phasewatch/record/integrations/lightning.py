@@ -123,7 +123,7 @@ class PhasewatchCallback(Callback):
         cfg = dict(self.config)
         if microbatch_size is not None:
             cfg["grad_microbatch_size"] = int(microbatch_size)
-        _sample_source(cfg)
+        _sample_source(cfg, pl_module)
         if self._sessions:
             cfg.setdefault("resume", True)
         if trainer.global_step or cfg.get("resume"):

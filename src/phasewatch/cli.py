@@ -146,7 +146,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
                 raise PhasewatchError(f"{run_dir}: exists; pass --overwrite or choose another --out")
             shutil.rmtree(run_dir)
         print(f"training the {name} run (p=71, width 2048, weight decay {wd:g}, {a.steps} steps) ...", flush=True)
-        r = train_grokking(run_dir, steps=a.steps, weight_decay=wd, seed=a.seed, progress=True)
+        # gradient noise: 64 per-example gradients every 10 steps (C, p with intervals; ~10% of the time)
+        r = train_grokking(run_dir, steps=a.steps, weight_decay=wd, seed=a.seed, progress=True,
+                           grad_samples_every=10, grad_probe=64)
         grok = f"test accuracy >= 0.95 at step {r['grok_step']}" if r["grok_step"] else "never reached 0.95 test accuracy"
         print(f"  {r['n_params']:,} parameters, {r['seconds']:.1f} s; {grok}; final test accuracy "
               f"{r['final_test_acc']:.3f}")
@@ -156,11 +158,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
         res.to_json(out / f"{name}-analysis.json")
         import matplotlib.pyplot as plt
 
-        fig = FIGURES["overview"](res)
-        for f in ("pdf", "png"):
-            save(fig, out / f"{name}-overview.{f}", f)
-        plt.close(fig)
-        print(f"  wrote {out / f'{name}-overview.pdf'} (and .png), {name}-analysis.csv/.json")
+        for kind in ("overview", "noise"):
+            fig = FIGURES[kind](res)
+            for f in ("pdf", "png"):
+                save(fig, out / f"{name}-{kind}.{f}", f)
+            plt.close(fig)
+        print(f"  wrote {out / f'{name}-overview.pdf'} and {name}-noise.pdf (and .png), "
+              f"{name}-analysis.csv/.json")
     return 0
 
 

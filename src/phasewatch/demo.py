@@ -96,7 +96,8 @@ def train_grokking(
     if out is not None:
         from .record.recorder import Recorder
 
-        cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None}
+        # full-batch training: B = the training set (for C_batch, p_batch and the Langevin variant)
+        cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None, "batch_size": len(data.train_x)}
         if grad_samples_every is not None:
             probe = grad_probe if isinstance(grad_probe, tuple) else (
                 data.train_x[: int(grad_probe or 64)], target[: int(grad_probe or 64)])

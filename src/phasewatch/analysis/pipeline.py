@@ -164,6 +164,11 @@ class Analysis:
             d["b_last"] = float(pr["b"][-1])
             d["n_last"] = int(pr["n"][-1])
             d["early_stopping_first"] = {k: v for k, v in self.probe_flags.items()}
+            cb = np.asarray(pr.get("C_batch", []), dtype=float)
+            if cb.size and np.isfinite(cb[-1]):
+                d["C_batch_last"] = float(cb[-1])
+                d["C_batch_last_ci"] = [float(pr["C_batch_lo"][-1]), float(pr["C_batch_hi"][-1])]
+                d["p_batch_last"] = float(pr["p_batch"][-1])
             for key in ("cov_eff_rank", "cov_eff_rank_corrected", "cov_top_fraction", "C_langevin", "alpha_coord"):
                 v = np.asarray(pr.get(key, []), dtype=float)
                 if v.size and np.isfinite(v[-1]):
@@ -215,6 +220,10 @@ class Analysis:
             lines.append(f"C (canon.)   {d['gradient_measurements']} measurements; last C = {d['C_last']:.3g} "
                          f"[{d['C_last_ci'][0]:.3g}, {d['C_last_ci'][1]:.3g}], p = {d['p_last']:.2f} "
                          f"({d['phase_last']}, {d['band_last']}); b={d['b_last']:g}, n={d['n_last']}")
+        if "C_batch_last" in d:
+            lo, hi = d["C_batch_last_ci"]
+            lines.append(f"C (batch)    last C_B = B·C_1 = {d['C_batch_last']:.3g} [{lo:.3g}, {hi:.3g}], "
+                         f"p_B = {d['p_batch_last']:.2f} (the training batch's signal-to-noise)")
         if "alpha_gradnorm_median" in d:
             a = d["alpha_gradnorm_median"]
             lines.append(f"alpha (Hill) median {a:.2f} over 100-step windows of gradient norms"

@@ -480,8 +480,14 @@ def _panel_C(ax, a) -> None:
     if "C_naive" in pr and np.isfinite(pr["C_naive"]).any():
         x, y = _decimate(st, pr["C_naive"], nb)
         ax.plot(x, y, color=PALETTE[3], ls="--", lw=0.8, label="C naive")
+    extra = []
+    if "C_batch" in pr and np.isfinite(pr["C_batch"]).any():  # the training batch's SNR, B·C₁
+        x, y = _decimate(st, pr["C_batch"], nb)
+        ax.plot(x, y, color=PALETTE[1], ls="-.", lw=0.9, label=r"$C_B$ (training batch)")
+        extra.append(np.asarray(pr["C_batch"], float))
     ax.axhline(1.0, color="0.4", lw=0.6, ls=":", zorder=1)
-    pos = np.concatenate([np.asarray(pr["C_lo"], float), np.asarray(pr["C_hi"], float), np.asarray(pr["C"], float)])
+    pos = np.concatenate([np.asarray(pr["C_lo"], float), np.asarray(pr["C_hi"], float), np.asarray(pr["C"], float),
+                          *extra])
     pos = pos[np.isfinite(pos) & (pos > 0)]
     if pos.size and pos.max() / pos.min() > 10:
         _log_axis(ax.yaxis)
@@ -577,7 +583,8 @@ def overview(analysis, width: str | float = "text", n_sigma: int | None = None,
 
 def noise(analysis, width: str | float = "text"):
     """Gradient noise over training: the consolidation ratio C (canonical, delta-method 95 % CI,
-    with the naive variant and the phases of p = C/(1+C) shaded) when gradient samples were recorded,
+    with the naive variant, the training batch's C_B = B·C₁ when the batch size is known, and the
+    phases of p = C/(1+C) shaded) when gradient samples were recorded,
     and Hill's α̂ on 100-step windows of gradient norms with its exact χ² interval and the α = 2 line
     (α̂ > 2: no evidence of a stable heavy tail), and, when projected samples were recorded
     (``grad_proj``), the pooled coordinate tail index α̂_coord of each measurement with its bootstrap

@@ -35,6 +35,8 @@ WORKER = textwrap.dedent("""
             loss.backward()
             rec.loss(loss)
             opt.step()
+            rec.log(step=rec.step, probe=float(rec.step))  # rec.step exists on every rank
+    assert rec.step == 25, (rank, rec.step)
     if mode == "ddp":
         dist.destroy_process_group()
     # skip interpreter teardown: gloo's threads occasionally abort it (std::terminate, exit -6)

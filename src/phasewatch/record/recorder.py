@@ -291,6 +291,10 @@ class Recorder:
             # under DDP the parameters are the same on every rank: rank 0 records, the others idle
             # (except for capturing their local gradients when per-rank samples are scheduled)
             self.enabled, self._closed, self._hooks = False, True, []
+            # ``step`` still counts this rank's optimizer steps (from ``start_step``, else 0: the
+            # run file is rank 0's), so a loop may use rec.step on every rank
+            self.step = int(start_step) if start_step is not None else 0
+            optimizer.register_step_post_hook(self._count_step)
             if grad_source == "per_rank":
                 self._dist_sampler = PerRankSampler(model, optimizer, Schedule(grad_samples_every),
                                                     scale=grad_microbatch_scale, n_max=grad_samples_max)
@@ -717,6 +721,9 @@ class Recorder:
 
     # ------------------------------------------------------------------------------------------
     # hooks
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1  # idle DDP ranks only
+
     def _pre_hook(self, optimizer, args, kwargs):
         # optimizer.step(closure) runs forward/backward (and Lightning's clipping) inside step():
         # the gradients the step uses exist only once the closure has returned

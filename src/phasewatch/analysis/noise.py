@@ -322,19 +322,6 @@ def _delta_var_log_ratio_moments(
     return var_log
 
 
-def _delta_var_log_ratio_gaussian_f(n: np.ndarray, A: np.ndarray, T: np.ndarray, trace_sq: np.ndarray) -> np.ndarray:
-    """Var(log(A/T)) under Gaussian sampling with the estimated f = Tr(Σ²) (Srivastava 2005) and the
-    bound μᵀΣμ ≤ ‖μ‖² λ_max ≤ ‖μ‖² √f; ḡ and the sample covariance are then independent (Cov = 0):
-    Var A = 4 μᵀΣμ/n + 2f/n², Var T = 2f/(n−1).  NaN where the estimate of f is not > 0."""
-    nu = n - 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = np.where(nu >= 2.0, nu**2 / ((nu - 1.0) * (nu + 2.0)) * (trace_sq - T**2 / nu), trace_sq)
-        f = np.where(f > 0, f, np.nan)
-        m = np.maximum(A - T / n, 0.0)
-        var_A = 4.0 * m * np.sqrt(f) / n + 2.0 * f / n**2
-        return var_A / A**2 + 2.0 * f / (nu * T**2)
-
-
 def _delta_var_log_ratio_gaussian_bound(n: np.ndarray, A: np.ndarray, T: np.ndarray) -> np.ndarray:
     """Var(log(A/T)) under Gaussian sampling with the worst-case (rank-one) covariance."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -821,16 +808,6 @@ def consolidation_ratio(
         z = float(stats.norm.ppf(0.5 + level / 2.0))
         if moments is not None:
             var_log = _delta_var_log_ratio_moments(n_arr, A, T, *moments)
-            # The moment estimate is a difference of comparable terms (Var A + Var T − 2 Cov); with the
-            # signal buried in the noise it can come out <= 0 (clipped to 0): a zero-width interval,
-            # seen on the demo run.  There the Gaussian worst-case bound stands in, and says so.
-            degenerate = np.asarray((var_log <= 0) & np.isfinite(A) & np.isfinite(T) & (A > 0) & (T > 0))
-            if degenerate.any():
-                g = _delta_var_log_ratio_gaussian_f(n_arr, A, T, moments[1])
-                g = np.where(np.isfinite(g) & (g > 0), g, _delta_var_log_ratio_gaussian_bound(n_arr, A, T))
-                var_log = np.where(degenerate, g, var_log)
-                flags.append(f"delta: the moment estimate of Var(log A/T) was <= 0 in {int(degenerate.sum())} "
-                             f"of {degenerate.size} measurements; a Gaussian-sampling bound is used there")
         else:
             var_log = _delta_var_log_ratio_gaussian_bound(n_arr, A, T)
             ci_method = "delta-gaussian-bound"

@@ -380,9 +380,9 @@ class Run:
                 self.segments.append(info)
                 continue
             except _READ_ERRORS as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                first = _first_line(e)
                 if self._single_file:
-                    raise RunFormatError(f"{self.path}: damaged file ({type(e).__name__}: {first[:200]}); "
+                    raise RunFormatError(f"{self.path}: damaged file ({type(e).__name__}: {first}); "
                                          "use an intact copy") from None
                 info.error = f"{label}: cannot open ({first})"
                 self.warnings.append(
@@ -509,9 +509,7 @@ class Run:
             except RunFormatError:
                 raise
             except _READ_ERRORS as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise RunFormatError(f"{label}:{name}: cannot read ({type(e).__name__}: {first[:200]}); "
-                                     "the segment changed or is damaged") from None
+                raise _unreadable(label, name, e) from None
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     @property
@@ -669,13 +667,22 @@ class LazyTable(Mapping):
         except RunFormatError:
             raise
         except _READ_ERRORS as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RunFormatError(f"{label}:{self.name}: cannot read ({type(e).__name__}: {first[:200]}); "
-                                 "the segment changed or is damaged; `phasewatch repair` sets it aside") from None
+            raise _unreadable(label, self.name, e, "; `phasewatch repair` sets it aside") from None
         missing = [c for c in cols if c not in data]
         if missing:
             raise RunFormatError(f"{label}:{self.name}: column {missing[0]!r} is missing; damaged or foreign segment")
         return data
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an h5py/OS error, cut to 200 characters (for one-line messages)."""
+    return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+
+
+def _unreadable(label: str, table: str, e: BaseException, hint: str = "") -> RunFormatError:
+    """The one-line error for a table of a segment that cannot be read (anymore)."""
+    return RunFormatError(f"{label}:{table}: cannot read ({type(e).__name__}: {_first_line(e)}); "
+                          f"the segment changed or is damaged{hint}")
 
 
 class _FileSegment:
@@ -823,8 +830,7 @@ def open_run(path: str | os.PathLike, *, lazy: bool | None = None) -> Run:
     except RunFormatError:
         raise
     except _READ_ERRORS as e:  # missing or broken attributes
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RunFormatError(f"{p}: damaged phasewatch file, no readable metadata ({first[:200]})") from None
+        raise RunFormatError(f"{p}: damaged phasewatch file, no readable metadata ({_first_line(e)})") from None
     finally:
         try:
             f.close()

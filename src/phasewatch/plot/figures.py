@@ -569,11 +569,18 @@ def overview(analysis, width: str | float = "text", n_sigma: int | None = None,
         raise MissingDataError("overview: the analysis has no windows; record at least W steps")
     draw = {"loss": _panel_loss, "sigma": lambda ax, a: _panel_sigma(ax, a, n_sigma), "kstar": _panel_kstar,
             "A": _panel_A, "C": _panel_C, "alpha": _panel_alpha}
+    return _panel_stack(analysis, width, [(draw[p], _PANEL_RATIOS[p]) for p in names], letters=True)
+
+
+def _panel_stack(analysis, width, panels, letters: bool):
+    """A column of panels sharing the step axis: ``panels`` = [(draw(ax, analysis), height ratio)];
+    ``letters``: prefix the titles (a), (b), ... (always, or only when there are several panels)."""
     with paper_style():
-        fig, axes = _stack(width, len(names), [_PANEL_RATIOS[p] for p in names])
-        for i, (ax, p) in enumerate(zip(axes, names)):
-            draw[p](ax, analysis)
-            ax.set_title(f"({chr(97 + i)}) " + ax.get_title(loc="left"), loc="left")
+        fig, axes = _stack(width, len(panels), [r for _, r in panels])
+        for i, (ax, (draw, _)) in enumerate(zip(axes, panels)):
+            draw(ax, analysis)
+            if letters or len(panels) > 1:
+                ax.set_title(f"({chr(97 + i)}) " + ax.get_title(loc="left"), loc="left")
             _event_lines(ax, analysis)
         _step_limits(axes[-1], analysis)
         _step_axis(axes[-1])
@@ -594,17 +601,8 @@ def noise(analysis, width: str | float = "text"):
     if not names:
         raise MissingDataError("noise: the run has neither gradient samples nor 100 gradient norms; record "
                                "gradient samples with Recorder(grad_samples_every=...)")
-    with paper_style():
-        fig, axes = _stack(width, len(names), [1.1] * len(names))
-        for i, (ax, p) in enumerate(zip(axes, names)):
-            (_panel_C if p == "C" else _panel_alpha)(ax, analysis)
-            if len(names) > 1:
-                ax.set_title(f"({chr(97 + i)}) " + ax.get_title(loc="left"), loc="left")
-            _event_lines(ax, analysis)
-        _step_limits(axes[-1], analysis)
-        _step_axis(axes[-1])
-        _place_legends(fig)
-    return fig
+    return _panel_stack(analysis, width, [(_panel_C if p == "C" else _panel_alpha, 1.1) for p in names],
+                        letters=False)
 
 
 def _max_columns(steps: np.ndarray, ratio: np.ndarray, columns: int):

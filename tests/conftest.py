@@ -13,7 +13,8 @@ def child_env() -> dict[str, str]:
     """Environment for ``sys.executable`` children: one BLAS/OpenMP thread (torch spins badly on
     busy 2-core machines otherwise), no user site, unbuffered output."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    threads = os.environ.get("PHASEWATCH_TEST_THREADS", "1")
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
     return env
 
 

@@ -33,9 +33,10 @@ WARMUP = 20  # steps the child commits (rec.flush()) before it says "started"
 TRIALS = 5
 
 CHILD = f"""
+import os
 import sys
 import torch
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
 import phasewatch
 
 path, resume, n_steps, seed = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])

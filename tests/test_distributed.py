@@ -16,7 +16,7 @@ WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import phasewatch
     rank, world, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     if mode == "ddp":
         dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ PER_RANK_WORKER = textwrap.dedent("""
     import copy, os, sys, numpy as np, torch, torch.distributed as dist
     import phasewatch
     rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()

@@ -121,7 +121,7 @@ WORKER = TRAIN + textwrap.dedent("""
     import torch.distributed as dist
 
     rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = {"all_reduce": 0, "gather": 0}
     for fn in calls:  # count the recorder's collectives (FSDP itself all-gathers and reduce-scatters)
@@ -188,7 +188,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": os.environ.get("PHASEWATCH_TEST_THREADS", "1")}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(out)], env=env,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
@@ -204,7 +204,7 @@ def runs(tmp_path_factory):
     ns: dict = {}
     exec(TRAIN, ns)  # the same model, data and seed on this one process, no FSDP
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (tiny GEMMs: extra threads only spin on a busy machine)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     try:
         for name in ("sgd64", "adamw64", "proj64"):
             ns["train"](out / f"{name}-single", name)

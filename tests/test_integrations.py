@@ -5,6 +5,8 @@ metrics equal to the frameworks' own numbers."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ pl = pytest.importorskip("lightning.pytorch")
 def _one_thread():
     """Tiny models: one intra-op thread (two spin badly on a busy 2-core machine)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
 

@@ -55,7 +55,7 @@ LIT_RTOL = 4 * _gamma(2 * 2 * 4 + 6 + 16 + 3)
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
 
@@ -138,7 +138,7 @@ HF_WORKER = textwrap.dedent("""
     import numpy as np, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
     out = sys.argv[2]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     from transformers import GPT2LMHeadModel, TrainerCallback
     from test_integrations_ddp import SAMPLED, hf_config, hf_trainer
     from phasewatch.record.integrations.hf import PhasewatchCallback
@@ -330,7 +330,7 @@ LIT_WORKER = textwrap.dedent("""
     import numpy as np, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
     out = sys.argv[2]
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     import lightning.pytorch as pl
     from test_integrations_ddp import SAMPLED, lit_data, lit_module, lit_trainer
     from phasewatch.record.integrations.lightning import PhasewatchCallback

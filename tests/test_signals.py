@@ -12,7 +12,7 @@ import numpy as np
 import phasewatch
 
 CHILD = textwrap.dedent("""
-    import signal, sys, torch, phasewatch
+    import os, signal, sys, torch, phasewatch
     mode = sys.argv[2]
     if mode == "user":
         def handler(signum, frame):
@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
             sys.exit(7)
         signal.signal(signal.SIGTERM, handler)
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     m = torch.nn.Linear(8, 2)
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     rec = phasewatch.Recorder(sys.argv[1], m, opt, k=4, block=4, flush_rows=10_000, flush_seconds=1e9)

@@ -899,7 +899,7 @@ def test_file_whose_metadata_hangs_hdf5_is_refused(tmp_path, monkeypatch):
         msg = str(e)
     else:  # an HDF5 build that reads it fine (or fails fast) is also acceptable
         msg = None
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 8 + 60  # the limit, plus a loaded machine's slack: not a hang
     if msg is not None:
         assert "\n" not in msg and "damaged.h5" in msg
     # an intact file passes the check

@@ -61,7 +61,7 @@ def recorded(tmp_path_factory) -> Path:
     x, y = torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g)
     kw = dict(k=K, block=4, flush_rows=8, flush_seconds=1e9, rotate_rows=30, fsync="never", strict=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only wait for each other on a busy machine
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))  # (PHASEWATCH_TEST_THREADS, default 1)
     try:
         with phasewatch.Recorder(path, model, opt, **kw) as rec:
             _train(rec, model, opt, x, y, 70, nan_at=(33,))

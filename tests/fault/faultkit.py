@@ -29,7 +29,7 @@ TRAIN_CHILD = textwrap.dedent(f"""
     logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(message)s", stream=sys.stdout)
     import torch
     import phasewatch
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -196,7 +196,8 @@ def child_env_for(env: dict | None = None) -> dict:
     """Environment of a child process: as ``tests/conftest.py``'s ``child_env`` (one BLAS thread,
     unbuffered), with the source tree importable and a short metadata-guard limit."""
     env = dict(os.environ if env is None else env)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    threads = os.environ.get("PHASEWATCH_TEST_THREADS", "1")
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
     env.setdefault("PHASEWATCH_OPEN_TIMEOUT", "20")
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -31,8 +31,8 @@ from phasewatch.store.writer import LOCK_FILE, RunWriter, writer_is_live
 K = 6
 
 WRITER_CHILD = textwrap.dedent(f"""
-    import sys, time, torch, phasewatch
-    torch.set_num_threads(1)
+    import os, sys, time, torch, phasewatch
+    torch.set_num_threads(int(os.environ.get("PHASEWATCH_TEST_THREADS", "1")))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

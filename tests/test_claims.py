@@ -14,7 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from phasewatch.claims import VERDICTS, discover, result, run_claims, save_figure, to_markdown, write_table  # noqa: E402
+from phasewatch.claims import (  # noqa: E402
+    REPRODUCTION_VERDICTS,
+    VERDICTS,
+    discover,
+    reproduction,
+    result,
+    run_claims,
+    save_figure,
+    to_markdown,
+    write_table,
+)
 from phasewatch.cli import main  # noqa: E402
 from phasewatch.errors import PhasewatchError  # noqa: E402
 
@@ -58,8 +68,10 @@ def test_discover_run_and_table(tmp_path: Path):
     assert "boom" in (out / "claim_08" / "error.txt").read_text()
     md, js = write_table(res, out, quick=True)
     rows = _table_rows(md.read_text())
-    assert len(rows) == 2 and all(len(r) == 6 for r in rows)  # the "|" inside the claim text is escaped
-    assert "toy \\| claim" in rows[0][1] and "**holds**" in rows[0][5] and "(claim_07/toy.png)" in rows[0][4]
+    # claim, source, then reproduction (setup, figure, verdict) and beyond (setup, figure, verdict)
+    assert len(rows) == 2 and all(len(r) == 9 for r in rows)  # the "|" inside the claim text is escaped
+    assert "toy \\| claim" in rows[0][1] and "**holds**" in rows[0][8] and "(claim_07/toy.png)" in rows[0][7]
+    assert "not yet run in the source's own protocol" in rows[0][5]  # the toy gives no reproduction
     data = json.loads(js.read_text())
     assert data["quick"] is True and data["claims"][0]["numbers"] == {"x": 2.0, "nan": None}
     # the figure is a real PNG
@@ -79,6 +91,14 @@ def test_result_checks_the_verdict(tmp_path: Path):
     assert p.exists() and (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     md = to_markdown([{**result("c", "s", "x", "fails", "r"), "number": 1}])
     assert "**fails**: r" in md and "| – |" in md  # no figure: a dash
+    # the reproduction part has its own verdicts
+    with pytest.raises(PhasewatchError, match="verdict"):
+        reproduction("x", "holds", "r")
+    rep = reproduction("the source's protocol", "not feasible here", "needs 40 GPU-hours", {"n": 1}, p)
+    res = result("c", "s", "x", "inconclusive", "r", reproduction=rep)
+    assert res["reproduction"]["verdict"] == "not feasible here" and res["beyond"]["verdict"] == "inconclusive"
+    md = to_markdown([{**res, "number": 1}])
+    assert "**not feasible here**: needs 40 GPU-hours" in md and "(" + str(p) + ")" in md
 
 
 def test_repository_scripts_are_found():
@@ -101,7 +121,11 @@ def test_quick_mode_cli(tmp_path: Path):
     assert [int(r[0]) for r in rows] == sorted(discover())
     data = json.loads((out / "claims.json").read_text())
     for c in data["claims"]:
-        assert c["verdict"] in VERDICTS
+        assert c["verdict"] in VERDICTS and c["beyond"]["verdict"] == c["verdict"]
+        rep = c["reproduction"]
+        assert rep["verdict"] is None or rep["verdict"] in REPRODUCTION_VERDICTS
+        if rep["verdict"] is not None:
+            assert rep["setup"] and rep["reason"] and (out / rep["figure"]).exists()
         assert c["reason"] and c["setup"] and "raised" not in c["reason"]
         assert c["figure"] and (out / c["figure"]).exists()
         assert plt.imread(out / c["figure"]).shape[0] > 50

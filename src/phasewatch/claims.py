@@ -31,11 +31,17 @@ from typing import Any
 
 from .errors import PhasewatchError
 
-__all__ = ["VERDICTS", "RESULT_KEYS", "claims_dir", "discover", "load_claim", "run_claims", "write_table", "merge_previous",
-           "result", "save_figure", "cached_runs", "grokking_runs", "GROKKING"]
+__all__ = ["VERDICTS", "REPRODUCTION_VERDICTS", "RESULT_KEYS", "NOT_YET", "claims_dir", "discover", "load_claim",
+           "run_claims", "write_table", "merge_previous", "part", "reproduction", "result", "save_figure",
+           "cached_runs", "grokking_runs", "GROKKING"]
 
 VERDICTS = ("holds", "fails", "inconclusive")
+#: verdicts of a claim run in its source's own protocol (the ``reproduction`` part)
+REPRODUCTION_VERDICTS = ("reproduced", "not reproduced", "not feasible here")
 RESULT_KEYS = ("claim", "source", "setup", "verdict", "reason", "numbers", "figure")
+#: the ``reproduction`` part of a claim not yet run in its source's protocol
+NOT_YET = {"setup": None, "verdict": None, "reason": "not yet run in the source's own protocol",
+           "numbers": {}, "figure": None}
 
 _NAME = re.compile(r"claim_(\d+)_[A-Za-z0-9_]+\.py$")
 
@@ -73,13 +79,36 @@ def load_claim(path: str | Path):
     return mod
 
 
+def part(setup: str, verdict: str, reason: str, numbers: dict[str, Any] | None = None,
+         figure: str | Path | None = None, *, verdicts: Sequence[str] = VERDICTS) -> dict[str, Any]:
+    """One part of a claim's result (its setup, verdict with the reason, numbers and figure), checked."""
+    if verdict not in verdicts:
+        raise PhasewatchError(f"verdict {verdict!r}: use one of {', '.join(verdicts)}")
+    return {"setup": setup, "verdict": verdict, "reason": reason, "numbers": _jsonable(numbers or {}),
+            "figure": None if figure is None else str(figure)}
+
+
+def reproduction(setup: str, verdict: str, reason: str, numbers: dict[str, Any] | None = None,
+                 figure: str | Path | None = None) -> dict[str, Any]:
+    """The ``reproduction`` part: the claim in its source's own protocol (model, optimizer, measurement,
+    statistic as the source computes it), verdict one of :data:`REPRODUCTION_VERDICTS`."""
+    return part(setup, verdict, reason, numbers, figure, verdicts=REPRODUCTION_VERDICTS)
+
+
 def result(claim: str, source: str, setup: str, verdict: str, reason: str,
-           numbers: dict[str, Any] | None = None, figure: str | Path | None = None) -> dict[str, Any]:
-    """A claim's result dict, checked (verdict one of :data:`VERDICTS`)."""
-    if verdict not in VERDICTS:
-        raise PhasewatchError(f"verdict {verdict!r}: use one of {', '.join(VERDICTS)}")
-    return {"claim": claim, "source": source, "setup": setup, "verdict": verdict, "reason": reason,
-            "numbers": _jsonable(numbers or {}), "figure": None if figure is None else str(figure)}
+           numbers: dict[str, Any] | None = None, figure: str | Path | None = None, *,
+           reproduction: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A claim's result dict, checked (verdict one of :data:`VERDICTS`).
+
+    ``setup`` … ``figure`` describe the ``beyond`` part: our own setups (other seeds, tasks,
+    optimizers, the bias-corrected estimators, the nulls), verdict holds / fails / inconclusive;
+    they stay at the top level too, for readers of older tables.  ``reproduction`` (from
+    :func:`reproduction`) is the claim run in its source's protocol; without it the table says that
+    it has not been run yet.
+    """
+    beyond = part(setup, verdict, reason, numbers, figure)
+    return {"claim": claim, "source": source, **beyond, "beyond": dict(beyond),
+            "reproduction": dict(reproduction) if reproduction is not None else dict(NOT_YET)}
 
 
 def _jsonable(x: Any) -> Any:
@@ -249,13 +278,21 @@ def run_claims(out: str | Path, quick: bool = False, only: Sequence[int] | None 
         res = dict(res)
         res["number"] = n
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        if res.get("figure"):
-            fig = Path(res["figure"]).resolve()  # relative to the table, where it can be
-            res["figure"] = str(fig.relative_to(out.resolve())) if fig.is_relative_to(out.resolve()) else str(fig)
+        for d in (res, res.get("beyond") or {}, res.get("reproduction") or {}):
+            if d.get("figure"):
+                d["figure"] = _relative(d["figure"], out)
         results.append(res)
         if log:
-            log(f"claim {n}: {res['verdict']} ({res['seconds']:.0f} s): {res['reason']}")
+            rep = res.get("reproduction") or NOT_YET
+            log(f"claim {n} ({res['seconds']:.0f} s): reproduction {rep['verdict'] or 'not yet run'}: "
+                f"{rep['reason']}; beyond: {res['verdict']}: {res['reason']}")
     return results
+
+
+def _relative(figure: str, out: Path) -> str:
+    """A figure's path relative to the table's directory, where it lies inside it."""
+    fig = Path(figure).resolve()
+    return str(fig.relative_to(out.resolve())) if fig.is_relative_to(out.resolve()) else str(fig)
 
 
 def merge_previous(results: Sequence[dict[str, Any]], out: str | Path, quick: bool) -> list[dict[str, Any]]:
@@ -278,16 +315,30 @@ def _cell(s: Any) -> str:
     return str(s if s is not None else "–").replace("|", "\\|").replace("\n", " ")
 
 
+def _fig(d: dict[str, Any]) -> str:
+    return f"[{Path(d['figure']).name}]({d['figure']})" if d.get("figure") else "–"
+
+
+def _verdict(d: dict[str, Any]) -> str:
+    return f"**{d['verdict']}**: {_cell(d['reason'])}" if d.get("verdict") else f"– ({_cell(d.get('reason'))})"
+
+
 def to_markdown(results: Sequence[dict[str, Any]], quick: bool = False) -> str:
-    """The claims table (Markdown): claim, source, setup, our figure, verdict with the reason."""
+    """The claims table (Markdown): per claim its source, then two parts, each with its setup, figure
+    and verdict: ``reproduction`` (the source's own protocol: reproduced / not reproduced / not
+    feasible here) and ``beyond`` (our setups, seeds and nulls: holds / fails / inconclusive)."""
     lines = ["# The framework's claims, tested", "",
              f"Mode: {'quick (CI-sized: few seeds, small models; verdicts are indicative only)' if quick else 'full'}."
              " Each row is one experiment under `examples/claims/`; `phasewatch claims` reruns them.", "",
-             "| # | claim | source | setup | our figure | verdict |", "|---|---|---|---|---|---|"]
+             "| # | claim | source | reproduction: setup | figure | reproduction verdict "
+             "| beyond: setup | figure | beyond verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        fig = f"[{Path(r['figure']).name}]({r['figure']})" if r.get("figure") else "–"
-        lines.append(f"| {r.get('number', '')} | {_cell(r['claim'])} | {_cell(r['source'])} | {_cell(r['setup'])} "
-                     f"| {fig} | **{r['verdict']}**: {_cell(r['reason'])} |")
+        rep = r.get("reproduction") or NOT_YET
+        bey = r.get("beyond") or r
+        lines.append(f"| {r.get('number', '')} | {_cell(r['claim'])} | {_cell(r['source'])} "
+                     f"| {_cell(rep.get('setup'))} | {_fig(rep)} | {_verdict(rep)} "
+                     f"| {_cell(bey['setup'])} | {_fig(bey)} | {_verdict(bey)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -25,12 +25,17 @@ log = logging.getLogger("phasewatch")
 class QuadraticMLP(torch.nn.Module):
     """ŷ = (x W)^{∘2} V on x = one-hot(a) ⊕ one-hot(b); no biases."""
 
-    def __init__(self, p: int = 71, width: int = 2048, generator: torch.Generator | None = None):
+    def __init__(self, p: int = 71, width: int = 2048, generator: torch.Generator | None = None,
+                 init: str = "demo"):
         super().__init__()
         self.p = p
-        # h = W[a] + W[p+b] has variance 2·std²: std 1/(2√(2p)) keeps h² (and the outputs) small at
-        # initialisation, the regime in which this model groks quickly
-        self.W = torch.nn.Parameter(torch.randn(2 * p, width, generator=generator) / (2 * (2 * p) ** 0.5))
+        # init="demo": h = W[a] + W[p+b] has variance 2·std²: std 1/(2√(2p)) keeps h² (and the
+        # outputs) small at initialisation, the regime in which this model groks quickly.
+        # init="fan_in": W ~ N(0, 1/fan_in) with fan_in = 2p (the author's note on this model)
+        if init not in ("demo", "fan_in"):
+            raise ValueError(f"init={init!r}: use 'demo' or 'fan_in'")
+        w_std = 1 / (2 * (2 * p) ** 0.5) if init == "demo" else 1 / (2 * p) ** 0.5
+        self.W = torch.nn.Parameter(torch.randn(2 * p, width, generator=generator) * w_std)
         self.V = torch.nn.Parameter(torch.randn(width, p, generator=generator) / width ** 0.5)
 
     def forward(self, ab: torch.Tensor) -> torch.Tensor:
@@ -73,6 +78,7 @@ def train_grokking(
     controllers=None,
     grad_samples_every=None,
     grad_probe: int | tuple | None = None,
+    init: str = "demo",
 ) -> dict:
     """Train the demo model, recording into ``out`` (None: no recorder).  Returns a small summary.
 
@@ -80,11 +86,12 @@ def train_grokking(
     gradients of ``grad_probe``: an int n (the first n training pairs, 64 by default) or an
     ``(inputs, targets)`` pair.  ``controllers``: a callable ``optimizer -> [controller, ...]``
     (:mod:`phasewatch.control`) given to the recorder; training stops early when one says so
-    (``stop_step`` in the summary).  Both need ``out``; without them nothing changes.
+    (``stop_step`` in the summary).  Both need ``out``; without them nothing changes.  ``init``:
+    the initialisation of :class:`QuadraticMLP` (``"demo"`` or ``"fan_in"``).
     """
     torch.manual_seed(seed)
     data = modular_addition(p, train_fraction, seed)
-    model = QuadraticMLP(p, width, torch.Generator().manual_seed(seed + 1))
+    model = QuadraticMLP(p, width, torch.Generator().manual_seed(seed + 1), init=init)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     target = torch.nn.functional.one_hot(data.train_y, p).float() - 1.0 / p
 

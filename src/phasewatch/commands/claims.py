@@ -30,8 +30,11 @@ def _cmd(a: argparse.Namespace) -> int:
     if only:  # --only updates those rows of an existing table of the same mode
         results = merge_previous(results, a.out, a.quick)
     md, js = write_table(results, a.out, quick=a.quick)
+    rep = [(r.get("reproduction") or {}).get("verdict") or "not yet run" for r in results]
+    rep_counts = {v: rep.count(v) for v in dict.fromkeys(rep)}
     counts = {v: sum(r["verdict"] == v for r in results) for v in ("holds", "fails", "inconclusive")}
-    print(f"wrote {md} and {js}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    print(f"wrote {md} and {js}: reproduction " + ", ".join(f"{n} {v}" for v, n in rep_counts.items())
+          + "; beyond " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return 0
 
 

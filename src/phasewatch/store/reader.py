@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import RunFormatError, SchemaVersionError
+from ..errors import InvalidArgumentError, RunFormatError, SchemaVersionError
 from . import format as fmt
 from .writer import writer_is_live
 
@@ -217,7 +217,7 @@ def read_table(
             continue
         ds = datasets[name]
         if span is not None and not 0 <= span[0] <= span[1] <= n:
-            raise ValueError(f"{where}: rows {span[0]}:{span[1]} outside the {n} committed rows")
+            raise InvalidArgumentError(f"{where}: rows {span[0]}:{span[1]} outside the {n} committed rows")
         want = n if rows is None and span is None else (len(rows) if rows is not None else span[1] - span[0])
         _check_declared_size(ds, want, f"{where}/{name}")
         if spec_cols is not None and name in spec_cols:
@@ -230,7 +230,7 @@ def read_table(
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if len(rows) and (rows[-1] >= n or np.any(np.diff(rows) <= 0)):
-                raise ValueError(f"{where}: rows must increase and lie below {n}")
+                raise InvalidArgumentError(f"{where}: rows must increase and lie below {n}")
         # A writer that has the file open (SWMR) rewrites the chunk holding the newest rows in
         # place; a read overlapping that write sees a torn chunk that fails its checksum.  Such a
         # read is retried a few times before the chunk is called corrupted.

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import grokking_runs, grokking_setup, result, save_figure
+from phasewatch.workflows.claims import grokking_runs, grokking_setup, result, save_figure
 
 CLAIM = "after grokking k* = 2 with a large λ₂/λ₃ (median ≈ 300), controls stay isotropic (≈ 1.3)"
 SOURCE = "author's note on this model family"

@@ -24,7 +24,7 @@ def __getattr__(name: str):
 
         return getattr(pipeline, name)
     if name in ("analyze_many", "AnalysisFailure"):
-        from . import batch
+        from .workflows import batch
 
         return getattr(batch, name)
     if name == "plots":

@@ -1,6 +1,6 @@
 """Figures over many runs: a precursor study, a mean ± band over seeds, a sweep.
 
-Each function takes results (a :class:`~phasewatch.study.Study`, analyses, or plain arrays), never
+Each function takes results (a :class:`~phasewatch.workflows.study.Study`, analyses, or plain arrays), never
 raw files, and returns a Figure drawn in the paper style of :mod:`phasewatch.plot.style`.
 """
 

@@ -219,7 +219,7 @@ def ntk_table(m: int) -> TableSpec:
 
 
 def interventions_table() -> TableSpec:
-    """Changes made by controllers (:mod:`phasewatch.control`), one row per change: after step
+    """Changes made by controllers (:mod:`phasewatch.record.control`), one row per change: after step
     ``step`` rule ``rule`` set ``param`` (``param_groups[i].lr``, or ``stop``) from ``old`` to
     ``new`` (a learning rate set after step t is the lr of step t + 1); ``note`` says why (UTF-8,
     cut to 96 bytes; ``dry run: …`` when the controller only tracked what it would have done)."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..errors import PhasewatchError
 
-ORDER = 40
 LOSSES = ("cross_entropy", "mse")
 
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from ..errors import PhasewatchError
 
-ORDER = 30
 log = logging.getLogger("phasewatch")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from ..export import CsvSink, Follower, ParquetSink, TensorBoardSink, WandbSink
+    from ..outputs.export import CsvSink, Follower, ParquetSink, TensorBoardSink, WandbSink
 
     if not (a.tensorboard or a.csv or a.parquet or a.wandb):
         raise PhasewatchError("export: say where to: --tensorboard DIR, --csv DIR, --parquet DIR and/or --wandb")
@@ -68,7 +67,7 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="analysis to TensorBoard / CSV / Parquet / W&B; --follow a live run",
                        description=__doc__)
     s.add_argument("run", help="run directory or packed .h5 file")
-    from ..cli import _add_window  # the same --window/--source as analyze and plot
+    from .main import _add_window  # the same --window/--source as analyze and plot
 
     _add_window(s)
     s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")

@@ -7,11 +7,9 @@ import argparse
 
 from ..errors import PhasewatchError
 
-ORDER = 31
-
 
 def cmd_watch(a: argparse.Namespace) -> int:
-    from ..watch import watch
+    from ..outputs.watch import watch
 
     if a.interval <= 0:
         raise PhasewatchError(f"--interval {a.interval:g}: must be positive seconds")

@@ -79,7 +79,7 @@ def train_grokking(
     ``grad_samples_every``: schedule of gradient-noise measurements (the recorder's), on per-example
     gradients of ``grad_probe``: an int n (the first n training pairs, 64 by default) or an
     ``(inputs, targets)`` pair.  ``controllers``: a callable ``optimizer -> [controller, ...]``
-    (:mod:`phasewatch.control`) given to the recorder; training stops early when one says so
+    (:mod:`phasewatch.record.control`) given to the recorder; training stops early when one says so
     (``stop_step`` in the summary).  Both need ``out``; without them nothing changes.
     """
     torch.manual_seed(seed)
@@ -90,11 +90,11 @@ def train_grokking(
 
     rec = None
     if out is None and (controllers is not None or grad_samples_every is not None):
-        from .errors import PhasewatchError
+        from ..errors import PhasewatchError
 
         raise PhasewatchError("train_grokking: controllers and gradient samples need a recorder; pass out=DIR")
     if out is not None:
-        from .record.recorder import Recorder
+        from ..record.recorder import Recorder
 
         # full-batch training: B = the training set (for C_batch, p_batch and the Langevin variant)
         cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None, "batch_size": len(data.train_x)}

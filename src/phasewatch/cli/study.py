@@ -7,8 +7,6 @@ from pathlib import Path
 
 from ..errors import PhasewatchError
 
-ORDER = 40
-
 EPILOG = """
 examples:
   phasewatch study runs/wd-* runs/no-wd-* --event "test_acc>=0.95" --signal g23 --out study/
@@ -50,7 +48,7 @@ def formats(value: list[str]) -> list[str]:
 
 
 def cmd_study(a: argparse.Namespace) -> int:
-    from ..study import run_study
+    from ..workflows.study import run_study
 
     if a.label and len(a.label) != len(a.runs):
         raise PhasewatchError(f"--label given {len(a.label)} times for {len(a.runs)} runs; give one per run")

@@ -7,8 +7,6 @@ import argparse
 
 from ..errors import PhasewatchError
 
-ORDER = 90
-
 
 def _parse_only(text: str | None) -> list[int] | None:
     if not text:
@@ -23,10 +21,10 @@ def _cmd(a: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from ..claims import merge_previous, run_claims, write_table
+    from ..workflows.claims import merge_previous, run_claims, write_table
 
     only = _parse_only(a.only)
-    results = run_claims(a.out, quick=a.quick, only=only)
+    results = run_claims(a.out, quick=a.quick, only=only, directory=a.claims_dir)
     if only:  # --only updates those rows of an existing table of the same mode
         results = merge_previous(results, a.out, a.quick)
     md, js = write_table(results, a.out, quick=a.quick)
@@ -42,4 +40,6 @@ def register(sub) -> None:
     s.add_argument("--only", metavar="N,...", help="run only these claims (numbers, comma-separated); the other "
                    "rows of an existing OUT/claims.json of the same mode are kept")
     s.add_argument("--out", default="claims-out", help="output directory (default claims-out)")
+    s.add_argument("--claims-dir", metavar="DIR", help="the claim_NN_*.py experiments (default: examples/claims "
+                   "of the source checkout, else of the current directory)")
     s.set_defaults(func=_cmd)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PhasewatchError, RunTooShortError
+from ..errors import PhasewatchError, RunTooShortError
 
 log = logging.getLogger("phasewatch")
 
@@ -198,7 +198,7 @@ def tables(analysis, layer_names: list[str] | None = None) -> dict[str, Table]:
             "rule": np.array([e.rule for e in ev], dtype=object),
         })
     iv = getattr(analysis, "interventions", None) or {}
-    if iv and len(iv.get("step", [])):  # controllers' changes (phasewatch.control), when the run has them
+    if iv and len(iv.get("step", [])):  # controllers' changes (phasewatch.record.control), when the run has them
         cols = {k: (_strs(v) if np.asarray(v).dtype.kind in "OSU" else np.asarray(v))
                 for k, v in iv.items() if np.asarray(v).ndim == 1}
         out["interventions"] = Table("interventions", cols)
@@ -665,7 +665,7 @@ def analyze_tail(run, window: int = 10, *, after: dict[str, int] | None = None, 
     before the first new step are kept, so the new rows of the result equal the full analysis'.
     A run still shorter than the window gives an analysis without windows (steps, metrics, noise).
     """
-    from .analysis.pipeline import Analysis, analyze, noise_table
+    from ..analysis.pipeline import Analysis, analyze, noise_table
 
     after = after or {}
     src = run
@@ -724,13 +724,13 @@ def run_closed(path: str | os.PathLike, meta: dict | None = None) -> bool:
     last = sessions[-1] if sessions and isinstance(sessions[-1], dict) else {}
     if (meta or {}).get("closed") or last.get("ended") or last.get("closed"):
         return True
-    from .store import format as fmt
+    from ..store import format as fmt
 
     segs = sorted(p.glob(fmt.SEGMENT_GLOB))
     if not segs:
         return False
     try:  # the writer's run lock, where the writer has one
-        from .store.writer import LOCK_FILE, writer_is_live
+        from ..store.writer import LOCK_FILE, writer_is_live
     except ImportError:
         LOCK_FILE = writer_is_live = None  # noqa: N806
     if LOCK_FILE is not None and (p / LOCK_FILE).exists():
@@ -797,7 +797,7 @@ class Follower:
     def poll(self, run=None) -> int:
         """Read the run (or take ``run``, already opened), export rows not exported before; return how
         many rows were written."""
-        from .store import open_run
+        from ..store import open_run
 
         run = open_run(self.path) if run is None else run
         self.run = run

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ORDER = 30
-
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from ..report import build_report, report_markdown, write_report
+    from ..outputs.report import build_report, report_markdown, write_report
     from .study import formats
 
     rep = build_report(a.run, window=a.window, level=a.level)

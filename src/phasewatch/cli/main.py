@@ -10,8 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import PhasewatchError
+from .. import __version__
+from ..errors import PhasewatchError
 
 log = logging.getLogger("phasewatch")
 
@@ -40,7 +40,7 @@ def _formats(value: list[str]) -> list[str]:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .store import open_run
+    from ..store import open_run
 
     run = open_run(a.run)
     print(run.summary())
@@ -48,7 +48,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_analyze(a: argparse.Namespace) -> int:
-    from .analysis.pipeline import analyze
+    from ..analysis.pipeline import analyze
 
     res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps)
     print(res.summary())
@@ -71,8 +71,8 @@ def cmd_plot(a: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from .analysis.pipeline import analyze
-    from .plot import FIGURES, MissingDataError, save
+    from ..analysis.pipeline import analyze
+    from ..plot import FIGURES, MissingDataError, save
 
     names = list(FIGURES) if a.figure == "all" else [a.figure]
     for n in names:
@@ -109,7 +109,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
-    from .store import pack_run
+    from ..store import pack_run
 
     dst = pack_run(a.run, a.output, gzip=a.gzip)
     print(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB)")
@@ -117,7 +117,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def cmd_repair(a: argparse.Namespace) -> int:
-    from .store import repair_run
+    from ..store import repair_run
 
     for line in repair_run(a.run):
         print(line)
@@ -130,9 +130,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from .analysis.pipeline import analyze
-    from .demo import train_grokking
-    from .plot import FIGURES, save
+    from ..analysis.pipeline import analyze
+    from ..plot import FIGURES, save
+    from ..workflows.demo import train_grokking
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace existing runs in --out")
     s.set_defaults(func=cmd_demo)
 
-    from .commands import register_all
+    from . import claims, compare, curvature, export, report, study, watch
 
-    register_all(sub)
+    for mod in (export, report, watch, curvature, study, compare, claims):
+        mod.register(sub)
     return p
 
 

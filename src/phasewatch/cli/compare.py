@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PhasewatchError
+from .common import add_workers, formats, report_failures
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from ..workflows.compare import compare_table, to_csv, to_json, to_markdown
-    from .study import formats, report_failures
 
     failed: list[tuple[str, str]] = []
     rows, cols = compare_table(a.runs, a.by, a.window, workers=a.workers, failed=failed)
@@ -69,8 +69,6 @@ def register(sub) -> None:
                    help="attribute from the run's metadata: a user attribute (Recorder(meta=...)), an optimizer "
                         "hyper-parameter (lr, weight_decay), or a dotted path like optimizer.hyper.lr")
     s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
-    from .study import add_workers
-
     add_workers(s)
     s.add_argument("--out", "-o", help="directory for compare.md/.csv/.json and sweep.pdf/.png")
     s.add_argument("--format", nargs="+", default=["md", "csv", "json"], help="md, csv, json (default all)")

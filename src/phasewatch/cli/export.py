@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PhasewatchError
+from .common import add_window
 
 log = logging.getLogger("phasewatch")
 
@@ -67,9 +68,7 @@ def register(sub) -> None:
     s = sub.add_parser("export", help="analysis to TensorBoard / CSV / Parquet / W&B; --follow a live run",
                        description=__doc__)
     s.add_argument("run", help="run directory or packed .h5 file")
-    from .main import _add_window  # the same --window/--source as analyze and plot
-
-    _add_window(s)
+    add_window(s)  # the same --window/--source as analyze and plot
     s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")
     s.add_argument("--csv", metavar="DIR", help="one CSV per table (window, steps, noise, tail, curvature, eval, events)")
     s.add_argument("--parquet", metavar="DIR", help="one Parquet file per table (needs pyarrow)")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import formats
+
 
 def cmd_report(a: argparse.Namespace) -> int:
     from ..outputs.report import build_report, report_markdown, write_report
-    from .study import formats
 
     rep = build_report(a.run, window=a.window, level=a.level)
     if a.out:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import PhasewatchError
+from .common import add_workers, formats, report_failures
 
 EPILOG = """
 examples:
@@ -40,13 +41,6 @@ def parse_params(items: list[str] | None) -> dict:
     return out
 
 
-def formats(value: list[str]) -> list[str]:
-    out: list[str] = []
-    for v in value:
-        out += [x for x in v.replace(",", " ").split() if x]
-    return out
-
-
 def cmd_study(a: argparse.Namespace) -> int:
     from ..workflows.study import run_study
 
@@ -62,21 +56,6 @@ def cmd_study(a: argparse.Namespace) -> int:
         for p in study.write(Path(a.out), formats=fm, figure=not a.no_figure):
             print(f"wrote {p}")
     return report_failures(study.failed)
-
-
-def report_failures(failed: list[tuple[str, str]]) -> int:
-    """One line on stderr per run left out; exit status 1 if any (the others' results stand)."""
-    import sys
-
-    for _, why in failed:
-        print(f"phasewatch: left out {why}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def add_workers(s) -> None:
-    s.add_argument("--workers", "-j", type=int, default=1,
-                   help="processes analysing the runs in parallel (default 1; 0: one per CPU); a run "
-                        "that cannot be analysed is left out with its error and the exit status is 1")
 
 
 def register(sub) -> None:

@@ -28,13 +28,13 @@ from phasewatch.outputs.export import (
     TensorBoardSink,
     export,
     merged_rows,
-    run_closed,
     scalar_series,
     tables,
 )
 from phasewatch.outputs.watch import watch
 from phasewatch.store import RunWriter
 from phasewatch.store import format as fmt
+from phasewatch.store.live import run_closed
 
 ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -180,7 +180,7 @@ def watch(run_path: str | os.PathLike, *, window: int = 10, interval: float = 5.
     ``stop()``, Ctrl-C, the run is closed, or nothing new for ``idle_exit`` seconds; ``once``: print
     it once.  ``figure``: also re-render the overview figure to this path (pdf/png/svg) each time
     (that needs the full analysis).  Returns why it stopped."""
-    from .export import run_closed
+    from ..store.live import run_closed
 
     out = out or sys.stdout
     if clear is None:

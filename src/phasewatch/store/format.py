@@ -17,7 +17,9 @@ killed writer leaves a file whose committed rows are intact.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +34,13 @@ PACKED_SEGMENTS = "segments"
 
 def segment_name(index: int) -> str:
     return f"segment-{index:06d}.h5"
+
+
+def posthoc_path(run_path: str | os.PathLike) -> Path:
+    """Where post-hoc probes of a run live (``phasewatch curvature`` writes them, the analyzer
+    merges them): ``RUN/posthoc`` for a run directory, ``RUN.posthoc`` beside a packed file."""
+    p = Path(run_path)
+    return p / "posthoc" if p.is_dir() else p.with_name(p.name + ".posthoc")
 
 
 # Bits of the per-step ``flags`` column.

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, RunFormatError, SchemaVersionError
 from . import format as fmt
+from .hdf5 import has_signature, superblock_eof
 from .writer import writer_is_live
 
 log = logging.getLogger("phasewatch")
@@ -71,19 +71,6 @@ class SegmentInfo:
     error: str | None = None
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _superblock_eof(path: Path) -> int | None:
-    """The end-of-file address a version 2/3 superblock at offset 0 records, or None."""
-    with open(path, "rb") as fh:
-        head = fh.read(44)
-    if len(head) < 44 or head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
-        return None
-    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
-    return base + eof
-
-
 def _open_h5(path: Path) -> h5py.File:
     """Open an HDF5 file read-only, also while a SWMR writer has it open or after it was killed.
 
@@ -99,7 +86,7 @@ def _open_h5(path: Path) -> h5py.File:
         if "already open" not in str(e) and "lock" not in str(e):
             raise
     for _ in range(4):
-        eof, size = _superblock_eof(path), os.path.getsize(path)
+        eof, size = superblock_eof(path), os.path.getsize(path)
         if eof is None or size >= eof:
             break
         time.sleep(0.05)  # a live writer extends the file right after writing its superblock
@@ -723,7 +710,7 @@ def _is_hdf5(path: Path) -> bool:
             head = fh.read(8)
     except OSError:
         return False
-    return head == _HDF5_SIGNATURE or h5py.is_hdf5(str(path))
+    return has_signature(head) or h5py.is_hdf5(str(path))
 
 
 def _read_meta_json(text: str | bytes, where: str) -> dict:
@@ -853,26 +840,16 @@ def open_run(path: str | os.PathLike, *, lazy: bool | None = None) -> Run:
 # and a follower re-reading a live run pays nothing for it.
 
 _GUARD_HELPER = r"""
-import json, os, struct, sys, time
+import json, os, sys, time
 import h5py
 
-SIG = b"\x89HDF\r\n\x1a\n"
-
-def superblock_eof(path):
-    with open(path, "rb") as fh:
-        head = fh.read(44)
-    if len(head) < 44 or head[:8] != SIG or head[8] not in (2, 3) or head[9] != 8:
-        return None
-    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
-    return base + eof
-
-def open_h5(path):
+def open_h5(path, eof):
+    # eof: the end of file its superblock records (store.hdf5.superblock_eof, read by the parent)
     try:
         return h5py.File(path, "r")
     except OSError as e:
         if "already open" not in str(e) and "lock" not in str(e):
             raise
-    eof = superblock_eof(path)
     if eof is not None and os.path.getsize(path) < eof:
         raise OSError("truncated")
     return h5py.File(path, "r", swmr=True)
@@ -903,7 +880,7 @@ def walk(g, seen):
 print("ready", flush=True)
 for line in sys.stdin:
     try:
-        with open_h5(json.loads(line)) as f:
+        with open_h5(*json.loads(line)) as f:
             walk(f, set())
         out = {"status": "ok"}
     except MemoryError:
@@ -982,6 +959,13 @@ def _helper() -> subprocess.Popen | None:
     return proc
 
 
+def _superblock_eof_or_none(path: Path) -> int | None:
+    try:
+        return superblock_eof(path)
+    except OSError:
+        return None  # the helper's own open reports it
+
+
 def _walk_in_helper(path: Path, limit: float) -> tuple[bool, str | None]:
     """(known, problem): whether the helper gave a verdict, and the problem it found if any."""
     global guard_walks
@@ -989,7 +973,7 @@ def _walk_in_helper(path: Path, limit: float) -> tuple[bool, str | None]:
     if proc is None:
         return False, None
     try:
-        proc.stdin.write((json.dumps(str(path)) + "\n").encode())
+        proc.stdin.write((json.dumps([str(path), _superblock_eof_or_none(path)]) + "\n").encode())
     except OSError:
         _stop_helper()
         return False, None

@@ -10,6 +10,7 @@ from .common import add_window, formats
 
 
 def cmd_analyze(a: argparse.Namespace) -> int:
+    """Run ``phasewatch analyze`` with the parsed arguments; return the exit status."""
     from ..analysis.pipeline import analyze
 
     res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps)
@@ -30,6 +31,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch analyze`` and its options to the CLI's subparsers."""
     s = sub.add_parser("analyze", help="spectra, k*, gap, A per window; summary; CSV/JSON export")
     s.add_argument("run")
     add_window(s)

@@ -1,5 +1,7 @@
-"""``phasewatch claims [--quick] [--only N,...] [--out DIR]``: run the experiments that test the
-framework's claims (``examples/claims/``) and write ``claims.md``, ``claims.json`` and a figure per claim."""
+"""``phasewatch claims [--quick] [--only N,...] [--out DIR]``: test the framework's claims.
+
+Runs the experiments under ``examples/claims/`` (or ``--claims-dir``) and writes ``claims.md``,
+``claims.json`` and a figure per claim."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ def _parse_only(text: str | None) -> list[int] | None:
 
 
 def _cmd(a: argparse.Namespace) -> int:
+    """Run ``phasewatch claims`` with the parsed arguments; return the exit status."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +37,7 @@ def _cmd(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch claims`` and its options to the CLI's subparsers."""
     s = sub.add_parser("claims", help="test the framework's claims (experiments under examples/claims)",
                        description=__doc__)
     s.add_argument("--quick", action="store_true", help="CI-sized experiments (one seed, small models)")

@@ -1,5 +1,6 @@
-"""Options and helpers shared by several commands (public here, so that no command reaches into
-another's module)."""
+"""Options and helpers shared by several commands.
+
+They are public here so that no command reaches into another's module."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``phasewatch compare RUN... --by ATTRIBUTE``: final metrics and diagnostics across runs (a sweep);
-the table is :func:`phasewatch.workflows.compare.compare_table`."""
+"""``phasewatch compare RUN... --by ATTRIBUTE``: final metrics and diagnostics across runs (a sweep).
+
+The table is :func:`phasewatch.workflows.compare.compare_table`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .common import add_workers, formats, report_failures
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    """Run ``phasewatch compare`` with the parsed arguments; return the exit status."""
     from ..workflows.compare import compare_table, to_csv, to_json, to_markdown
 
     failed: list[tuple[str, str]] = []
@@ -63,6 +65,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch compare`` and its options to the CLI's subparsers."""
     s = sub.add_parser("compare", help="final metrics and diagnostics across runs, by an attribute (a sweep)")
     s.add_argument("runs", nargs="+", metavar="RUN")
     s.add_argument("--by", required=True,

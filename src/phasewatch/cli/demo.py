@@ -1,5 +1,6 @@
-"""``phasewatch demo``: train, record, analyse and plot the grokking demo
-(:func:`phasewatch.workflows.demo.run_demo`)."""
+"""``phasewatch demo``: train, record, analyse and plot the grokking demo.
+
+The work is :func:`phasewatch.workflows.demo.run_demo`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    """Run ``phasewatch demo`` with the parsed arguments; return the exit status."""
     from ..workflows.demo import run_demo
 
     run_demo(a.out, steps=a.steps, window=a.window, weight_decay=a.weight_decay, seed=a.seed,
@@ -15,6 +17,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch demo`` and its options to the CLI's subparsers."""
     s = sub.add_parser("demo", help="train, record, analyse and plot the grokking demo (~1 min on CPU)")
     s.add_argument("--out", "-o", default="demo-out", help="output directory (default demo-out)")
     s.add_argument("--steps", type=int, default=300)

@@ -1,5 +1,6 @@
-"""The ``phasewatch`` command line: the parser and :func:`main`; each command is a module of this
-package (in :data:`COMMANDS`, the order of ``phasewatch --help``).
+"""The ``phasewatch`` command line: the parser and :func:`main`.
+
+Each command is a module of this package, listed in :data:`COMMANDS` (the order of ``phasewatch --help``).
 
 Every error is one line on stderr and a non-zero exit status; no tracebacks for bad input.
 """
@@ -44,6 +45,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``phasewatch`` parser with every command of :data:`COMMANDS`."""
     p = argparse.ArgumentParser(
         prog="phasewatch",
         description="Record how a neural network learns, and analyse the recording.",
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    A :class:`~phasewatch.errors.PhasewatchError` (and, without ``-v``, an ``OSError`` or
+    ``ValueError``) is one line on stderr and status 1; Ctrl-C is status 130."""
     parser = build_parser()
     a = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 
 
 def cmd_pack(a: argparse.Namespace) -> int:
+    """Run ``phasewatch pack`` with the parsed arguments; return the exit status."""
     from ..store import pack_run
 
     dst = pack_run(a.run, a.output, gzip=a.gzip)
@@ -14,6 +15,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch pack`` and its options to the CLI's subparsers."""
     s = sub.add_parser("pack", help="one self-contained .h5 file from a run directory")
     s.add_argument("run")
     s.add_argument("-o", "--output", required=True, help="output file")

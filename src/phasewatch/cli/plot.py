@@ -10,6 +10,7 @@ from .common import add_window, formats
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
+    """Run ``phasewatch plot`` with the parsed arguments; return the exit status."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,6 +52,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch plot`` and its options to the CLI's subparsers."""
     s = sub.add_parser("plot", help="figures (PDF/PNG/SVG) from a run")
     s.add_argument("run")
     add_window(s)

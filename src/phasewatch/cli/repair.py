@@ -6,6 +6,7 @@ import argparse
 
 
 def cmd_repair(a: argparse.Namespace) -> int:
+    """Run ``phasewatch repair`` with the parsed arguments; return the exit status."""
     from ..store import repair_run
 
     for line in repair_run(a.run):
@@ -14,6 +15,7 @@ def cmd_repair(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch repair`` and its options to the CLI's subparsers."""
     s = sub.add_parser("repair", help="after a crash: rewrite segments with their committed rows")
     s.add_argument("run")
     s.set_defaults(func=cmd_repair)

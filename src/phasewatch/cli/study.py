@@ -42,6 +42,7 @@ def parse_params(items: list[str] | None) -> dict:
 
 
 def cmd_study(a: argparse.Namespace) -> int:
+    """Run ``phasewatch study`` with the parsed arguments; return the exit status."""
     from ..workflows.study import run_study
 
     if a.label and len(a.label) != len(a.runs):
@@ -59,6 +60,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch study`` and its options to the CLI's subparsers."""
     s = sub.add_parser("study", help="precursor study over runs: lead times, hit and false-alarm rates",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("runs", nargs="+", metavar="RUN", help="run directories or packed .h5 files")

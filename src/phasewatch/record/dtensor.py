@@ -1,5 +1,7 @@
-"""Telling a DTensor (an FSDP2-sharded parameter) from a plain tensor, cheaply: the checks the
-recorder and the gradient-sample probes run per tensor and step (:mod:`.fsdp` does the rest)."""
+"""Telling a DTensor (an FSDP2-sharded parameter) from a plain tensor, cheaply.
+
+These are the checks the recorder and the gradient-sample probes run per tensor and step;
+:mod:`.fsdp` does the rest."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ def _dtensor_cls() -> type | None:
 
 
 def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (without importing ``torch.distributed.tensor``)."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
 

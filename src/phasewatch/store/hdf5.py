@@ -1,5 +1,7 @@
-"""What phasewatch reads of HDF5's own file format, without h5py: the signature and the version 2/3
-superblock at offset 0 (HDF5 File Format Specification 3.0, §III.A.1, "Superblock").
+"""What phasewatch reads of HDF5's own file format, without h5py.
+
+The signature and the version 2/3 superblock at offset 0 (HDF5 File Format Specification 3.0,
+§III.A.1, "Superblock").
 
 Layout of a version 2/3 superblock (little-endian): bytes 0-7 the signature, 8 the version, 9 the
 size of offsets, 10 the size of lengths, 11 the file consistency flags (bit 0: opened for write,
@@ -23,8 +25,9 @@ def has_signature(head: bytes) -> bool:
 
 
 def superblock_eof(path: str | os.PathLike) -> int | None:
-    """The end-of-file address (bytes) that a version 2/3 superblock with 8-byte offsets at offset 0
-    records (base address + end-of-file address), or None for any other file."""
+    """The end of file (bytes) that a version 2/3 superblock with 8-byte offsets records, or None.
+
+    That is base address + end-of-file address; None for any other file."""
     with open(path, "rb") as fh:
         head = fh.read(44)
     if len(head) < 44 or not has_signature(head) or head[8] not in (2, 3) or head[9] != 8:
@@ -34,9 +37,10 @@ def superblock_eof(path: str | os.PathLike) -> int | None:
 
 
 def writer_attached(path: str | os.PathLike) -> bool | None:
-    """Whether an HDF5 file is open for writing, from its superblock's consistency flags (bit 0:
-    opened for write, bit 2: SWMR write; cleared by a clean close).  None: unreadable, or not a
-    version 2/3 superblock.  A writer that was killed leaves the flags set."""
+    """Whether an HDF5 file is open for writing, from its superblock's consistency flags.
+
+    Bit 0: opened for write, bit 2: SWMR write; cleared by a clean close, left set by a writer
+    that was killed.  None: unreadable, or not a version 2/3 superblock."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(12)

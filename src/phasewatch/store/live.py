@@ -1,5 +1,7 @@
-"""Whether a run is still being written: its sessions in ``meta.json``, the writer's lock file, and
-the newest segment's superblock flags (:func:`phasewatch.store.hdf5.writer_attached`)."""
+"""Whether a run is still being written.
+
+Read from its sessions in ``meta.json``, the writer's lock file, and the newest segment's
+superblock flags (:func:`phasewatch.store.hdf5.writer_attached`)."""
 
 from __future__ import annotations
 

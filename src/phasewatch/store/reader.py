@@ -63,6 +63,8 @@ def _lazy_above() -> int:
 
 @dataclass
 class SegmentInfo:
+    """What the reader found in one segment: rows per table, the step range, or the error that kept it out."""
+
     label: str
     index: int
     rows: dict[str, int] = field(default_factory=dict)

@@ -40,6 +40,8 @@ class QuadraticMLP(torch.nn.Module):
 
 @dataclass
 class GrokData:
+    """The modular-addition data set: (a, b) pairs and their labels (a + b) mod p, split train/test."""
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor

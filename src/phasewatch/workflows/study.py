@@ -1,5 +1,6 @@
-"""Precursor studies over many runs: does a signal move before the event, and does it stay quiet
-on runs without it?  (DEFINITIONS §6, "Precursor statistics".)
+"""Precursor studies over many runs: does a signal move before the event, and stay quiet without it?
+
+(DEFINITIONS §6, "Precursor statistics".)
 
     study = run_study(["runs/wd-0", "runs/wd-1", "runs/no-wd-0"], event="test_acc>=0.95", signal="g23")
     print(study.to_markdown()); study.write("out/")

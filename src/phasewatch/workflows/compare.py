@@ -1,4 +1,7 @@
-"""``phasewatch compare RUN... --by ATTRIBUTE``: final metrics and diagnostics across runs (a sweep).
+"""Runs of a sweep side by side: one row of final metrics and diagnostics per run, by an attribute.
+
+    rows, cols = compare_table(["runs/w64", "runs/w128"], by="width")
+    print(to_markdown(rows, cols))                       # also to_csv, to_json; `phasewatch compare`
 
 The attribute is read from each run's metadata: first the user's own attributes
 (``Recorder(..., meta={"width": 512})`` → ``meta["user"]``), then the optimizer's hyper-parameters

@@ -59,9 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import phasewatch
-from phasewatch.demo import QuadraticMLP, modular_addition
 from phasewatch.record import recorder as pw_recorder
 from phasewatch.store import writer as pw_writer
+from phasewatch.workflows.demo import QuadraticMLP, modular_addition
 
 BLOCK = 16  # the recorder's default B; --steps is rounded up to a multiple of it
 
@@ -69,7 +69,7 @@ BLOCK = 16  # the recorder's default B; --steps is rounded up to a multiple of i
 # ----------------------------------------------------------------------------------------------
 # workloads
 def make_demo(seed: int):
-    """The demo's grokking model and data (phasewatch.demo), one full-batch Adam step per call."""
+    """The demo's grokking model and data (phasewatch.workflows.demo), one full-batch Adam step per call."""
     torch.manual_seed(seed)
     p = 71
     data = modular_addition(p, train_fraction=0.4, seed=seed)

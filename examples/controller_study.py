@@ -1,11 +1,11 @@
 """Do the framework's controllers help?  The grokking recipe over several seeds, with no controller
-and with each controller of :mod:`phasewatch.control` at its framework defaults (p-band learning
+and with each controller of :mod:`phasewatch.record.control` at its framework defaults (p-band learning
 rate, C-rule, Kramers escape, early stopping), side by side.
 
     python examples/controller_study.py --out controller-study          # ~3-6 min on 2 CPU cores
     python examples/controller_study.py --out controller-study --reuse  # re-analyse the recorded runs
 
-The recipe is :func:`phasewatch.demo.train_grokking` (modular addition mod 71, Adam lr 1e-3, weight
+The recipe is :func:`phasewatch.workflows.demo.train_grokking` (modular addition mod 71, Adam lr 1e-3, weight
 decay 2e-4, full batch) at width 512 (default 2048 is ~20x slower here; 512 groks too, at ~185 steps),
 400 steps.  Every arm, including "none", records the same gradient-noise measurements: per-example
 gradients of 64 fixed training pairs every 5 steps (b = 1), from which the controllers read C and
@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 
 import phasewatch  # noqa: E402
-from phasewatch.control import CRuleLR, EarlyStopping, KramersEscape, PBandLR  # noqa: E402
+from phasewatch.record.control import CRuleLR, EarlyStopping, KramersEscape, PBandLR  # noqa: E402
 
 ARMS = {
     "none": None,
@@ -62,7 +62,7 @@ def _last(metrics: dict, name: str) -> float:
 
 
 def run_arm(arm: str, seed: int, path: Path, a, reuse: bool) -> dict:
-    from phasewatch.demo import train_grokking
+    from phasewatch.workflows.demo import train_grokking
 
     t0 = time.perf_counter()
     if not (reuse and (path / "meta.json").exists()):

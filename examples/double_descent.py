@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import phasewatch  # noqa: E402
-from phasewatch.commands.compare import compare_table, to_csv, to_json, to_markdown  # noqa: E402
+from phasewatch.workflows.compare import compare_table, to_csv, to_json, to_markdown  # noqa: E402
 
 FEATURES = [50, 100, 150, 180, 200, 220, 250, 300, 400, 800, 1600, 3200]
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import phasewatch
-from phasewatch.demo import QuadraticMLP, modular_addition
+from phasewatch.workflows.demo import QuadraticMLP, modular_addition
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from phasewatch.study import load_analyses, run_study  # noqa: E402
+from phasewatch.workflows.study import load_analyses, run_study  # noqa: E402
 
 SIGNALS = ["g23", "kstar", "gap_ratio", "A"]
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{'wd' if wd else 'nowd'}-seed{seed}"
             path = runs_dir / name
             if not (a.reuse and (path / "meta.json").exists()):
-                from phasewatch.demo import train_grokking
+                from phasewatch.workflows.demo import train_grokking
 
                 if path.exists():
                     shutil.rmtree(path)

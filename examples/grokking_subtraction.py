@@ -6,7 +6,7 @@
 Task: (a − b) mod p for a, b in 0..p−1, half of the p² pairs for training (p = 59).  Model: a one-layer
 MLP on learned embeddings, ŷ = V relu(U [E_a ; E_b] + c) + d (embedding dimension 32, width 128),
 trained full batch with cross-entropy and AdamW (lr 1e-2, decoupled weight decay 1.0).  The model,
-loss and optimizer all differ from the demo's (``phasewatch.demo``: a quadratic network without
+loss and optimizer all differ from the demo's (``phasewatch.workflows.demo``: a quadratic network without
 biases, MSE, Adam with coupled L2).  This is the modular-arithmetic MLP of the grokking literature
 (Power et al. 2022, arXiv:2201.02177; Liu et al., "Omnigrok", arXiv:2210.01117, where weight decay
 controls how late the model generalises), scaled down to run on a CPU in seconds: the training set
@@ -15,7 +15,7 @@ with weight decay; without it test accuracy stays at 0 over the same steps.
 
 :func:`train` records a run with :class:`phasewatch.Recorder` (the update band every step; training
 and test accuracy every ``eval_every`` steps) and returns a small summary, like
-``phasewatch.demo.train_grokking``; the claims experiment 2 imports it by file path.
+``phasewatch.workflows.demo.train_grokking``; the claims experiment 2 imports it by file path.
 """
 
 from __future__ import annotations

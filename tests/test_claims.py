@@ -14,7 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from phasewatch.claims import (  # noqa: E402
+from phasewatch.cli import main  # noqa: E402
+from phasewatch.errors import PhasewatchError  # noqa: E402
+from phasewatch.workflows.claims import (  # noqa: E402
     REPRODUCTION_VERDICTS,
     VERDICTS,
     discover,
@@ -25,14 +27,12 @@ from phasewatch.claims import (  # noqa: E402
     to_markdown,
     write_table,
 )
-from phasewatch.cli import main  # noqa: E402
-from phasewatch.errors import PhasewatchError  # noqa: E402
 
 GOOD = '''
 """Claim 7: a toy claim that holds."""
 from pathlib import Path
 import matplotlib.pyplot as plt
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 def run(out_dir, quick):
     fig, ax = plt.subplots()
@@ -104,6 +104,30 @@ def test_result_checks_the_verdict(tmp_path: Path):
 def test_repository_scripts_are_found():
     found = discover()
     assert {1, 2, 3, 4, 9} <= set(found)
+
+
+def test_no_claims_dir_is_one_line(monkeypatch, capsys, tmp_path: Path):
+    """An installed package without the source checkout: the claims are not found, and the error says
+    where it looked and what to pass instead, in one line (from Python and from the CLI)."""
+    from phasewatch.workflows import claims as cl
+
+    fake = tmp_path / "site-packages" / "phasewatch" / "workflows" / "claims.py"
+    monkeypatch.setattr(cl, "__file__", str(fake))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PhasewatchError, match="--claims-dir") as e:
+        discover()
+    assert "\n" not in str(e.value) and str(tmp_path / "examples" / "claims") in str(e.value)
+    assert main(["claims", "--quick", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -e ." in err
+    # --claims-dir points at them from anywhere
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "claim_07_toy.py").write_text(GOOD)
+    assert main(["claims", "--quick", "--claims-dir", str(d), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "claims.json").read_text())["claims"][0]["verdict"] == "holds"
+    assert main(["claims", "--claims-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 1
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_cli_bad_only(capsys, tmp_path: Path):

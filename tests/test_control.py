@@ -11,7 +11,8 @@ import torch
 
 import phasewatch
 from phasewatch.analysis import noise
-from phasewatch.control import (
+from phasewatch.errors import PhasewatchError
+from phasewatch.record.control import (
     BAND_FACTORS,
     CRuleLR,
     EarlyStopping,
@@ -23,7 +24,6 @@ from phasewatch.control import (
     depth_lr,
     estimates,
 )
-from phasewatch.errors import PhasewatchError
 
 
 def _sgd(*lrs: float) -> torch.optim.Optimizer:
@@ -484,7 +484,7 @@ def test_controllers_on_a_real_short_run_with_live_gradient_samples(tmp_path):
 # shown in the report and the figures; the demo's pass-through
 
 def test_report_lists_the_interventions_of_a_run_with_controllers(tmp_path):
-    from phasewatch.report import build_report, report_markdown
+    from phasewatch.outputs.report import build_report, report_markdown
 
     _, made, _, res = _scripted_run(tmp_path / "r", lambda o: [CRuleLR(o)], C_SCRIPT, lr=0.01)
     rep = build_report(tmp_path / "r", analysis=res, max_rows=4)
@@ -554,9 +554,9 @@ def test_controller_study_figure_and_the_demos_controllers(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from phasewatch.demo import train_grokking
     from phasewatch.plot import save
     from phasewatch.plot.controls import controller_study
+    from phasewatch.workflows.demo import train_grokking
 
     # the demo passes controllers and gradient samples through, and stops when told to
     kw = dict(p=13, width=32, steps=24, eval_every=2, grad_samples_every=4, grad_probe=16, recorder_kwargs={"k": 4})

@@ -22,19 +22,19 @@ import phasewatch
 from phasewatch.analysis import noise
 from phasewatch.analysis.gram import band_from_updates
 from phasewatch.cli import main
-from phasewatch.export import (
+from phasewatch.outputs.export import (
     CsvSink,
     Follower,
     TensorBoardSink,
     export,
     merged_rows,
-    run_closed,
     scalar_series,
     tables,
 )
+from phasewatch.outputs.watch import watch
 from phasewatch.store import RunWriter
 from phasewatch.store import format as fmt
-from phasewatch.watch import watch
+from phasewatch.store.live import run_closed
 
 ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -260,7 +260,7 @@ def test_controller_interventions_are_exported_when_the_analysis_has_them(tmp_pa
         s.write(tabs, None, res.conventions)
         s.close()
     _assert_csv_equal(tmp_path / "csv" / "interventions.csv", tabs["interventions"])
-    from phasewatch.watch import latest, render
+    from phasewatch.outputs.watch import latest, render
 
     assert "control    2 changes; last at step 30: c_rule param_groups[0].lr 0.05 -> 0.1" in render(latest(res))
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in _accumulator(tmp_path / "tb").Tensors("interventions")}
@@ -271,7 +271,7 @@ def test_controller_interventions_are_exported_when_the_analysis_has_them(tmp_pa
 def test_crc32c_against_tensorboards_own_and_the_rfc_check_value():
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
 
-    from phasewatch.export import crc32c, masked_crc32c
+    from phasewatch.outputs.export import crc32c, masked_crc32c
 
     assert crc32c(b"123456789") == 0xE3069283  # RFC 3720 check value
     assert crc32c(b"") == 0 and crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
@@ -448,7 +448,7 @@ def test_watch_shows_gradient_noise_refreshes_and_renders_the_figure(tmp_path):
 
 
 def test_tail_analysis_of_a_lazy_run_reads_only_the_tail_and_equals_the_eager_one(tmp_path):
-    from phasewatch.export import analyze_tail
+    from phasewatch.outputs.export import analyze_tail
 
     path = _run(tmp_path / "run", T=80)
     after = {"window": 60, "steps": 60, "tail": 60}

@@ -21,9 +21,9 @@ import phasewatch  # noqa: E402
 from phasewatch.analysis import noise as nz  # noqa: E402
 from phasewatch.analysis.pipeline import Analysis  # noqa: E402
 from phasewatch.cli import main  # noqa: E402
+from phasewatch.outputs.report import build_report, report_markdown, segments  # noqa: E402
 from phasewatch.plot.multirun import band_stats, mean_band, sweep  # noqa: E402
-from phasewatch.report import build_report, report_markdown, segments  # noqa: E402
-from phasewatch.study import run_study  # noqa: E402
+from phasewatch.workflows.study import run_study  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 GROK = DATA / "grokking-p71.h5"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 CLAIM = "the gap position depends on the optimizer: Muon gives k* = 1, AdamW k* = 2 on the same model"
 SOURCE = "Xu 2026 (arXiv:2603.28964), spectral-edge paper"

@@ -12,8 +12,15 @@ import numpy as np
 import phasewatch
 from phasewatch.analysis.events import first_rule, series, signal_rule
 from phasewatch.analysis.leadtime import lead_time, summarize
-from phasewatch.claims import GROKKING, cached_runs, grokking_runs, grokking_setup, result, save_figure
-from phasewatch.study import run_study
+from phasewatch.workflows.claims import (
+    GROKKING,
+    cached_runs,
+    grokking_runs,
+    grokking_setup,
+    result,
+    save_figure,
+)
+from phasewatch.workflows.study import run_study
 
 CLAIM = ("g₂₃ = λ₂ − λ₃ declines > 1.5× from its pre-event peak before every grokking event; "
          "runs without weight decay do not grok")

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import cached_runs, grokking_runs, grokking_setup, reproduction, result, save_figure
+from phasewatch.workflows.claims import (
+    cached_runs,
+    grokking_runs,
+    grokking_setup,
+    reproduction,
+    result,
+    save_figure,
+)
 
 CLAIM = "after grokking k* = 2 with a large λ₂/λ₃ (median ≈ 300), controls stay isotropic (≈ 1.3)"
 SOURCE = "author's note on this model family (Tian's quadratic model on modular addition)"
@@ -56,8 +63,8 @@ def _note_protocol(out_dir: Path, quick: bool) -> dict:
     """The claim in its source's protocol (:data:`NOTE`): the reproduction part."""
     import matplotlib.pyplot as plt
 
-    from phasewatch.demo import train_grokking
     from phasewatch.plot.style import WIDTHS, paper_style
+    from phasewatch.workflows.demo import train_grokking
 
     cfg = dict(NOTE[bool(quick)])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import GROKKING, grokking_runs, grokking_setup, result, save_figure
+from phasewatch.workflows.claims import GROKKING, grokking_runs, grokking_setup, result, save_figure
 
 CLAIM = "p = C/(1+C) crosses 0.5 at grokking; test accuracy at that moment is 51–53 %"
 SOURCE = "notes 000/004"

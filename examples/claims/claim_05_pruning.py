@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 CLAIM = ("pruning raises the consolidation ratio: winning tickets (magnitude pruning with rewinding) have "
          "p ≈ 0.65–0.70 against 0.35–0.40 for random masks at 90% sparsity")

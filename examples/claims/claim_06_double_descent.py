@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 CLAIM = "double descent: the test error peaks where p ≈ 0.5, at the interpolation threshold"
 SOURCE = "notes 002/004"

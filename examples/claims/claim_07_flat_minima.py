@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 CLAIM = "p correlates with the generalisation gap, r ≈ −0.87 over a set of runs; sharpness λ_max alongside"
 SOURCE = "notes 000/004"

@@ -13,7 +13,7 @@ import numpy as np
 
 import phasewatch
 from phasewatch.analysis.curvature import CriticalityConstants, criticality
-from phasewatch.claims import result, save_figure
+from phasewatch.workflows.claims import result, save_figure
 
 CLAIM = ("all three critical observables (C ≈ 1, S ≈ 0, |dρ/dt| large) align rarely: P ≈ 0.001–0.002, "
          "within 3× of the product of the marginals; α falls by 0.1–0.3 during critical windows")
@@ -98,7 +98,7 @@ def train_grok(path: Path, width: int, steps: int, every: int) -> dict:
     """The demo grokking run (Adam lr 1e-3, weight decay 2e-4, full batch) with the three probes."""
     import torch
 
-    from phasewatch.demo import modular_addition, train_grokking
+    from phasewatch.workflows.demo import modular_addition, train_grokking
 
     p = 71
     data = modular_addition(p, 0.4, 0)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.claims import grokking_runs, grokking_setup, result
-from phasewatch.study import run_study
+from phasewatch.workflows.claims import grokking_runs, grokking_setup, result
+from phasewatch.workflows.study import run_study
 
 CLAIM = "the consolidation ratio C drops before grokking and gives an early warning (~200 epochs)"
 SOURCE = "note 002"

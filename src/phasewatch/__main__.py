@@ -1,3 +1,5 @@
+"""``python -m phasewatch``: the command line (:func:`phasewatch.cli.main`)."""
+
 import sys
 
 from .cli import main

@@ -11,6 +11,12 @@ class PhasewatchError(Exception):
     """Base class of every error phasewatch raises on purpose."""
 
 
+class InvalidArgumentError(PhasewatchError, ValueError):
+    """An argument is out of range, of the wrong kind or inconsistent with another.
+
+    Also a :class:`ValueError`, so code that catches ``ValueError`` keeps working."""
+
+
 class RunFormatError(PhasewatchError):
     """A run directory or file is missing, foreign, corrupted or of an unknown schema."""
 

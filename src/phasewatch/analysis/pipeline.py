@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PhasewatchError, RunTooShortError
+from ..store.format import posthoc_path
 from . import adiabatic as adia
 from . import gradcov, gram, tails
 from . import noise as nz
@@ -673,13 +674,6 @@ def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:
     return cv.curvature_columns(hess, ntk, probes, tail_index, lr_steps=st.get("step"),
                                 lr_values=(st["lr"][:, 0] if "lr" in st and len(st["lr"]) else None),
                                 threshold_fn=threshold_fn)
-
-
-def posthoc_path(run_path) -> Path:
-    """Where post-hoc probes of a run live: ``RUN/posthoc`` for a run directory, ``RUN.posthoc``
-    beside a packed file."""
-    p = Path(run_path)
-    return p / "posthoc" if p.is_dir() else p.with_name(p.name + ".posthoc")
 
 
 def _merge(a: dict | None, b: dict | None) -> dict | None:

@@ -1,4 +1,4 @@
-"""Figures of controllers (:mod:`phasewatch.control`): their interventions on a time axis, and a
+"""Figures of controllers (:mod:`phasewatch.record.control`): their interventions on a time axis, and a
 controller study (runs of one recipe with and without each controller).
 
 Both take analysis results (:class:`~phasewatch.analysis.pipeline.Analysis`, whose

@@ -1,6 +1,6 @@
 """Figures over many runs: a precursor study, a mean ± band over seeds, a sweep.
 
-Each function takes results (a :class:`~phasewatch.study.Study`, analyses, or plain arrays), never
+Each function takes results (a :class:`~phasewatch.workflows.study.Study`, analyses, or plain arrays), never
 raw files, and returns a Figure drawn in the paper style of :mod:`phasewatch.plot.style`.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .style import LINESTYLES, PALETTE, WIDTHS, paper_style
 
 __all__ = ["lead_time_study", "mean_band", "sweep", "band_stats"]
@@ -101,7 +102,7 @@ def band_stats(series_list: Sequence[tuple[np.ndarray, np.ndarray]], band: str =
     the range all series cover).  ``band``: ``sd`` (mean ± standard deviation over runs, ddof 1),
     ``sem`` (± standard error), ``minmax`` (range over runs).  NaN values are ignored per point."""
     if not series_list:
-        raise ValueError("band_stats needs at least one series")
+        raise InvalidArgumentError("band_stats needs at least one series")
     ss = [(np.asarray(s, float), np.asarray(v, float)) for s, v in series_list]
     if grid is None:
         lo = max(s[0] for s, _ in ss if s.size)
@@ -124,7 +125,7 @@ def band_stats(series_list: Sequence[tuple[np.ndarray, np.ndarray]], band: str =
                 sd = sd / np.sqrt(np.maximum(n, 1))
             lo_, hi_ = mean - sd, mean + sd
         else:
-            raise ValueError(f"band={band!r}: use sd, sem or minmax")
+            raise InvalidArgumentError(f"band={band!r}: use sd, sem or minmax")
     return grid, mean, lo_, hi_
 
 

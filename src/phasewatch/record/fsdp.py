@@ -56,7 +56,6 @@ a signal handler could deadlock the job): the steps not yet reduced (< B) are lo
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,20 +65,9 @@ import torch.distributed as dist
 
 from ..errors import RecorderError
 from ..store.writer import Critical
+from .dtensor import is_sharded, local
 
 log = logging.getLogger("phasewatch")
-
-
-def _dtensor_cls() -> type | None:
-    # no DTensor can exist before torch.distributed.tensor is imported: never import it here
-    # (the check runs for every recorder and, via local(), per tensor and step)
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None)
-
-
-def is_sharded(t: Any) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
 
 
 def detect(named: Sequence[tuple[str, torch.Tensor]]) -> bool:
@@ -122,11 +110,6 @@ def refuse_options(**given: Any) -> None:
             raise RecorderError(f"{what} is not supported for FSDP-sharded (DTensor) parameters; record without "
                                 f"it (the band, gradient norms, micro-batch gradient samples, snapshots and "
                                 f"checkpoints are supported)")
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's shard of a DTensor (a view of FSDP's sharded storage), or the tensor itself."""
-    return t.to_local() if is_sharded(t) else t
 
 
 class NullWriter:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from ..analysis.curvature import stability_threshold
-from ..analysis.pipeline import posthoc_path
 from ..errors import PhasewatchError
 from ..store import format as fmt
 from ..store import open_run
+from ..store.format import posthoc_path
 from ..store.writer import RunWriter
 from .curvature import CurvatureProbe, rows_to_columns
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import RecorderError
-from .fsdp import local
+from .dtensor import local
 
 _BN = torch.nn.modules.batchnorm._BatchNorm
 

@@ -1055,7 +1055,7 @@ class Recorder:
     def _control(self, step: int) -> None:
         """After step ``step``: the controllers see this step's measurements (if any), then
         ``on_step``; every change they make is kept in :attr:`interventions` and written to the run."""
-        from ..control import estimates
+        from .control import estimates
 
         made: list[tuple[Any, Any]] = []
         measured, self._measured = self._measured, []

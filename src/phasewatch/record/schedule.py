@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+from ..errors import InvalidArgumentError
+
 
 class Schedule:
     """A set of steps: ``None`` (never), an int N (every N steps), ``"log"`` (≈10 per decade:
@@ -19,14 +21,14 @@ class Schedule:
             raise TypeError("schedule: pass an int, 'log', a list of steps or a callable, not a bool")
         elif isinstance(spec, int):
             if spec <= 0:
-                raise ValueError(f"schedule: every={spec} must be a positive number of steps")
+                raise InvalidArgumentError(f"schedule: every={spec} must be a positive number of steps")
             self._f = lambda s, n=spec: s % n == 0
         elif spec == "log":
             self._f = _log_spaced
         elif callable(spec):
             self._f = spec
         elif isinstance(spec, str):
-            raise ValueError(f"schedule: unknown spec {spec!r}; use an int, 'log', a list or a callable")
+            raise InvalidArgumentError(f"schedule: unknown spec {spec!r}; use an int, 'log', a list or a callable")
         else:
             steps = frozenset(int(s) for s in spec)
             self._f = steps.__contains__

@@ -17,7 +17,9 @@ killed writer leaves a file whose committed rows are intact.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +34,13 @@ PACKED_SEGMENTS = "segments"
 
 def segment_name(index: int) -> str:
     return f"segment-{index:06d}.h5"
+
+
+def posthoc_path(run_path: str | os.PathLike) -> Path:
+    """Where post-hoc probes of a run live (``phasewatch curvature`` writes them, the analyzer
+    merges them): ``RUN/posthoc`` for a run directory, ``RUN.posthoc`` beside a packed file."""
+    p = Path(run_path)
+    return p / "posthoc" if p.is_dir() else p.with_name(p.name + ".posthoc")
 
 
 # Bits of the per-step ``flags`` column.
@@ -219,7 +228,7 @@ def ntk_table(m: int) -> TableSpec:
 
 
 def interventions_table() -> TableSpec:
-    """Changes made by controllers (:mod:`phasewatch.control`), one row per change: after step
+    """Changes made by controllers (:mod:`phasewatch.record.control`), one row per change: after step
     ``step`` rule ``rule`` set ``param`` (``param_groups[i].lr``, or ``stop``) from ``old`` to
     ``new`` (a learning rate set after step t is the lr of step t + 1); ``note`` says why (UTF-8,
     cut to 96 bytes; ``dry run: …`` when the controller only tracked what it would have done)."""

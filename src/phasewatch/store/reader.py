@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -34,8 +33,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import RunFormatError, SchemaVersionError
+from ..errors import InvalidArgumentError, RunFormatError, SchemaVersionError
 from . import format as fmt
+from .hdf5 import has_signature, superblock_eof
 from .writer import writer_is_live
 
 log = logging.getLogger("phasewatch")
@@ -63,25 +63,14 @@ def _lazy_above() -> int:
 
 @dataclass
 class SegmentInfo:
+    """What the reader found in one segment: rows per table, the step range, or the error that kept it out."""
+
     label: str
     index: int
     rows: dict[str, int] = field(default_factory=dict)
     first_step: int | None = None
     last_step: int | None = None
     error: str | None = None
-
-
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _superblock_eof(path: Path) -> int | None:
-    """The end-of-file address a version 2/3 superblock at offset 0 records, or None."""
-    with open(path, "rb") as fh:
-        head = fh.read(44)
-    if len(head) < 44 or head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
-        return None
-    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
-    return base + eof
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -99,7 +88,7 @@ def _open_h5(path: Path) -> h5py.File:
         if "already open" not in str(e) and "lock" not in str(e):
             raise
     for _ in range(4):
-        eof, size = _superblock_eof(path), os.path.getsize(path)
+        eof, size = superblock_eof(path), os.path.getsize(path)
         if eof is None or size >= eof:
             break
         time.sleep(0.05)  # a live writer extends the file right after writing its superblock
@@ -217,7 +206,7 @@ def read_table(
             continue
         ds = datasets[name]
         if span is not None and not 0 <= span[0] <= span[1] <= n:
-            raise ValueError(f"{where}: rows {span[0]}:{span[1]} outside the {n} committed rows")
+            raise InvalidArgumentError(f"{where}: rows {span[0]}:{span[1]} outside the {n} committed rows")
         want = n if rows is None and span is None else (len(rows) if rows is not None else span[1] - span[0])
         _check_declared_size(ds, want, f"{where}/{name}")
         if spec_cols is not None and name in spec_cols:
@@ -230,7 +219,7 @@ def read_table(
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if len(rows) and (rows[-1] >= n or np.any(np.diff(rows) <= 0)):
-                raise ValueError(f"{where}: rows must increase and lie below {n}")
+                raise InvalidArgumentError(f"{where}: rows must increase and lie below {n}")
         # A writer that has the file open (SWMR) rewrites the chunk holding the newest rows in
         # place; a read overlapping that write sees a torn chunk that fails its checksum.  Such a
         # read is retried a few times before the chunk is called corrupted.
@@ -723,7 +712,7 @@ def _is_hdf5(path: Path) -> bool:
             head = fh.read(8)
     except OSError:
         return False
-    return head == _HDF5_SIGNATURE or h5py.is_hdf5(str(path))
+    return has_signature(head) or h5py.is_hdf5(str(path))
 
 
 def _read_meta_json(text: str | bytes, where: str) -> dict:
@@ -853,26 +842,16 @@ def open_run(path: str | os.PathLike, *, lazy: bool | None = None) -> Run:
 # and a follower re-reading a live run pays nothing for it.
 
 _GUARD_HELPER = r"""
-import json, os, struct, sys, time
+import json, os, sys, time
 import h5py
 
-SIG = b"\x89HDF\r\n\x1a\n"
-
-def superblock_eof(path):
-    with open(path, "rb") as fh:
-        head = fh.read(44)
-    if len(head) < 44 or head[:8] != SIG or head[8] not in (2, 3) or head[9] != 8:
-        return None
-    base, _ext, eof = struct.unpack_from("<3Q", head, 12)
-    return base + eof
-
-def open_h5(path):
+def open_h5(path, eof):
+    # eof: the end of file its superblock records (store.hdf5.superblock_eof, read by the parent)
     try:
         return h5py.File(path, "r")
     except OSError as e:
         if "already open" not in str(e) and "lock" not in str(e):
             raise
-    eof = superblock_eof(path)
     if eof is not None and os.path.getsize(path) < eof:
         raise OSError("truncated")
     return h5py.File(path, "r", swmr=True)
@@ -903,7 +882,7 @@ def walk(g, seen):
 print("ready", flush=True)
 for line in sys.stdin:
     try:
-        with open_h5(json.loads(line)) as f:
+        with open_h5(*json.loads(line)) as f:
             walk(f, set())
         out = {"status": "ok"}
     except MemoryError:
@@ -982,6 +961,13 @@ def _helper() -> subprocess.Popen | None:
     return proc
 
 
+def _superblock_eof_or_none(path: Path) -> int | None:
+    try:
+        return superblock_eof(path)
+    except OSError:
+        return None  # the helper's own open reports it
+
+
 def _walk_in_helper(path: Path, limit: float) -> tuple[bool, str | None]:
     """(known, problem): whether the helper gave a verdict, and the problem it found if any."""
     global guard_walks
@@ -989,7 +975,7 @@ def _walk_in_helper(path: Path, limit: float) -> tuple[bool, str | None]:
     if proc is None:
         return False, None
     try:
-        proc.stdin.write((json.dumps(str(path)) + "\n").encode())
+        proc.stdin.write((json.dumps([str(path), _superblock_eof_or_none(path)]) + "\n").encode())
     except OSError:
         _stop_helper()
         return False, None

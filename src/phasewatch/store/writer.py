@@ -55,7 +55,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import PhasewatchError, RunFormatError, SchemaVersionError
+from ..errors import InvalidArgumentError, PhasewatchError, RunFormatError, SchemaVersionError
 from . import format as fmt
 
 try:  # POSIX advisory locks; elsewhere a run is not locked
@@ -651,7 +651,7 @@ class RunWriter:
         if set(columns) != set(spec.columns):
             missing = set(spec.columns) - set(columns)
             extra = set(columns) - set(spec.columns)
-            raise ValueError(f"table {table!r}: missing columns {sorted(missing)}, unknown {sorted(extra)}")
+            raise InvalidArgumentError(f"table {table!r}: missing columns {sorted(missing)}, unknown {sorted(extra)}")
         n = None
         batch = {}
         for name, col in spec.columns.items():
@@ -661,7 +661,7 @@ class RunWriter:
             if n is None:
                 n = a.shape[0]
             elif a.shape[0] != n:
-                raise ValueError(f"table {table!r}: columns have different row counts")
+                raise InvalidArgumentError(f"table {table!r}: columns have different row counts")
             batch[name] = a
         if not n:
             return

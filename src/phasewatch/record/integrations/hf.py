@@ -57,7 +57,7 @@ from transformers import TrainerCallback
 
 from ...errors import RecorderError
 from ..distributed import world_size
-from . import _active, _global_mean, _sample_source, _scalar_metrics, _torch_optimizer
+from .common import _active, _global_mean, _sample_source, _scalar_metrics, _torch_optimizer
 
 log = logging.getLogger("phasewatch")
 

@@ -51,7 +51,7 @@ from lightning.pytorch import Callback
 
 from ...errors import RecorderError
 from ..distributed import world_size
-from . import (
+from .common import (
     _active,
     _global_mean,
     _leading_dim,

@@ -1,5 +1,6 @@
-"""Precursor studies over many runs: does a signal move before the event, and does it stay quiet
-on runs without it?  (DEFINITIONS §6, "Precursor statistics".)
+"""Precursor studies over many runs: does a signal move before the event, and stay quiet without it?
+
+(DEFINITIONS §6, "Precursor statistics".)
 
     study = run_study(["runs/wd-0", "runs/wd-1", "runs/no-wd-0"], event="test_acc>=0.95", signal="g23")
     print(study.to_markdown()); study.write("out/")
@@ -24,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import leadtime as lt
-from .analysis.events import ONSET_RULES, first_rule, parse_rule, series, signal_rule
+from ..analysis import leadtime as lt
+from ..analysis.events import ONSET_RULES, first_rule, parse_rule, series, signal_rule
+from ..errors import PhasewatchError
 from .batch import AnalysisFailure, analyze_many, raise_failures
-from .errors import PhasewatchError
 
 __all__ = ["StudyRow", "Study", "run_study", "load_analyses"]
 
@@ -218,8 +219,8 @@ class Study:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 
-            from .plot.multirun import lead_time_study
-            from .plot.style import save
+            from ..plot.multirun import lead_time_study
+            from ..plot.style import save
 
             fig = lead_time_study(self)
             for f in figure_formats:
@@ -249,7 +250,7 @@ def load_analyses(runs: Sequence[Any], window: int = 10, workers: int | None = 1
     """Analyse each run given as a path (in ``workers`` processes: :func:`phasewatch.analyze_many`);
     Analysis objects pass through.  A run that fails raises one :class:`PhasewatchError` naming
     every failure once all are analysed, or, with ``skip_failed``, stays in the list as its
-    :class:`~phasewatch.batch.AnalysisFailure`."""
+    :class:`~phasewatch.workflows.batch.AnalysisFailure`."""
     at = [i for i, r in enumerate(runs) if isinstance(r, (str, Path))]
     done = analyze_many([runs[i] for i in at], workers=workers, window=window)
     out = list(runs)

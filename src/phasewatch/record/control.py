@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import noise as nz
-from .errors import PhasewatchError
+from ..analysis import noise as nz
+from ..errors import PhasewatchError
 
 __all__ = [
     "BAND_FACTORS",

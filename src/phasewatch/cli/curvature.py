@@ -1,5 +1,6 @@
-"""``phasewatch curvature RUN --model pkg.mod:factory --data pkg.mod:batch_fn``: Hessian and NTK probes
-on a run's stored checkpoints, after training."""
+"""``phasewatch curvature RUN --model pkg.mod:factory --data pkg.mod:batch_fn``: post-hoc probes.
+
+Hessian and NTK probes on a run's stored checkpoints, after training."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 from ..errors import PhasewatchError
 
-ORDER = 40
 LOSSES = ("cross_entropy", "mse")
 
 
@@ -52,6 +52,7 @@ def _loss(spec: str):
 
 
 def cmd_curvature(a: argparse.Namespace) -> int:
+    """Run ``phasewatch curvature`` with the parsed arguments; return the exit status."""
     from ..record.posthoc import posthoc
 
     factory = load_object(a.model, "model")
@@ -74,6 +75,7 @@ def cmd_curvature(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch curvature`` and its options to the CLI's subparsers."""
     s = sub.add_parser("curvature", help="Hessian (Lanczos, trace) and NTK probes on stored checkpoints",
                        description="Load each stored checkpoint (arrays, no pickle) into a model you build, "
                                    "and compute lambda_max (top-k, Lanczos), optionally the Hutchinson trace "

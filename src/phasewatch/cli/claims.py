@@ -1,13 +1,13 @@
-"""``phasewatch claims [--quick] [--only N,...] [--out DIR]``: run the experiments that test the
-framework's claims (``examples/claims/``) and write ``claims.md``, ``claims.json`` and a figure per claim."""
+"""``phasewatch claims [--quick] [--only N,...] [--out DIR]``: test the framework's claims.
+
+Runs the experiments under ``examples/claims/`` (or ``--claims-dir``) and writes ``claims.md``,
+``claims.json`` and a figure per claim."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..errors import PhasewatchError
-
-ORDER = 90
 
 
 def _parse_only(text: str | None) -> list[int] | None:
@@ -20,13 +20,14 @@ def _parse_only(text: str | None) -> list[int] | None:
 
 
 def _cmd(a: argparse.Namespace) -> int:
+    """Run ``phasewatch claims`` with the parsed arguments; return the exit status."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from ..claims import merge_previous, run_claims, write_table
+    from ..workflows.claims import merge_previous, run_claims, write_table
 
     only = _parse_only(a.only)
-    results = run_claims(a.out, quick=a.quick, only=only)
+    results = run_claims(a.out, quick=a.quick, only=only, directory=a.claims_dir)
     if only:  # --only updates those rows of an existing table of the same mode
         results = merge_previous(results, a.out, a.quick)
     md, js = write_table(results, a.out, quick=a.quick)
@@ -39,10 +40,13 @@ def _cmd(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch claims`` and its options to the CLI's subparsers."""
     s = sub.add_parser("claims", help="test the framework's claims (experiments under examples/claims)",
                        description=__doc__)
     s.add_argument("--quick", action="store_true", help="CI-sized experiments (one seed, small models)")
     s.add_argument("--only", metavar="N,...", help="run only these claims (numbers, comma-separated); the other "
                    "rows of an existing OUT/claims.json of the same mode are kept")
     s.add_argument("--out", default="claims-out", help="output directory (default claims-out)")
+    s.add_argument("--claims-dir", metavar="DIR", help="the claim_NN_*.py experiments (default: examples/claims "
+                   "of the source checkout, else of the current directory)")
     s.set_defaults(func=_cmd)

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import adiabatic as adia
-from .analysis import noise as nz
-from .analysis.events import SIGNALS, plateaus, series, signal_rule
-from .analysis.leadtime import classify, lead_time
-from .errors import PhasewatchError
+from ..analysis import adiabatic as adia
+from ..analysis import noise as nz
+from ..analysis.events import SIGNALS, plateaus, series, signal_rule
+from ..analysis.leadtime import classify, lead_time
+from ..errors import PhasewatchError
 
 __all__ = ["build_report", "report_markdown", "write_report", "segments"]
 
@@ -349,8 +349,8 @@ def build_report(
     """The report of one run (path or :class:`~phasewatch.store.Run`) as a JSON-safe dict.
 
     ``analysis`` may be passed to reuse an :class:`~phasewatch.analysis.pipeline.Analysis`."""
-    from .analysis.pipeline import analyze
-    from .store import open_run
+    from ..analysis.pipeline import analyze
+    from ..store import open_run
 
     r = open_run(run) if not hasattr(run, "meta") else run
     a = analysis if analysis is not None else analyze(r, window=window)
@@ -389,12 +389,12 @@ def build_report(
 
 
 def _interventions(a, meta: dict, max_rows: int) -> dict[str, Any]:
-    """The controllers of the run (phasewatch.control) and every change they made."""
+    """The controllers of the run (phasewatch.record.control) and every change they made."""
     ctl = (meta.get("recorder") or {}).get("controllers") or []
     iv = getattr(a, "interventions", None) or {}
     n = len(iv.get("step", []))
     desc = ", ".join(str(c.get("rule", c.get("class", "?"))) for c in ctl) or "not listed in the run's metadata"
-    conv = ("the framework's prescriptions as opt-in controllers (phasewatch.control; DEFINITIONS §2, §6); "
+    conv = ("the framework's prescriptions as opt-in controllers (phasewatch.record.control; DEFINITIONS §2, §6); "
             "a learning rate set after step t is the lr of step t + 1")
     lines = [f"- controllers: {desc}"]
     if not n:

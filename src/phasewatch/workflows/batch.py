@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PhasewatchError
+from ..errors import PhasewatchError
 
 __all__ = ["AnalysisFailure", "analyze_many", "raise_failures"]
 
@@ -60,7 +60,7 @@ def _analyze_one(run: Any, kw: dict, func=None) -> Any:
     name = str(getattr(run, "path", run))
     try:
         if func is None:
-            from .analysis.pipeline import analyze
+            from ..analysis.pipeline import analyze
 
             func = analyze
         return func(run, **kw)

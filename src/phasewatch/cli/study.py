@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import PhasewatchError
-
-ORDER = 40
+from .common import add_workers, formats, report_failures
 
 EPILOG = """
 examples:
@@ -42,15 +41,9 @@ def parse_params(items: list[str] | None) -> dict:
     return out
 
 
-def formats(value: list[str]) -> list[str]:
-    out: list[str] = []
-    for v in value:
-        out += [x for x in v.replace(",", " ").split() if x]
-    return out
-
-
 def cmd_study(a: argparse.Namespace) -> int:
-    from ..study import run_study
+    """Run ``phasewatch study`` with the parsed arguments; return the exit status."""
+    from ..workflows.study import run_study
 
     if a.label and len(a.label) != len(a.runs):
         raise PhasewatchError(f"--label given {len(a.label)} times for {len(a.runs)} runs; give one per run")
@@ -66,22 +59,8 @@ def cmd_study(a: argparse.Namespace) -> int:
     return report_failures(study.failed)
 
 
-def report_failures(failed: list[tuple[str, str]]) -> int:
-    """One line on stderr per run left out; exit status 1 if any (the others' results stand)."""
-    import sys
-
-    for _, why in failed:
-        print(f"phasewatch: left out {why}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def add_workers(s) -> None:
-    s.add_argument("--workers", "-j", type=int, default=1,
-                   help="processes analysing the runs in parallel (default 1; 0: one per CPU); a run "
-                        "that cannot be analysed is left out with its error and the exit status is 1")
-
-
 def register(sub) -> None:
+    """Add ``phasewatch study`` and its options to the CLI's subparsers."""
     s = sub.add_parser("study", help="precursor study over runs: lead times, hit and false-alarm rates",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("runs", nargs="+", metavar="RUN", help="run directories or packed .h5 files")

@@ -1,4 +1,5 @@
-"""``phasewatch export``: the analysis as TensorBoard event files, CSV, Parquet or an offline W&B run;
+"""``phasewatch export``: the analysis as TensorBoard event files, CSV, Parquet or an offline W&B run.
+
 ``--follow`` keeps exporting while the run grows (TensorBoard as a live dashboard)."""
 
 from __future__ import annotations
@@ -8,49 +9,66 @@ import logging
 from pathlib import Path
 
 from ..errors import PhasewatchError
+from .common import add_window
 
-ORDER = 30
 log = logging.getLogger("phasewatch")
 
 
-def cmd_export(a: argparse.Namespace) -> int:
-    from ..export import CsvSink, Follower, ParquetSink, TensorBoardSink, WandbSink
-
+def _check(a: argparse.Namespace) -> None:
     if not (a.tensorboard or a.csv or a.parquet or a.wandb):
         raise PhasewatchError("export: say where to: --tensorboard DIR, --csv DIR, --parquet DIR and/or --wandb")
     if a.interval <= 0:
         raise PhasewatchError(f"--interval {a.interval:g}: must be positive seconds")
     if a.follow and a.source != "band":
         raise PhasewatchError("--follow works on the per-step band; drop --source snapshots")
+
+
+def _add_sinks(a: argparse.Namespace, run, sinks: list) -> None:
+    """Append the sinks the options ask for to ``sinks``.
+
+    In place, so that the caller closes the sinks already made if a later one fails."""
+    from ..outputs.export import CsvSink, ParquetSink, TensorBoardSink, WandbSink
+
+    if a.tensorboard:
+        sinks.append(TensorBoardSink(a.tensorboard, overwrite=a.overwrite))
+    if a.csv:
+        sinks.append(CsvSink(a.csv, overwrite=a.overwrite))
+    if a.parquet:
+        sinks.append(ParquetSink(a.parquet, overwrite=a.overwrite))
+    if a.wandb:
+        name = a.wandb_name or Path(a.run).name
+        config = {"phasewatch_run": str(a.run), "window": a.window, "model": run.meta.get("model", {}).get("class"),
+                  "optimizer": run.meta.get("optimizer", {}).get("hyper"), "recorder": run.meta.get("recorder")}
+        sinks.append(WandbSink(a.wandb_project, name, a.wandb_dir, config))
+
+
+def _follow(a: argparse.Namespace, f) -> None:
+    print(f"following {a.run} every {a.interval:g} s (Ctrl-C stops)", flush=True)
+
+    def report(fl, n: int) -> None:
+        if n:
+            print(f"step {fl.last_step}: +{n} rows", flush=True)
+
+    try:
+        why = f.follow(a.interval, idle_exit=a.idle_exit, on_poll=report)
+    except KeyboardInterrupt:
+        why = "stopped"
+    print(f"{why}: exported {f.rows_written} rows in {f.polls} polls (last step {f.last_step})")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """Run ``phasewatch export`` with the parsed arguments; return the exit status."""
+    from ..outputs.export import Follower
     from ..store import open_run
 
+    _check(a)
     run = open_run(a.run)  # a clear error for a missing or foreign run before anything is created
-    sinks = []
+    sinks: list = []
     try:
-        if a.tensorboard:
-            sinks.append(TensorBoardSink(a.tensorboard, overwrite=a.overwrite))
-        if a.csv:
-            sinks.append(CsvSink(a.csv, overwrite=a.overwrite))
-        if a.parquet:
-            sinks.append(ParquetSink(a.parquet, overwrite=a.overwrite))
-        if a.wandb:
-            name = a.wandb_name or Path(a.run).name
-            config = {"phasewatch_run": str(a.run), "window": a.window, "model": run.meta.get("model", {}).get("class"),
-                      "optimizer": run.meta.get("optimizer", {}).get("hyper"), "recorder": run.meta.get("recorder")}
-            sinks.append(WandbSink(a.wandb_project, name, a.wandb_dir, config))
+        _add_sinks(a, run, sinks)
         f = Follower(a.run, sinks, window=a.window, source=a.source)
         if a.follow:
-            print(f"following {a.run} every {a.interval:g} s (Ctrl-C stops)", flush=True)
-
-            def report(fl: Follower, n: int) -> None:
-                if n:
-                    print(f"step {fl.last_step}: +{n} rows", flush=True)
-
-            try:
-                why = f.follow(a.interval, idle_exit=a.idle_exit, on_poll=report)
-            except KeyboardInterrupt:
-                why = "stopped"
-            print(f"{why}: exported {f.rows_written} rows in {f.polls} polls (last step {f.last_step})")
+            _follow(a, f)
         else:
             f.poll(run)
             print(f"exported {f.rows_written} rows (last step {f.last_step})")
@@ -65,12 +83,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch export`` and its options to the CLI's subparsers."""
     s = sub.add_parser("export", help="analysis to TensorBoard / CSV / Parquet / W&B; --follow a live run",
                        description=__doc__)
     s.add_argument("run", help="run directory or packed .h5 file")
-    from ..cli import _add_window  # the same --window/--source as analyze and plot
-
-    _add_window(s)
+    add_window(s)  # the same --window/--source as analyze and plot
     s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")
     s.add_argument("--csv", metavar="DIR", help="one CSV per table (window, steps, noise, tail, curvature, eval, events)")
     s.add_argument("--parquet", metavar="DIR", help="one Parquet file per table (needs pyarrow)")

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PhasewatchError, RunTooShortError
+from ..errors import PhasewatchError, RunTooShortError
 
 log = logging.getLogger("phasewatch")
 
@@ -198,7 +198,7 @@ def tables(analysis, layer_names: list[str] | None = None) -> dict[str, Table]:
             "rule": np.array([e.rule for e in ev], dtype=object),
         })
     iv = getattr(analysis, "interventions", None) or {}
-    if iv and len(iv.get("step", [])):  # controllers' changes (phasewatch.control), when the run has them
+    if iv and len(iv.get("step", [])):  # controllers' changes (phasewatch.record.control), when the run has them
         cols = {k: (_strs(v) if np.asarray(v).dtype.kind in "OSU" else np.asarray(v))
                 for k, v in iv.items() if np.asarray(v).ndim == 1}
         out["interventions"] = Table("interventions", cols)
@@ -665,7 +665,7 @@ def analyze_tail(run, window: int = 10, *, after: dict[str, int] | None = None, 
     before the first new step are kept, so the new rows of the result equal the full analysis'.
     A run still shorter than the window gives an analysis without windows (steps, metrics, noise).
     """
-    from .analysis.pipeline import Analysis, analyze, noise_table
+    from ..analysis.pipeline import Analysis, analyze, noise_table
 
     after = after or {}
     src = run
@@ -689,57 +689,6 @@ def analyze_tail(run, window: int = 10, *, after: dict[str, int] | None = None, 
                 probes = noise_table(gs)
         return Analysis(source=source, window=window, n_params=run.n_params, table={}, scalars=run.steps,
                         metrics=run.metrics(), probes=probes)
-
-
-# ------------------------------------------------------------------------------------------------
-# is the writer still there?
-def writer_attached(path: Path) -> bool | None:
-    """Whether an HDF5 file is open for writing, from its superblock's consistency flags (bit 0:
-    opened for write, bit 2: SWMR write; cleared by a clean close).  None: not a version 2/3
-    superblock.  A writer that was killed leaves the flags set."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-    except OSError:
-        return None
-    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
-        return None
-    return bool(head[11] & 0x05)
-
-
-def run_closed(path: str | os.PathLike, meta: dict | None = None) -> bool:
-    """Whether nobody writes a run any more.
-
-    A packed file: always.  A run directory: when its metadata records that its last session ended
-    (``sessions[-1]['ended']`` / ``['closed']``, or a top-level ``closed``); else, when the writer's
-    lock file is there, when no writer holds the lock (a writer that crashed releases it too); else
-    (runs of writers without a lock file) when the newest segment's superblock shows no writer and
-    no new segment is being created (a clean ``close()`` clears the flags; a killed writer leaves
-    them set, so such a run never counts as closed: use an idle time-out).
-    """
-    p = Path(path)
-    if p.is_file():
-        return True
-    sessions = (meta or {}).get("sessions") or []
-    last = sessions[-1] if sessions and isinstance(sessions[-1], dict) else {}
-    if (meta or {}).get("closed") or last.get("ended") or last.get("closed"):
-        return True
-    from .store import format as fmt
-
-    segs = sorted(p.glob(fmt.SEGMENT_GLOB))
-    if not segs:
-        return False
-    try:  # the writer's run lock, where the writer has one
-        from .store.writer import LOCK_FILE, writer_is_live
-    except ImportError:
-        LOCK_FILE = writer_is_live = None  # noqa: N806
-    if LOCK_FILE is not None and (p / LOCK_FILE).exists():
-        return not writer_is_live(p)
-    attached = writer_attached(segs[-1])
-    if attached is None or attached:
-        return False
-    # a rotation closes the old segment before the new one appears under a temporary name
-    return not list(p.glob(fmt.SEGMENT_GLOB + ".new")) and sorted(p.glob(fmt.SEGMENT_GLOB))[-1] == segs[-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -797,7 +746,7 @@ class Follower:
     def poll(self, run=None) -> int:
         """Read the run (or take ``run``, already opened), export rows not exported before; return how
         many rows were written."""
-        from .store import open_run
+        from ..store import open_run
 
         run = open_run(self.path) if run is None else run
         self.run = run
@@ -847,6 +796,8 @@ class Follower:
         """Poll every ``interval`` seconds until ``stop()`` is true, the run is closed (checked on
         two consecutive polls, after a final poll), or nothing new arrived for ``idle_exit`` seconds.
         Returns why it stopped: ``"stopped"``, ``"closed"`` or ``"idle"``."""
+        from ..store.live import run_closed
+
         last_new = time.monotonic()
         closed_before = False
         while True:

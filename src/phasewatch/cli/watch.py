@@ -1,5 +1,7 @@
-"""``phasewatch watch``: follow a run from the terminal (step, loss, k*, gap ratio, A, C/p with phase,
-α, events so far), refreshing on an interval; optionally re-render the overview figure."""
+"""``phasewatch watch``: follow a run from the terminal, refreshing on an interval.
+
+Shows step, loss, k*, gap ratio, A, C/p with phase, α and the events so far; optionally re-renders
+the overview figure."""
 
 from __future__ import annotations
 
@@ -7,11 +9,10 @@ import argparse
 
 from ..errors import PhasewatchError
 
-ORDER = 31
-
 
 def cmd_watch(a: argparse.Namespace) -> int:
-    from ..watch import watch
+    """Run ``phasewatch watch`` with the parsed arguments; return the exit status."""
+    from ..outputs.watch import watch
 
     if a.interval <= 0:
         raise PhasewatchError(f"--interval {a.interval:g}: must be positive seconds")
@@ -23,6 +24,7 @@ def cmd_watch(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch watch`` and its options to the CLI's subparsers."""
     s = sub.add_parser("watch", help="a compact summary of a (live) run, refreshed every few seconds",
                        description=__doc__)
     s.add_argument("run", help="run directory or packed .h5 file")

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .errors import PhasewatchError
+from ..errors import PhasewatchError
 
 
 def _last_finite(steps, values) -> tuple[int | None, float]:
@@ -34,7 +34,7 @@ def latest(analysis) -> dict[str, Any]:
     """The newest value of each headline quantity: step, loss, lr, k*, gap ratio, A and its regime
     (the last valid window), C with CI, p, phase and band (the last gradient-sample measurement),
     Hill α with CI, the evaluation metrics, and the events so far."""
-    from .analysis.adiabatic import REGIME_LABELS
+    from ..analysis.adiabatic import REGIME_LABELS
 
     d: dict[str, Any] = {}
     sc = analysis.scalars or {}
@@ -136,12 +136,12 @@ def render(d: dict[str, Any], *, where: str = "", status: str = "") -> str:
 
 def summary_once(run_path: str | os.PathLike, window: int = 10, full: bool = False):
     """Open the run, analyse it (its tail only unless ``full``); return ``(run, analysis, dict)``."""
+    from ..store import open_run
     from .export import analyze_tail
-    from .store import open_run
 
     run = open_run(run_path)
     if full:
-        from .analysis.pipeline import analyze
+        from ..analysis.pipeline import analyze
 
         res = analyze(run, window=window)
     else:
@@ -160,7 +160,7 @@ def _render_figure(res, path: Path) -> None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plot import FIGURES, save
+    from ..plot import FIGURES, save
 
     fig = FIGURES["overview"](res)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
@@ -180,7 +180,7 @@ def watch(run_path: str | os.PathLike, *, window: int = 10, interval: float = 5.
     ``stop()``, Ctrl-C, the run is closed, or nothing new for ``idle_exit`` seconds; ``once``: print
     it once.  ``figure``: also re-render the overview figure to this path (pdf/png/svg) each time
     (that needs the full analysis).  Returns why it stopped."""
-    from .export import run_closed
+    from ..store.live import run_closed
 
     out = out or sys.stdout
     if clear is None:

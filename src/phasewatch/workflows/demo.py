@@ -45,6 +45,8 @@ class QuadraticMLP(torch.nn.Module):
 
 @dataclass
 class GrokData:
+    """The modular-addition data set: (a, b) pairs and their labels (a + b) mod p, split train/test."""
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -85,7 +87,7 @@ def train_grokking(
     ``grad_samples_every``: schedule of gradient-noise measurements (the recorder's), on per-example
     gradients of ``grad_probe``: an int n (the first n training pairs, 64 by default) or an
     ``(inputs, targets)`` pair.  ``controllers``: a callable ``optimizer -> [controller, ...]``
-    (:mod:`phasewatch.control`) given to the recorder; training stops early when one says so
+    (:mod:`phasewatch.record.control`) given to the recorder; training stops early when one says so
     (``stop_step`` in the summary).  Both need ``out``; without them nothing changes.  ``init``:
     the initialisation of :class:`QuadraticMLP` (``"demo"`` or ``"fan_in"``).
     """
@@ -97,11 +99,11 @@ def train_grokking(
 
     rec = None
     if out is None and (controllers is not None or grad_samples_every is not None):
-        from .errors import PhasewatchError
+        from ..errors import PhasewatchError
 
         raise PhasewatchError("train_grokking: controllers and gradient samples need a recorder; pass out=DIR")
     if out is not None:
-        from .record.recorder import Recorder
+        from ..record.recorder import Recorder
 
         # full-batch training: B = the training set (for C_batch, p_batch and the Langevin variant)
         cfg = {"k": 32, "snapshot_every": None, "checkpoint_every": None, "batch_size": len(data.train_x)}
@@ -162,3 +164,53 @@ def train_grokking(
     if controllers is not None:
         summary["stop_step"] = stop_step
     return summary
+
+
+def run_demo(out: str | Path, *, steps: int = 300, window: int = 10, weight_decay: float = 2e-4, seed: int = 0,
+             control: bool = False, overwrite: bool = False, echo=print) -> Path:
+    """``phasewatch demo``: train the grokking run (and with ``control`` the weight-decay-0 run) into
+    ``out/<name>``, analyse each, and write ``<name>-analysis.csv/.json`` and the overview and noise
+    figures (PDF and PNG) into ``out``; progress and the summaries go to ``echo``.  Returns ``out``.
+
+    Gradient noise is measured from 64 per-example gradients every 10 steps (C, p with intervals;
+    ~10 % of the training time).  An existing run directory is replaced only with ``overwrite``."""
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..analysis.pipeline import analyze
+    from ..errors import PhasewatchError
+    from ..plot import FIGURES, save
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("grokking", weight_decay)]
+    if control:
+        runs.append(("control-no-wd", 0.0))
+    for name, wd in runs:
+        run_dir = out / name
+        if run_dir.exists():
+            if not overwrite:
+                raise PhasewatchError(f"{run_dir}: exists; pass --overwrite or choose another --out")
+            shutil.rmtree(run_dir)
+        echo(f"training the {name} run (p=71, width 2048, weight decay {wd:g}, {steps} steps) ...", flush=True)
+        r = train_grokking(run_dir, steps=steps, weight_decay=wd, seed=seed, progress=True,
+                           grad_samples_every=10, grad_probe=64)
+        grok = f"test accuracy >= 0.95 at step {r['grok_step']}" if r["grok_step"] else "never reached 0.95 test accuracy"
+        echo(f"  {r['n_params']:,} parameters, {r['seconds']:.1f} s; {grok}; final test accuracy "
+             f"{r['final_test_acc']:.3f}")
+        res = analyze(run_dir, window=window)
+        echo("\n".join("  " + line for line in res.summary().splitlines()))
+        res.to_csv(out / f"{name}-analysis.csv")
+        res.to_json(out / f"{name}-analysis.json")
+        for kind in ("overview", "noise"):
+            fig = FIGURES[kind](res)
+            for f in ("pdf", "png"):
+                save(fig, out / f"{name}-{kind}.{f}", f)
+            plt.close(fig)
+        echo(f"  wrote {out / f'{name}-overview.pdf'} and {name}-noise.pdf (and .png), "
+             f"{name}-analysis.csv/.json")
+    return out

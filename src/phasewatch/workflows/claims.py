@@ -4,7 +4,7 @@ Each experiment is a small script ``examples/claims/claim_NN_<name>.py`` exposin
 ``run(out_dir, quick: bool) -> dict`` with the keys of :data:`RESULT_KEYS`: the claim, its source,
 the setup, the verdict (one of :data:`VERDICTS`) with the reason, the numbers behind it and the
 path of its figure.  The scripts record runs with :class:`phasewatch.Recorder` and analyse them
-with the public API only; this module finds them (by file path, relative to the repository),
+with the public API only; this module finds them (:func:`claims_dir`: in the source checkout),
 runs them, and writes ``claims.md`` (the table) and ``claims.json``.
 
     results = run_claims("claims-out", quick=True, only=[2, 3])
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import PhasewatchError
+from ..errors import PhasewatchError
 
 __all__ = ["VERDICTS", "REPRODUCTION_VERDICTS", "RESULT_KEYS", "NOT_YET", "claims_dir", "discover", "load_claim",
            "run_claims", "write_table", "merge_previous", "part", "reproduction", "result", "save_figure",
@@ -46,18 +46,38 @@ NOT_YET = {"setup": None, "verdict": None, "reason": "not yet run in the source'
 _NAME = re.compile(r"claim_(\d+)_[A-Za-z0-9_]+\.py$")
 
 
-def claims_dir() -> Path:
-    """``examples/claims`` of the repository this package is run from (a source checkout)."""
-    d = Path(__file__).resolve().parents[2] / "examples" / "claims"
-    if not d.is_dir():
-        raise PhasewatchError(f"{d}: no claims experiments here; `phasewatch claims` runs from a source "
-                              "checkout of phasewatch (git clone, pip install -e .)")
-    return d
+def claims_dir(directory: str | Path | None = None) -> Path:
+    """The directory of the claim experiments: ``directory`` if given, else ``examples/claims`` of
+    the source checkout this package is imported from (the first ancestor of this file holding
+    ``pyproject.toml`` and ``examples/claims``: ``pip install -e .`` or ``PYTHONPATH=src``), else
+    ``examples/claims`` under the current directory.
+
+    The experiments ship with the source, not with the installed package; when none of these
+    exists, a one-line :class:`PhasewatchError` says where it looked and how to point at them."""
+    if directory is not None:
+        d = Path(directory)
+        if not d.is_dir():
+            raise PhasewatchError(f"{d}: no such directory of claim experiments; pass the examples/claims "
+                                  "directory of a phasewatch source checkout")
+        return d
+    here = Path(__file__).resolve()
+    looked = []
+    for root in here.parents:
+        if (root / "pyproject.toml").is_file():
+            looked.append(root / "examples" / "claims")
+            break
+    looked.append(Path.cwd() / "examples" / "claims")
+    for d in looked:
+        if d.is_dir():
+            return d
+    raise PhasewatchError(f"no claim experiments in {' or '.join(map(str, looked))}: they ship with the source, "
+                          "not the installed package; run from a source checkout (git clone, pip install -e .) "
+                          "or pass --claims-dir DIR (Python: directory=DIR)")
 
 
 def discover(directory: str | Path | None = None) -> dict[int, Path]:
     """``{claim number: script path}`` of the ``claim_NN_*.py`` scripts in ``directory``."""
-    d = Path(directory) if directory is not None else claims_dir()
+    d = claims_dir(directory)
     out: dict[int, Path] = {}
     for p in sorted(d.glob("claim_*.py")):
         m = _NAME.match(p.name)
@@ -131,7 +151,7 @@ def save_figure(fig, out_dir: str | Path, name: str = "figure") -> Path:
     """Save ``fig`` as ``out_dir/name.png`` (and ``.pdf``) with the package's style; returns the png."""
     import matplotlib.pyplot as plt
 
-    from .plot.style import save
+    from ..plot.style import save
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

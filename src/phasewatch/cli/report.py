@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ORDER = 30
+from .common import formats
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from ..report import build_report, report_markdown, write_report
-    from .study import formats
+    """Run ``phasewatch report`` with the parsed arguments; return the exit status."""
+    from ..outputs.report import build_report, report_markdown, write_report
 
     rep = build_report(a.run, window=a.window, level=a.level)
     if a.out:
@@ -22,6 +22,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    """Add ``phasewatch report`` and its options to the CLI's subparsers."""
     s = sub.add_parser("report", help="a run's report: events, phases, k*, A, C/p, flags, alpha, S, forecast")
     s.add_argument("run", help="run directory or packed .h5 file")
     s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")

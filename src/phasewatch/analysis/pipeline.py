@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import PhasewatchError, RunTooShortError
 from . import adiabatic as adia
-from . import gradcov, gram, tails
+from . import gradcov, gram, nulls, tails
 from . import noise as nz
 from .events import Event, first_crossing, jumps
 
@@ -146,11 +146,20 @@ class Analysis:
             d["kstar_mode"] = int(vals[np.argmax(counts)]) if vals.size else None
             d["kstar_changes"] = int(np.count_nonzero(np.diff(k) != 0))
             d["gap_ratio_median"] = float(np.nanmedian(t["gap_ratio"][v]))
+            if "gap_excess" in t:
+                d.update(_null_summary(t, v))
             a = t["A"][v]
             if np.isfinite(a).any():
                 d["A_median"] = float(np.nanmedian(a))
-                reg = t["regime"][v]
+                reg = t["regime_A"][v] if "regime_A" in t else t["regime"][v]
                 d["A_regime_fraction"] = {
+                    name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
+                }
+            adk = t["A_dk"][v] if "A_dk" in t else np.array([])
+            if np.isfinite(adk).any():
+                d["A_dk_median"] = float(np.nanmedian(adk))
+                reg = t["regime"][v]
+                d["regime_fraction"] = {
                     name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
                 }
         pr = self.probes
@@ -212,9 +221,15 @@ class Analysis:
         if "kstar_mode" in d:
             lines.append(f"k*           mostly {d['kstar_mode']}, changes {d['kstar_changes']} times; "
                          f"median gap ratio {d['gap_ratio_median']:.3g}")
+        if "gap_excess_median" in d:
+            lines.append("null         " + null_reading(d))
+        if "A_dk_median" in d:
+            fr = d["regime_fraction"]
+            lines.append(f"A_dk         median {d['A_dk_median']:.3g} (dimensionless, sin theta bound); " +
+                         ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
         if "A_median" in d:
             fr = d["A_regime_fraction"]
-            lines.append(f"A (canon.)   median {d['A_median']:.3g}; " +
+            lines.append(f"A (canon.)   median {d['A_median']:.3g} (units 1/lr); " +
                          ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
         if "C_last" in d:
             lines.append(f"C (canon.)   {d['gradient_measurements']} measurements; last C = {d['C_last']:.3g} "
@@ -247,6 +262,41 @@ class Analysis:
         for w in self.warnings:
             lines.append(f"warning      {w}")
         return "\n".join(lines)
+
+
+def _null_summary(t: dict[str, np.ndarray], v: np.ndarray) -> dict[str, Any]:
+    """Summary of the momentum-null columns over the valid windows ``v``."""
+    ex = np.asarray(t["gap_excess"], dtype=float)[v]
+    above = np.asarray(t["above_null"], dtype=bool)[v]
+    d: dict[str, Any] = {"above_null_fraction": float(np.mean(above)) if above.size else 0.0}
+    if np.isfinite(ex).any():
+        d["gap_excess_median"] = float(np.nanmedian(ex))
+        d["gap_ratio_null_median"] = float(np.nanmedian(np.asarray(t["gap_ratio_null"], dtype=float)[v]))
+        if above.any():
+            d["gap_excess_median_above"] = float(np.nanmedian(ex[above]))
+            st = np.asarray(t["step"])[v][above]
+            d["above_null_steps"] = [int(st[0]), int(st[-1])]
+        kn = np.asarray(t["kstar_null"])[v]
+        kn = kn[kn > 0]
+        if kn.size:
+            vals, counts = np.unique(kn, return_counts=True)
+            d["kstar_null_mode"] = int(vals[np.argmax(counts)])
+    g = np.asarray(t.get("g23_excess", []), dtype=float)
+    if g.size and np.isfinite(g[v]).any():
+        d["g23_excess_median"] = float(np.nanmedian(g[v]))
+    return d
+
+
+def null_reading(d: dict[str, Any]) -> str:
+    """The sentence that reads k* and the gap against the momentum null (from :meth:`Analysis.summary_dict`)."""
+    ex, fr = d["gap_excess_median"], d["above_null_fraction"]
+    head = (f"k* and gap ratio: median {d['gap_ratio_null_median']:.3g} from momentum alone (null k* "
+            f"{d.get('kstar_null_mode', '?')}); ")
+    if fr == 0:
+        return head + f"at the null: no structure beyond momentum (median excess x{ex:.3g}, no window above the band)"
+    lo, hi = d["above_null_steps"]
+    return head + (f"above the momentum null by x{d['gap_excess_median_above']:.3g} (median) in {100 * fr:.0f}% "
+                   f"of windows (steps {lo}-{hi}); median excess over all windows x{ex:.3g}")
 
 
 def _fmt_cell(x) -> str:
@@ -345,9 +395,12 @@ def analyze_band(
     forgetting_above: float = 10.0,
     where: str = "run",
     chunk_windows: int = CHUNK_WINDOWS,
+    **null_opts,
 ) -> dict[str, np.ndarray]:
     """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks of
-    ``chunk_windows`` windows (see :func:`band_table_chunked`)."""
+    ``chunk_windows`` windows (see :func:`band_table_chunked`; ``null_opts`` are its ``null``,
+    ``null_dim``, ``null_draws``, ``null_level``, ``null_seed``, ``regimes``, ``dk_plateau_below``,
+    ``dk_forgetting_above``)."""
     b = gram.global_band(np.asarray(band, dtype=np.float64))
     lr = np.asarray(lr, dtype=float)
     T, K = b.shape
@@ -357,7 +410,7 @@ def analyze_band(
 
     return band_table_chunked(read, steps, K, window, n_params=n_params, rel_floor=rel_floor,
                               plateau_below=plateau_below, forgetting_above=forgetting_above, where=where,
-                              chunk_windows=chunk_windows)
+                              chunk_windows=chunk_windows, **null_opts)
 
 
 def band_table_chunked(
@@ -372,8 +425,25 @@ def band_table_chunked(
     forgetting_above: float = 10.0,
     where: str = "run",
     chunk_windows: int = CHUNK_WINDOWS,
+    null: nulls.MomentumNull | None = None,
+    null_dim: float = math.inf,
+    null_draws: int = nulls.DEFAULT_DRAWS,
+    null_level: float = nulls.DEFAULT_LEVEL,
+    null_seed: int = 0,
+    regimes: str = "A_dk",
+    dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
+    dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
 ) -> dict[str, np.ndarray]:
     """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
+
+    Beside the spectra and A: ``A_dk`` (:func:`~phasewatch.analysis.adiabatic.adiabatic_ratio`) and
+    ``regime`` classified on ``regimes`` (``"A_dk"``, default, thresholds ``dk_*``; or ``"A"``),
+    ``regime_A`` (the paper's A, ``plateau_below``/``forgetting_above``); with a ``null``
+    (:class:`~phasewatch.analysis.nulls.MomentumNull`) the momentum-null columns of
+    :func:`~phasewatch.analysis.nulls.momentum_null` (``kstar_null``, ``gap_ratio_null``,
+    ``gap_excess``, ``gap_ratio_null_hi``, ``above_null``, ``g23_null``, ``g23_excess``) from each
+    window's own update norms, with a Monte Carlo band in ``null_dim`` coordinates (seeded, the same
+    draws for every window: chunk-invariant).
 
     ``read(lo, hi)`` returns the global band rows ``lo <= r < hi`` (``(hi - lo, K)`` float64) and
     their learning rates; ``steps`` (T,) holds the step of every band row.  The windows ending at
@@ -395,6 +465,8 @@ def band_table_chunked(
     if T < window:
         raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
                                f"record longer or pass a smaller --window")
+    if regimes not in ("A_dk", "A"):
+        raise PhasewatchError(f"regimes={regimes!r}: use 'A_dk' (dimensionless, default) or 'A' (the paper's)")
     if int(chunk_windows) < 1:
         raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")
     chunk_windows = int(chunk_windows)
@@ -422,6 +494,8 @@ def band_table_chunked(
                                    plateau_below=plateau_below, forgetting_above=forgetting_above)
         keep = spec.ends + lo >= start
         stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
+        a_dk = adia.adiabatic_ratio(a_can.delta_fro, spec.eigs, spec.kstar, plateau_below=dk_plateau_below,
+                                    forgetting_above=dk_forgetting_above)
         if n_params:
             ref = gram.bbp_reference(spec.eigs, n_params, window)
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
@@ -441,22 +515,71 @@ def band_table_chunked(
             "sigma1_over_edge": s1_edge[keep],
             "A": a_can.A[keep],
             "A_eigen": a_eig.A[keep],
-            "regime": a_can.regime[keep].astype("i8"),
+            "A_dk": a_dk.A_dk[keep],
+            "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
+            "regime_A": a_can.regime[keep].astype("i8"),
             "valid": spec.valid[keep],
             "sigma": spec.sigma[keep],
             "stability": stab[keep],
         }
+        if null is not None:
+            part.update(_null_columns(sub, spec, keep, window, null, null_dim, null_draws, null_level,
+                                      null_seed, rel_floor))
         if not out:  # the table is allocated once: no concatenation (no second copy) at the end
             out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
         at = start - (window - 1)
         for k, v in part.items():
             out[k][at: at + len(v)] = v
-        del spec, a_can, a_eig, stab, sub, part
+        del spec, a_can, a_eig, a_dk, stab, sub, part
         if bar is not None:
             bar.update(int(keep.sum()))
     if bar is not None:
         bar.close()
     return out
+
+
+def _null_columns(sub, spec, keep, window, null, dim, draws, level, seed, rel_floor) -> dict[str, np.ndarray]:
+    """The momentum-null columns of the windows ``keep`` of a chunk: each window's norms are
+    √band[r, 0] of its own W rows, so a window's values depend on its rows only."""
+    ends = spec.ends[keep]
+    rows = ends[:, None] - (window - 1) + np.arange(window)[None, :]
+    norms = np.sqrt(np.maximum(sub[rows, 0], 0.0))
+    norms[~np.isfinite(sub[rows, 0]).all(axis=1)] = np.nan
+    res = nulls.momentum_null(norms, spec.kstar[keep], spec.ratio[keep], spec.g23[keep], null.rho(window),
+                              dim=dim, draws=draws, level=level, seed=seed, rel_floor=rel_floor)
+    return {"kstar_null": res.kstar_null.astype("i8"), "gap_ratio_null": res.gap_ratio_null,
+            "gap_excess": res.gap_excess, "gap_ratio_null_hi": res.gap_ratio_null_hi,
+            "above_null": res.above_null, "g23_null": res.g23_null, "g23_excess": res.g23_excess}
+
+
+def run_null(run, null: str | float = "momentum", steps=None) -> nulls.MomentumNull:
+    """The :class:`~phasewatch.analysis.nulls.MomentumNull` of a recorded run, from ``run.meta``
+    (optimizer class, the hyper-parameters of param group 0, the recorder's ``stride``); runs written
+    before the null existed carry the same meta.  ``steps``: the run's steps (NAdam's μ_t at their
+    median)."""
+    opt = run.meta.get("optimizer", {}) or {}
+    stride = int(run.meta.get("recorder", {}).get("stride", 1) or 1)
+    step = float(np.median(steps)) if steps is not None and len(steps) else None
+    return nulls.null_from_optimizer(opt.get("class", ""), opt.get("hyper") or opt.get("defaults"),
+                                     stride=stride, step=step, override=null)
+
+
+def null_dimension(run) -> tuple[float, str]:
+    """d_eff of the momentum null's Monte Carlo band: the recorded dimension (the model's parameters,
+    or the projected dimension), lowered to the median participation ratio Tr(Σ)²/Tr(Σ²) of the
+    gradient-noise covariance (``cov_eff_rank_corrected``) when the run measured gradient noise."""
+    groups = run.meta.get("model", {}).get("groups") or []
+    rec_dim = float(sum(int(g.get("dim", 0)) for g in groups)) or float(run.n_params or 0) or math.inf
+    why = f"the recorded dimension {rec_dim:g} (isotropic noise: the narrowest band)"
+    if "grad_samples" in run.meta.get("tables", {}):
+        gs = run.table("grad_samples")
+        if len(gs["step"]) and np.all(np.asarray(gs["n"]) >= 2):
+            pr = np.asarray(gradcov.probe_columns(gs)["cov_eff_rank_corrected"], dtype=float)
+            pr = pr[np.isfinite(pr) & (pr > 0)]
+            if pr.size and float(np.median(pr)) < rec_dim:
+                return float(np.median(pr)), ("the median participation ratio Tr(S)^2/Tr(S^2) of the gradient-"
+                                              f"noise covariance over {pr.size} measurements")
+    return rec_dim, why
 
 
 def analyze(
@@ -471,6 +594,14 @@ def analyze(
     forgetting_above: float = 10.0,
     chunk_steps: int | None = None,
     memory_budget: int | None = MEMORY_BUDGET,
+    null: str | float = "momentum",
+    null_dim: float | None = None,
+    null_draws: int = nulls.DEFAULT_DRAWS,
+    null_level: float = nulls.DEFAULT_LEVEL,
+    null_seed: int = 0,
+    regimes: str = "A_dk",
+    dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
+    dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -489,6 +620,16 @@ def analyze(
         result is the same either way, value for value (:func:`band_table_chunked`).  A path is
         opened lazily when streaming (:func:`~phasewatch.store.open_run` ``lazy=True``), so the
         per-layer band is never read; a run opened eagerly is chunked from memory.
+    null: the momentum null of k* and the gap ratio (:mod:`~phasewatch.analysis.nulls`):
+        ``"momentum"`` (default: β from the run's recorded optimizer — SGD momentum/dampening/Nesterov,
+        Adam-type β₁, NAdam, Muon — and its ``stride``), ``"none"`` (β = 0) or a float β (heavy ball).
+    null_dim, null_draws, null_level, null_seed: its finite-dimension band (a window is
+        ``above_null`` when its gap ratio exceeds the ``null_level`` quantile of the maximum gap ratio
+        of ``null_draws`` seeded draws of filtered Gaussian noise in ``null_dim`` coordinates with the
+        window's norms); ``null_dim=None``: :func:`null_dimension`.  ``null_draws=0``: no band.
+    regimes, dk_plateau_below, dk_forgetting_above: the ``regime`` column is classified on ``A_dk``
+        (default; 0.1 and 1: sin θ of the top-k* subspace ≤ 0.1 per step, and the Davis–Kahan bound
+        vacuous) or on the paper's ``A`` (``regimes="A"``; ``plateau_below``, ``forgetting_above``).
     """
     from ..store import open_run
 
@@ -500,6 +641,14 @@ def analyze(
         run = open_run(run, lazy=True if chunk_steps is not None else None)
     where = str(run.path)
     warns = list(run.warnings)
+    mnull = run_null(run, null, run.steps.get("step"))
+    if null_dim is None:
+        null_dim, dim_why = null_dimension(run)
+    else:
+        null_dim, dim_why = float(null_dim), "given"
+    nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
+                 null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
+                 dk_forgetting_above=dk_forgetting_above)
     if source == "band":
         bt = run.band
         if not len(bt["step"]):
@@ -507,7 +656,7 @@ def analyze(
                                    "at least W steps with the recorder attached")
         chunk = _stream_chunk(run, bt, chunk_steps, memory_budget)
         opts = dict(n_params=run.n_params or None, rel_floor=rel_floor, plateau_below=plateau_below,
-                    forgetting_above=forgetting_above, where=where)
+                    forgetting_above=forgetting_above, where=where, **nopts)
         if chunk is None:
             table = analyze_band(bt["band"], bt["lr"], bt["step"], window, **opts)
         else:
@@ -532,7 +681,7 @@ def analyze(
         bt = run.band
         lr = np.interp(snap["step"], bt["step"], bt["lr"]) if len(bt["step"]) else np.full(len(u), np.nan)
         table = analyze_band(band, lr, snap["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
-                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
+                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where, **nopts)
         conv_src = f"stored {run.meta.get('recorder', {}).get('snapshot_kind', 'raw')} update snapshots"
     else:
         raise PhasewatchError(f"source={source!r}: use 'band' or 'snapshots'")
@@ -593,8 +742,22 @@ def analyze(
         "source": conv_src,
         "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
-        "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
-        "regime": f"0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting (A>{forgetting_above:g}), -1 undefined",
+        "A": "canonical ||Delta C||_F/(eta g^2) (the paper's; units 1/eta: halves when the learning rate doubles), "
+             "C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
+        "A_dk": "||Delta C||_F/(lambda_k* - lambda_k*+1) (dimensionless; Davis-Kahan: sin theta of the top-k* "
+                "subspace between consecutive windows <~ A_dk)",
+        "regime": (f"on A_dk: 0 plateau (A_dk<{dk_plateau_below:g}: sin theta <= {dk_plateau_below:g} per step), "
+                   f"1 transition, 2 forgetting (A_dk>{dk_forgetting_above:g}: the rotation bound is vacuous), "
+                   "-1 undefined" if regimes == "A_dk" else
+                   f"on A (units 1/eta): 0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting "
+                   f"(A>{forgetting_above:g}), -1 undefined")
+                  + f"; regime_A: the paper's A with {plateau_below:g} / {forgetting_above:g}",
+        "null": mnull.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
+                "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
+                "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
+                + (f"{null_level:g} quantile of the max gap ratio over {null_draws} seeded (seed {null_seed}) draws "
+                   f"of filtered Gaussian noise in d_eff = {null_dim:.4g} coordinates ({dim_why})"
+                   if null_draws > 0 and math.isfinite(null_dim) else "null itself (no finite-dimension band)"),
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
              "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",

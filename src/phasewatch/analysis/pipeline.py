@@ -61,6 +61,9 @@ class Analysis:
         ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient).
     interventions: changes made by controllers during the run (empty if none; :mod:`phasewatch.control`):
         ``step`` (after which step), ``rule``, ``param``, ``old``, ``new``, ``note`` (str arrays for text).
+    null: the momentum null used (``kind``, ``beta``, ``rho1``, ``dim``, ``draws``, ``level``, ``source``);
+        its per-window columns are in ``table`` (``kstar_null``, ``gap_ratio_null``, ``gap_excess``,
+        ``gap_ratio_null_hi``, ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess``).
     """
 
     source: str
@@ -76,6 +79,7 @@ class Analysis:
     tail_index: dict[str, np.ndarray] = field(default_factory=dict)
     curvature: dict[str, np.ndarray] = field(default_factory=dict)
     interventions: dict[str, np.ndarray] = field(default_factory=dict)
+    null: dict[str, Any] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -148,6 +152,9 @@ class Analysis:
             d["gap_ratio_median"] = float(np.nanmedian(t["gap_ratio"][v]))
             if "gap_excess" in t:
                 d.update(_null_summary(t, v))
+                if self.null:
+                    d["null_beta"] = self.null["beta"]
+                    d["null_false_alarm"] = 1.0 - self.null["level"] if self.null.get("draws") else 0.0
             a = t["A"][v]
             if np.isfinite(a).any():
                 d["A_median"] = float(np.nanmedian(a))
@@ -288,12 +295,19 @@ def _null_summary(t: dict[str, np.ndarray], v: np.ndarray) -> dict[str, Any]:
 
 
 def null_reading(d: dict[str, Any]) -> str:
-    """The sentence that reads k* and the gap against the momentum null (from :meth:`Analysis.summary_dict`)."""
+    """The sentence that reads k* and the gap against the momentum null (from :meth:`Analysis.summary_dict`).
+
+    "at the null" when at most twice the band's false-alarm rate (1 − level: the fraction of windows
+    pure noise puts above it) of the windows is above the band, else "above the momentum null by ×N"
+    with N the median excess of the windows above it."""
     ex, fr = d["gap_excess_median"], d["above_null_fraction"]
-    head = (f"k* and gap ratio: median {d['gap_ratio_null_median']:.3g} from momentum alone (null k* "
-            f"{d.get('kstar_null_mode', '?')}); ")
-    if fr == 0:
-        return head + f"at the null: no structure beyond momentum (median excess x{ex:.3g}, no window above the band)"
+    fa = float(d.get("null_false_alarm", 0.0))
+    head = (f"k* and gap ratio: median {d['gap_ratio_null_median']:.3g} from momentum alone "
+            + (f"(beta={d['null_beta']:g}, " if "null_beta" in d else "(")
+            + f"null k* {d.get('kstar_null_mode', '?')}); ")
+    if fr <= 2 * fa:
+        return head + (f"at the null: no structure beyond momentum (median excess x{ex:.3g}; {100 * fr:.0f}% of "
+                       f"windows above the band, noise alone puts {100 * fa:.0f}% there)")
     lo, hi = d["above_null_steps"]
     return head + (f"above the momentum null by x{d['gap_excess_median_above']:.3g} (median) in {100 * fr:.0f}% "
                    f"of windows (steps {lo}-{hi}); median excess over all windows x{ex:.3g}")
@@ -549,6 +563,7 @@ def _null_columns(sub, spec, keep, window, null, dim, draws, level, seed, rel_fl
                               dim=dim, draws=draws, level=level, seed=seed, rel_floor=rel_floor)
     return {"kstar_null": res.kstar_null.astype("i8"), "gap_ratio_null": res.gap_ratio_null,
             "gap_excess": res.gap_excess, "gap_ratio_null_hi": res.gap_ratio_null_hi,
+            "gap_excess_hi": res.gap_excess_hi,
             "above_null": res.above_null, "g23_null": res.g23_null, "g23_excess": res.g23_excess}
 
 
@@ -775,9 +790,12 @@ def analyze(
         if len(iv["step"]):
             interventions = {k: (np.char.decode(v, "utf-8", "replace").astype(str) if v.dtype.kind == "S"
                                  else np.asarray(v)) for k, v in iv.items()}
+    null_info = {"kind": mnull.kind, "beta": mnull.beta, "rho1": float(mnull.rho(2)[1]), "stride": mnull.stride,
+                 "dim": null_dim, "draws": int(null_draws) if math.isfinite(null_dim) else 0,
+                 "level": float(null_level), "source": mnull.source}
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index, curvature=curvature, interventions=interventions)
+                    tail_index=tail_index, curvature=curvature, interventions=interventions, null=null_info)
 
 
 def _band_width(run, bt) -> int:

@@ -126,12 +126,15 @@ def filter_autocorrelation(beta: float, lags, *, a: float = 0.0, b: float = 1.0,
     return np.where(j == 0, 1.0, rho)
 
 
-def _amplitude_decay(beta: float, a: float, b: float, stride: int) -> tuple[float, float]:
-    """(A, γ) of ρ(j) = A γ^j (j ≥ 1) for the filter ``a g + b m`` summed over ``stride`` steps."""
+def _amplitude_decay(beta: float, a, b, stride: int):
+    """(A, γ) of ρ(j) = A γ^j (j ≥ 1) for the filter ``a g + b m`` summed over ``stride`` steps
+    (``a``, ``b`` scalars or arrays of one shape: A then has that shape)."""
     beta = _check_beta(beta)
-    a, b = float(a), float(b)
-    if not (math.isfinite(a) and math.isfinite(b)) or (a == 0 and b == 0):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or np.any((a == 0) & (b == 0)):
         raise PhasewatchError(f"filter weights a={a!r}, b={b!r}: need finite weights, not both 0")
+    if a.ndim == 0 and b.ndim == 0:
+        a, b = float(a), float(b)
     s = int(stride)
     if s < 1 or s != stride:
         raise PhasewatchError(f"stride={stride!r}: use an integer >= 1")
@@ -144,8 +147,18 @@ def _amplitude_decay(beta: float, a: float, b: float, stride: int) -> tuple[floa
     tri = beta * (s - 1 - s * beta + beta ** s) / (1.0 - beta) ** 2  # Σ_{d=1}^{s-1} (s-d) β^d
     var = s * c0 + 2.0 * c1 * tri
     if beta == 0.0:
-        return 0.0, 0.0
+        return 0.0 * c1, 0.0
     return c1 * beta ** (1 - s) * ssum * ssum / var, beta ** s
+
+
+def nadam_weights(beta1: float, momentum_decay: float, step):
+    """NAdam's ``(a, b)`` of ``u ∝ a g_t + b m_t`` at ``step`` (scalar or array): ``a = 1 − μ_t``,
+    ``b = μ_{t+1}(1 − β₁)`` with ``μ_t = β₁(1 − ½·0.96^{t·ψ})`` (torch.optim.NAdam), the products of
+    μ in its bias terms taken as decayed (``Πμ ≤ β₁^t``)."""
+    t = np.asarray(step, dtype=np.float64)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1.0) * momentum_decay))
+    return 1.0 - mu, mu_next * (1.0 - beta1)
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,7 @@ class MomentumNull:
     stride: int
     source: str
     neglected: str = ""
+    momentum_decay: float | None = None  # NAdam's ψ: (a, b) then follow the step (:func:`nadam_weights`)
 
     @property
     def amplitude(self) -> float:
@@ -177,6 +191,19 @@ class MomentumNull:
     def rho(self, window: int) -> np.ndarray:
         """ρ(0..W−1), float64 (W,)."""
         return filter_autocorrelation(self.beta, np.arange(int(window)), a=self.a, b=self.b, stride=self.stride)
+
+    def rho_at(self, window: int, steps) -> np.ndarray:
+        """ρ(0..W−1) of windows ending at ``steps``: (W,) for a fixed filter, (N, W) for NAdam, whose
+        weights follow the step (each window uses the μ_t of the step it ends at)."""
+        if self.momentum_decay is None:
+            return self.rho(window)
+        a, b = nadam_weights(self.beta, self.momentum_decay, np.asarray(steps, dtype=np.float64))
+        amp, decay = _amplitude_decay(self.beta, a, b, self.stride)
+        j = np.arange(int(window), dtype=np.float64)
+        with np.errstate(under="ignore"):
+            out = np.asarray(amp)[:, None] * decay ** j[None, :]
+        out[:, 0] = 1.0
+        return out
 
     def describe(self) -> str:
         rho1 = float(self.rho(2)[1])
@@ -208,6 +235,8 @@ def null_from_optimizer(name: str, hyper: dict | None, *, stride: int = 1, step:
         raise PhasewatchError(f"null={override!r}: use 'momentum' (from the recorded optimizer), 'none' or a "
                               "float beta in [0, 1)")
     name = str(name or "")
+    if step is not None and not np.isfinite(float(step)):
+        step = None
     if name == "SGD":
         beta = _check_beta(h.get("momentum", 0) or 0)
         if beta == 0:
@@ -225,14 +254,15 @@ def null_from_optimizer(name: str, hyper: dict | None, *, stride: int = 1, step:
         if name != "NAdam":
             return MomentumNull("heavy ball", beta, 0.0, 1.0, s, f"{name} beta1={beta:g} (first moment)", neglect)
         psi = float(h.get("momentum_decay", 0.004))
-        t = float(step) if step is not None and math.isfinite(float(step)) else math.inf
-        mu = beta * (1 - 0.5 * 0.96 ** (t * psi)) if math.isfinite(t) else beta
-        mu_next = beta * (1 - 0.5 * 0.96 ** ((t + 1) * psi)) if math.isfinite(t) else beta
         if beta == 0:
             return MomentumNull("none", 0.0, 0.0, 1.0, s, "NAdam beta1=0")
-        return MomentumNull("nadam", beta, 1.0 - mu, mu_next * (1.0 - beta), s,
-                            f"NAdam beta1={beta:g}, mu_t={mu:.4g} at step {t:g} (momentum_decay={psi:g})",
-                            neglect + "; the mu_t schedule within the run")
+        t = 1e9 if step is None else float(step)  # (a, b) shown: at ``step``, else the large-t limit
+        a, b = (float(x) for x in nadam_weights(beta, psi, t))
+        return MomentumNull("nadam", beta, a, b, s,
+                            f"NAdam beta1={beta:g}, momentum_decay={psi:g}: u ~ (1-mu_t) g + mu_t+1 (1-beta1) m, "
+                            f"mu_t at each window's end step" + (f" (mu = {1 - a:.4g} at step {t:g})"
+                                                                 if step is not None else ""),
+                            neglect, momentum_decay=psi)
     if name == "Muon":
         beta = _check_beta(h.get("momentum", 0.95))
         nest = bool(h.get("nesterov", True))
@@ -252,15 +282,19 @@ def null_from_optimizer(name: str, hyper: dict | None, *, stride: int = 1, step:
 
 def null_gram(norms: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """``G⁰[n, a, b] = norms[n, a]·norms[n, b]·ρ(|a − b|)``: the Gram of momentum-filtered noise with
-    the window's own update norms (``norms`` (N, W) = ‖u‖ of each row, i.e. √band[:, 0]; ``rho`` (W,)).
+    the window's own update norms (``norms`` (N, W) = ‖u‖ of each row, i.e. √band[:, 0]; ``rho`` (W,), or (N, W) per window).
     Units of ‖u‖²; float64 (N, W, W)."""
     n = np.asarray(norms, dtype=np.float64)
     r = np.asarray(rho, dtype=np.float64)
-    if n.ndim != 2 or r.shape != (n.shape[1],):
-        raise PhasewatchError(f"null_gram needs norms (N, W) and rho (W,), got {n.shape}, {r.shape}")
-    W = n.shape[1]
-    toe = r[np.abs(np.arange(W)[:, None] - np.arange(W)[None, :])]
-    return n[:, :, None] * n[:, None, :] * toe[None]
+    if n.ndim != 2 or r.shape not in ((n.shape[1],), n.shape):
+        raise PhasewatchError(f"null_gram needs norms (N, W) and rho (W,) or (N, W), got {n.shape}, {r.shape}")
+    return n[:, :, None] * n[:, None, :] * _toeplitz(r, n.shape[1])
+
+
+def _toeplitz(r: np.ndarray, W: int) -> np.ndarray:
+    """ρ(|a−b|) as (1, W, W) from ρ (W,), or (N, W, W) from ρ (N, W)."""
+    lag = np.abs(np.arange(W)[:, None] - np.arange(W)[None, :])
+    return r[lag][None] if r.ndim == 1 else r[:, lag]
 
 
 def wishart_draws(window: int, dim: float, draws: int, seed: int = 0) -> np.ndarray:
@@ -313,20 +347,22 @@ class NullResult:
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """Symmetric square roots of a stack (..., W, W) of positive semi-definite matrices."""
     w, v = np.linalg.eigh(m)
-    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+    return (v * np.sqrt(np.maximum(w, 0.0))[..., None, :]) @ np.swapaxes(v, -1, -2)
 
 
 def _band_max_ratio(norms: np.ndarray, root: np.ndarray, S: np.ndarray, level: float, rel_floor: float,
                     block: int = 256) -> np.ndarray:
     """``level`` quantile over the draws of max_j σ_j/σ_{j+1} of ``M S Mᵀ``, M = diag(norms)·R^{1/2}
-    (one window at a time in blocks; each window's value depends only on its own norms)."""
+    (``root`` (1, W, W) shared or (N, W, W) per window; windows in blocks, each window's value
+    depends only on its own norms and ρ)."""
     N, W = norms.shape
     out = np.full(N, np.nan)
     D = S.shape[0]
     for lo in range(0, N, block):
         n = norms[lo: lo + block]
-        M = n[:, :, None] * root[None]  # (nb, W, W)
+        M = n[:, :, None] * (root if root.shape[0] == 1 else root[lo: lo + block])  # (nb, W, W)
         G = M[:, None] @ S[None] @ np.swapaxes(M, 1, 2)[:, None]  # (nb, D, W, W)
         lam = gram.gram_spectra(G.reshape(-1, W, W))
         _, ratio, _ = gram.gap_position(gram.singular_values(lam), "plain", rel_floor)
@@ -338,7 +374,7 @@ def _band_max_ratio(norms: np.ndarray, root: np.ndarray, S: np.ndarray, level: f
 
 
 def momentum_null(norms: np.ndarray, kstar: np.ndarray, gap_ratio: np.ndarray, g23: np.ndarray,
-                  rho: np.ndarray, *, dim: float = math.inf, draws: int = DEFAULT_DRAWS,
+                  rho: np.ndarray, *, dim=math.inf, draws: int = DEFAULT_DRAWS,
                   level: float = DEFAULT_LEVEL, seed: int = 0,
                   rel_floor: float = gram.DEFAULT_REL_FLOOR) -> NullResult:
     """The momentum null of each window and the observed reading's excess over it.
@@ -354,7 +390,9 @@ def momentum_null(norms: np.ndarray, kstar: np.ndarray, gap_ratio: np.ndarray, g
     of a window does not depend on which other windows are computed with it.
 
     Parameters: norms (N, W) (NaN rows give NaN); kstar (N,) observed 1-indexed k* (0: undefined);
-    gap_ratio, g23 (N,) observed; rho (W,) with ρ(0) = 1.  Returns :class:`NullResult`.
+    gap_ratio, g23 (N,) observed; rho (W,) with ρ(0) = 1, or (N, W) per window; dim a number of
+    coordinates, or (N,) per window (windows of equal dim share their draws; inf: no band).
+    Returns :class:`NullResult` (its ``dim`` the median of the windows' dims).
     """
     n = np.asarray(norms, dtype=np.float64)
     N, W = n.shape
@@ -375,29 +413,33 @@ def momentum_null(norms: np.ndarray, kstar: np.ndarray, gap_ratio: np.ndarray, g
         excess = R / r0
         g0 = lam0[:, 1] - lam0[:, 2] if W >= 3 else np.full(N, np.nan)
         g_ex = np.asarray(g23, dtype=np.float64) / g0
-    dim = float(dim)
+    dims = np.broadcast_to(np.asarray(dim, dtype=np.float64), (N,))
     draws = int(draws)
     finite = np.isfinite(n).all(axis=1)
-    if draws > 0 and math.isfinite(dim):
-        S = wishart_draws(W, dim, draws, seed)
-        hi = np.full(N, np.nan)
-        idx = np.nonzero(finite)[0]
-        if idx.size:
-            hi[idx] = _band_max_ratio(n[idx], _sqrt_psd(null_gram(np.ones((1, W)), rho)[0]), S, level, rel_floor)
+    hi = r0max * (1.0 + 1e-9)  # infinite dimension: the null is a point
+    if draws > 0 and np.isfinite(dims).any():
+        r = np.asarray(rho, dtype=np.float64)
+        root = _sqrt_psd(_toeplitz(r, W))  # (1, W, W) or (N, W, W)
+        for d in np.unique(dims[np.isfinite(dims)]):
+            sel = dims == d
+            idx = np.nonzero(finite & sel)[0]
+            hi[sel] = np.nan
+            if idx.size:
+                S = wishart_draws(W, d, draws, seed)
+                hi[idx] = _band_max_ratio(n[idx], root if root.shape[0] == 1 else root[idx], S, level, rel_floor)
     else:
         draws = 0
-        hi = r0max * (1.0 + 1e-9)
     with np.errstate(invalid="ignore"):
         above = np.isfinite(R) & np.isfinite(hi) & (R > hi)
         excess_hi = hi / r0
     return NullResult(sigma_null=sig0, kstar_null=k0, gap_ratio_null=r0, gap_excess=excess, g23_null=g0,
                       g23_excess=g_ex, gap_ratio_null_hi=hi, gap_excess_hi=excess_hi, above_null=above,
-                      dim=dim, draws=draws, level=float(level), seed=int(seed))
+                      dim=float(np.median(dims)) if N else math.nan, draws=draws, level=float(level), seed=int(seed))
 
 
 def simulate_filtered_noise(steps: int, dim: int, null: MomentumNull, *, seed: int = 0,
                             burn_in: int | None = None) -> np.ndarray:
-    """Brute-force reference: ``steps`` recorded updates (float64 (steps, dim)) of the filter
+    """Brute-force reference: ``steps`` recorded updates (float64 (steps, dim)) of the fixed filter
     ``u_t = a g_t + b m_t``, ``m_t = β m_{t−1} + g_t`` on white Gaussian ``g_t`` (unit variance per
     coordinate), summed over ``null.stride`` consecutive steps, after ``burn_in`` steps (default
     ``⌈20/(1−β)⌉``: the start-up transient below 1e-9·... of its size, β^{20/(1−β)} ≤ e^{−20})."""

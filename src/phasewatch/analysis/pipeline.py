@@ -440,7 +440,7 @@ def band_table_chunked(
     where: str = "run",
     chunk_windows: int = CHUNK_WINDOWS,
     null: nulls.MomentumNull | None = None,
-    null_dim: float = math.inf,
+    null_dim=math.inf,
     null_draws: int = nulls.DEFAULT_DRAWS,
     null_level: float = nulls.DEFAULT_LEVEL,
     null_seed: int = 0,
@@ -456,8 +456,9 @@ def band_table_chunked(
     (:class:`~phasewatch.analysis.nulls.MomentumNull`) the momentum-null columns of
     :func:`~phasewatch.analysis.nulls.momentum_null` (``kstar_null``, ``gap_ratio_null``,
     ``gap_excess``, ``gap_ratio_null_hi``, ``above_null``, ``g23_null``, ``g23_excess``) from each
-    window's own update norms, with a Monte Carlo band in ``null_dim`` coordinates (seeded, the same
-    draws for every window: chunk-invariant).
+    window's own update norms, with a Monte Carlo band in ``null_dim`` coordinates (a number, or a
+    function of the window-end steps giving one per window; seeded, the same draws for every window
+    of one dimension: chunk-invariant).
 
     ``read(lo, hi)`` returns the global band rows ``lo <= r < hi`` (``(hi - lo, K)`` float64) and
     their learning rates; ``steps`` (T,) holds the step of every band row.  The windows ending at
@@ -537,8 +538,8 @@ def band_table_chunked(
             "stability": stab[keep],
         }
         if null is not None:
-            part.update(_null_columns(sub, spec, keep, window, null, null_dim, null_draws, null_level,
-                                      null_seed, rel_floor))
+            part.update(_null_columns(sub, spec, keep, part["step"], window, null, null_dim, null_draws,
+                                      null_level, null_seed, rel_floor))
         if not out:  # the table is allocated once: no concatenation (no second copy) at the end
             out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
         at = start - (window - 1)
@@ -552,14 +553,16 @@ def band_table_chunked(
     return out
 
 
-def _null_columns(sub, spec, keep, window, null, dim, draws, level, seed, rel_floor) -> dict[str, np.ndarray]:
-    """The momentum-null columns of the windows ``keep`` of a chunk: each window's norms are
-    √band[r, 0] of its own W rows, so a window's values depend on its rows only."""
+def _null_columns(sub, spec, keep, steps, window, null, dim, draws, level, seed, rel_floor) -> dict[str, np.ndarray]:
+    """The momentum-null columns of the windows ``keep`` of a chunk (ending at ``steps``): each
+    window's norms are √band[r, 0] of its own W rows, its ρ and d_eff functions of its end step, so a
+    window's values depend on its rows only."""
     ends = spec.ends[keep]
+    dim = dim(steps) if callable(dim) else dim
     rows = ends[:, None] - (window - 1) + np.arange(window)[None, :]
     norms = np.sqrt(np.maximum(sub[rows, 0], 0.0))
     norms[~np.isfinite(sub[rows, 0]).all(axis=1)] = np.nan
-    res = nulls.momentum_null(norms, spec.kstar[keep], spec.ratio[keep], spec.g23[keep], null.rho(window),
+    res = nulls.momentum_null(norms, spec.kstar[keep], spec.ratio[keep], spec.g23[keep], null.rho_at(window, steps),
                               dim=dim, draws=draws, level=level, seed=seed, rel_floor=rel_floor)
     return {"kstar_null": res.kstar_null.astype("i8"), "gap_ratio_null": res.gap_ratio_null,
             "gap_excess": res.gap_excess, "gap_ratio_null_hi": res.gap_ratio_null_hi,
@@ -567,33 +570,41 @@ def _null_columns(sub, spec, keep, window, null, dim, draws, level, seed, rel_fl
             "above_null": res.above_null, "g23_null": res.g23_null, "g23_excess": res.g23_excess}
 
 
-def run_null(run, null: str | float = "momentum", steps=None) -> nulls.MomentumNull:
+def run_null(run, null: str | float = "momentum") -> nulls.MomentumNull:
     """The :class:`~phasewatch.analysis.nulls.MomentumNull` of a recorded run, from ``run.meta``
     (optimizer class, the hyper-parameters of param group 0, the recorder's ``stride``); runs written
-    before the null existed carry the same meta.  ``steps``: the run's steps (NAdam's μ_t at their
-    median)."""
+    before the null existed carry the same meta."""
     opt = run.meta.get("optimizer", {}) or {}
     stride = int(run.meta.get("recorder", {}).get("stride", 1) or 1)
-    step = float(np.median(steps)) if steps is not None and len(steps) else None
     return nulls.null_from_optimizer(opt.get("class", ""), opt.get("hyper") or opt.get("defaults"),
-                                     stride=stride, step=step, override=null)
+                                     stride=stride, override=null)
 
 
-def null_dimension(run) -> tuple[float, str]:
-    """d_eff of the momentum null's Monte Carlo band: the recorded dimension (the model's parameters,
-    or the projected dimension), lowered to the median participation ratio Tr(Σ)²/Tr(Σ²) of the
-    gradient-noise covariance (``cov_eff_rank_corrected``) when the run measured gradient noise."""
+def null_dimension(run):
+    """d_eff of the momentum null's Monte Carlo band, and why: the recorded dimension (the model's
+    parameters, or the projected dimension) — or, when the run measured gradient noise, per window
+    the participation ratio Tr(Σ)²/Tr(Σ²) of the gradient-noise covariance (``cov_eff_rank_corrected``)
+    of the latest measurement at or before the window's end (capped at the recorded dimension; the
+    recorded dimension before the first).  Causal, so a window's band never changes as the run grows.
+    Returns (a number or a function of the window-end steps, a description)."""
     groups = run.meta.get("model", {}).get("groups") or []
     rec_dim = float(sum(int(g.get("dim", 0)) for g in groups)) or float(run.n_params or 0) or math.inf
     why = f"the recorded dimension {rec_dim:g} (isotropic noise: the narrowest band)"
     if "grad_samples" in run.meta.get("tables", {}):
         gs = run.table("grad_samples")
-        if len(gs["step"]) and np.all(np.asarray(gs["n"]) >= 2):
+        ok = np.asarray(gs["n"]) >= 2
+        if ok.any():
             pr = np.asarray(gradcov.probe_columns(gs)["cov_eff_rank_corrected"], dtype=float)
-            pr = pr[np.isfinite(pr) & (pr > 0)]
-            if pr.size and float(np.median(pr)) < rec_dim:
-                return float(np.median(pr)), ("the median participation ratio Tr(S)^2/Tr(S^2) of the gradient-"
-                                              f"noise covariance over {pr.size} measurements")
+            ms = np.asarray(gs["step"])[ok]
+            pr = np.where(np.isfinite(pr[ok]) & (pr[ok] > 0), np.minimum(pr[ok], rec_dim), rec_dim)
+
+            def dims(steps):
+                i = np.searchsorted(ms, np.asarray(steps), side="right") - 1
+                return np.where(i >= 0, pr[np.maximum(i, 0)], rec_dim)
+
+            return dims, ("per window the participation ratio Tr(S)^2/Tr(S^2) of the gradient-noise covariance "
+                          f"at the latest measurement (median {np.median(pr):.4g} over {pr.size}; the recorded "
+                          f"dimension {rec_dim:g} before the first)")
     return rec_dim, why
 
 
@@ -656,11 +667,12 @@ def analyze(
         run = open_run(run, lazy=True if chunk_steps is not None else None)
     where = str(run.path)
     warns = list(run.warnings)
-    mnull = run_null(run, null, run.steps.get("step"))
+    mnull = run_null(run, null)
     if null_dim is None:
         null_dim, dim_why = null_dimension(run)
     else:
-        null_dim, dim_why = float(null_dim), "given"
+        null_dim = float(null_dim)
+        dim_why = f"{null_dim:g} (given)"
     nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
                  null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
                  dk_forgetting_above=dk_forgetting_above)
@@ -771,8 +783,9 @@ def analyze(
                 "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
                 "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
                 + (f"{null_level:g} quantile of the max gap ratio over {null_draws} seeded (seed {null_seed}) draws "
-                   f"of filtered Gaussian noise in d_eff = {null_dim:.4g} coordinates ({dim_why})"
-                   if null_draws > 0 and math.isfinite(null_dim) else "null itself (no finite-dimension band)"),
+                   f"of filtered Gaussian noise in d_eff coordinates, d_eff = {dim_why}"
+                   if null_draws > 0 and (callable(null_dim) or math.isfinite(null_dim))
+                   else "null itself (no finite-dimension band)"),
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
              "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",
@@ -791,7 +804,8 @@ def analyze(
             interventions = {k: (np.char.decode(v, "utf-8", "replace").astype(str) if v.dtype.kind == "S"
                                  else np.asarray(v)) for k, v in iv.items()}
     null_info = {"kind": mnull.kind, "beta": mnull.beta, "rho1": float(mnull.rho(2)[1]), "stride": mnull.stride,
-                 "dim": null_dim, "draws": int(null_draws) if math.isfinite(null_dim) else 0,
+                 "dim": dim_why if callable(null_dim) else null_dim,
+                 "draws": int(null_draws) if callable(null_dim) or math.isfinite(null_dim) else 0,
                  "level": float(null_level), "source": mnull.source}
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,

@@ -387,7 +387,9 @@ def momentum_null(norms: np.ndarray, kstar: np.ndarray, gap_ratio: np.ndarray, g
     :func:`wishart_draws`); the band's upper end ``gap_ratio_null_hi`` is the ``level`` quantile over
     ``draws`` of its maximum gap ratio over j — the look-elsewhere-corrected statistic, since k* itself is
     an argmax.  The same ``draws`` (seeded) serve every window (common random numbers), so the result
-    of a window does not depend on which other windows are computed with it.
+    of a window does not depend on which other windows are computed with it.  With ``dim < W`` the
+    simulated Gram has rank ``dim`` and its σ_{dim+1} sits at rounding level, so the band is vacuous
+    (noise alone then gives any gap ratio at j = dim).
 
     Parameters: norms (N, W) (NaN rows give NaN); kstar (N,) observed 1-indexed k* (0: undefined);
     gap_ratio, g23 (N,) observed; rho (W,) with ρ(0) = 1, or (N, W) per window; dim a number of

@@ -366,3 +366,16 @@ def test_demo_report_says_where_k_rises_above_the_null():
     assert np.all(np.abs(t["gap_excess"][v] / want - 1) <= tol)
     d = a.summary_dict()
     assert null_reading(d).startswith("k* and gap ratio")
+
+
+def test_cli_analyze_null_option(tmp_path, capsys):
+    from phasewatch.cli import main
+
+    assert main(["analyze", str(DATA / "grokking-p71-no-wd.h5"), "--null", "0.95", "--out", str(tmp_path),
+                 "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert "from momentum alone (beta=0.95" in out and "A_dk" in out and "units 1/lr" in out
+    head = (tmp_path / "analysis.csv").read_text().splitlines()
+    assert "beta=0.95" in head[0] and "gap_excess" in head[1].split(",")
+    assert main(["analyze", str(DATA / "grokking-p71-no-wd.h5"), "--null", "beta"]) == 1
+    assert "--null 'beta'" in capsys.readouterr().err

@@ -379,3 +379,40 @@ def test_cli_analyze_null_option(tmp_path, capsys):
     assert "beta=0.95" in head[0] and "gap_excess" in head[1].split(",")
     assert main(["analyze", str(DATA / "grokking-p71-no-wd.h5"), "--null", "beta"]) == 1
     assert "--null 'beta'" in capsys.readouterr().err
+
+
+def test_stride_run_reads_the_stride_null(tmp_path):
+    """Displacements over 3 steps (Recorder(stride=3)) of SGD-momentum on pure noise: the null of the
+    3-step sums (read from the run's meta) is what the run shows."""
+    pytest.importorskip("torch")
+    a = phasewatch.analyze(_linear_noise_run(tmp_path / "s3", _opt("sgd"), T=600, stride=3), window=8)
+    assert a.null["stride"] == 3
+    t = a.table
+    late = t["valid"] & (t["step"] > 60)
+    assert abs(np.nanmedian(t["gap_excess"][late]) - 1) <= 0.1
+    # the heavy-ball null would be wrong here: 0.9^j instead of the 3-step sums' A·0.729^j
+    hb = nulls.null_from_optimizer("SGD", {"momentum": 0.9})
+    wrong = nulls.momentum_null(np.ones((1, 8)), np.array([1]), np.array([1.0]), np.array([1.0]), hb.rho(8),
+                                draws=0).gap_ratio_null[0]
+    assert abs(np.nanmedian(t["gap_ratio"][late]) / wrong - 1) > 0.1
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_A_dk_of_recorded_runs_is_invariant_under_the_learning_rate(tmp_path, name):
+    """A linear loss makes every update proportional to η (SGD: −ηξ; Adam: −η m̂/(√v̂+ε), the moments
+    do not depend on θ): the runs at η and 4η are the same trajectory scaled by 4, exactly in binary
+    floating point.  A_dk is the same, the paper's A is divided by 4."""
+    torch = pytest.importorskip("torch")
+    lr = 2.0 ** -10
+    cls = {"sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+           "adam": lambda p, lr: torch.optim.Adam(p, lr=lr, eps=0.0)}[name]
+    runs = [phasewatch.analyze(_linear_noise_run(tmp_path / f"{name}{i}", lambda p, s=s: cls(p, s * lr),
+                                                 P=400, T=80, signal=0.5), window=6)
+            for i, s in enumerate((1.0, 4.0))]
+    t1, t4 = runs[0].table, runs[1].table
+    ok = np.isfinite(t1["A_dk"])
+    assert ok.sum() > 60
+    np.testing.assert_array_equal(t4["kstar"], t1["kstar"])
+    np.testing.assert_allclose(t4["A_dk"][ok], t1["A_dk"][ok], rtol=64 * 400 * EPS)  # P·eps-level rounding
+    np.testing.assert_allclose(4 * t4["A"][ok], t1["A"][ok], rtol=64 * 400 * EPS)
+    np.testing.assert_array_equal(t4["regime"], t1["regime"])

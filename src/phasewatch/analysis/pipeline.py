@@ -42,7 +42,10 @@ class Analysis:
 
     table: per window (indexed by the step at which the window ends) columns: ``step``, ``lr``,
         ``update_norm``, ``kstar``, ``gap_ratio``, ``gap``, ``kstar_weighted``, ``g23``,
-        ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical), ``A_eigen``, ``regime``,
+        ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical, units 1/η), ``A_eigen``,
+        ``A_dk`` (dimensionless), ``regime`` (on A_dk by default), ``regime_A`` (on A), the momentum
+        null's ``kstar_null``, ``gap_ratio_null``, ``gap_excess``, ``gap_ratio_null_hi``,
+        ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess`` (see ``null``),
         ``valid``, ``sigma`` (N, W) for the singular values and ``stability`` (N, W) for the
         per-mode stability coefficients s_j = 1 − ‖ΔC‖_F²/gap_j² (the paper's "α"; Davis–Kahan).
     scalars: the per-step table of the run (loss, lr, gradient and update norms, flags).

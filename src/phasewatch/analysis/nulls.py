@@ -444,7 +444,7 @@ def simulate_filtered_noise(steps: int, dim: int, null: MomentumNull, *, seed: i
     """Brute-force reference: ``steps`` recorded updates (float64 (steps, dim)) of the fixed filter
     ``u_t = a g_t + b m_t``, ``m_t = β m_{t−1} + g_t`` on white Gaussian ``g_t`` (unit variance per
     coordinate), summed over ``null.stride`` consecutive steps, after ``burn_in`` steps (default
-    ``⌈20/(1−β)⌉``: the start-up transient below 1e-9·... of its size, β^{20/(1−β)} ≤ e^{−20})."""
+    ``⌈20/(1−β)⌉``: the start-up transient decays as β^t, and β^{20/(1−β)} ≤ e^{−20})."""
     rng = np.random.default_rng(seed)
     s = null.stride
     burn = int(math.ceil(20.0 / (1.0 - null.beta))) if burn_in is None else int(burn_in)

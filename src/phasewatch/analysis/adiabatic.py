@@ -11,6 +11,11 @@ geometry. This mixes units exactly as the paper defines it; we implement it as
 defined. Regimes (paper): ``A << 1`` plateau, ``A ~ 1`` transition, ``A >> 1``
 forgetting.
 
+The dimensionless ratio ``A_dk = ||Delta C_t||_F / (lambda_{k*} - lambda_{k*+1})``
+(:func:`adiabatic_ratio`) divides the same exact ``||Delta C||_F`` by the eigengap of the Gram
+(units of ``|u|^2`` over units of ``|u|^2``): it does not change when the learning rate rescales the
+same trajectory, and by Davis–Kahan it bounds the rotation of the top-k* subspace between windows.
+
 Two estimates of ``||Delta C_t||_F`` are supported:
 
 ``canonical``
@@ -45,6 +50,10 @@ __all__ = [
     "delta_fro_eigen",
     "classify_regime",
     "adiabatic",
+    "AdiabaticRatio",
+    "adiabatic_ratio",
+    "DK_PLATEAU_BELOW",
+    "DK_FORGETTING_ABOVE",
 ]
 
 AdiabaticVariant = Literal["canonical", "eigen"]
@@ -286,3 +295,79 @@ def adiabatic(
         plateau_below=float(plateau_below),
         forgetting_above=float(forgetting_above),
     )
+
+
+#: A_dk below this: plateau.  Davis–Kahan: sin θ ≤ 0.1, the top-k* subspace keeps cos²θ ≥ 0.99 of
+#: its overlap with the previous window's (turns by at most 5.7° per step).
+DK_PLATEAU_BELOW: float = 0.1
+#: A_dk above this: forgetting.  At A_dk ≥ 1 the Davis–Kahan bound sin θ ≤ A_dk is vacuous (sin θ ≤ 1
+#: always): nothing prevents the dominant subspace from being replaced in one step.
+DK_FORGETTING_ABOVE: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class AdiabaticRatio:
+    """Dimensionless adiabatic ratio per window (DEFINITIONS §1).
+
+    Attributes
+    ----------
+    A_dk
+        float64 ``(N,)``, ``||Delta C||_F / (lambda_{k*} - lambda_{k*+1})``; NaN where undefined
+        (no previous window, ``k*`` undefined, zero eigengap).
+    eigengap
+        float64 ``(N,)``, ``lambda_{k*} - lambda_{k*+1}`` (Gram eigenvalues, units of ``|u|^2``).
+    regime
+        int8 ``(N,)``: ``-1`` undefined, ``0`` plateau (``A_dk < plateau_below``), ``1``
+        transition, ``2`` forgetting (``A_dk > forgetting_above``).
+    plateau_below, forgetting_above
+        The thresholds used.
+    """
+
+    A_dk: np.ndarray
+    eigengap: np.ndarray
+    regime: np.ndarray
+    plateau_below: float
+    forgetting_above: float
+
+
+def adiabatic_ratio(
+    delta_fro: np.ndarray,
+    eigs: np.ndarray,
+    kstar: np.ndarray,
+    *,
+    plateau_below: float = DK_PLATEAU_BELOW,
+    forgetting_above: float = DK_FORGETTING_ABOVE,
+) -> AdiabaticRatio:
+    """``A_dk = ||Delta C||_F / (lambda_{k*} - lambda_{k*+1})`` per window (dimensionless).
+
+    ``delta_fro`` is the exact canonical ``||C_r - C_{r-1}||_F`` (:func:`delta_fro_canonical`), the
+    same as in ``A``; ``lambda`` the descending Gram eigenvalues (``sigma^2``) and ``k*`` the observed
+    1-indexed gap position.  Both numerator and denominator have units of ``|u|^2``, so ``A_dk`` is
+    invariant when every update is multiplied by the same factor (a learning-rate rescaling of the
+    same trajectory), unlike the paper's ``A`` (units ``1/eta``).
+
+    Meaning (Davis–Kahan sin-θ theorem, C. Davis & W. Kahan, SIAM J. Numer. Anal. 7, 1970): the
+    nonzero spectrum of ``C_r`` is that of ``G_r``, so the top-k* eigenspace of ``C`` (the dominant
+    update directions) turns between consecutive windows by an angle with
+    ``sin θ ≲ ||Delta C||_F / (lambda_{k*} - lambda_{k*+1}) = A_dk`` (up to the factor 2 of the
+    Yu–Wang–Samworth form, which uses the gap of one window only).  Regimes read as rotations:
+    ``A_dk < 0.1`` plateau (sin θ ≤ 0.1: ≥ 99% overlap kept, ≤ 5.7° per step), ``0.1–1`` transition
+    (a bounded but visible turn), ``A_dk > 1`` forgetting (the bound is vacuous: the subspace may be
+    replaced in one step).
+
+    Returns :class:`AdiabaticRatio`.
+    """
+    d = np.asarray(delta_fro, dtype=np.float64)
+    lam = np.asarray(eigs, dtype=np.float64)
+    k = np.asarray(kstar, dtype=np.int64)
+    if lam.ndim != 2 or d.shape != (lam.shape[0],) or k.shape != d.shape:
+        raise ValueError(f"need delta_fro (N,), eigs (N, W) and kstar (N,), got {d.shape}, {lam.shape}, {k.shape}")
+    N, W = lam.shape
+    gap = np.full(N, np.nan)
+    rows = np.nonzero((k >= 1) & (k <= W - 1))[0]
+    gap[rows] = lam[rows, k[rows] - 1] - lam[rows, k[rows]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = d / gap
+    a = np.where(np.isfinite(a), a, np.nan)
+    return AdiabaticRatio(A_dk=a, eigengap=gap, regime=classify_regime(a, plateau_below, forgetting_above),
+                          plateau_below=float(plateau_below), forgetting_above=float(forgetting_above))

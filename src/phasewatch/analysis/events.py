@@ -467,7 +467,7 @@ SIGNALS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "alpha": ("alpha", "drop", {"amount": 0.5}),
 }
 
-_ALIASES = {"k*": "kstar", "Φ": "phi", "Phi": "phi", "α": "alpha", "g_23": "g23", "regime_A": "regime"}
+_ALIASES = {"k*": "kstar", "Φ": "phi", "Phi": "phi", "α": "alpha", "g_23": "g23"}
 
 
 def signal_rule(signal: str, onset: str | None = None, params: dict[str, Any] | None = None

@@ -25,9 +25,10 @@ import numpy as np
 from ..errors import PhasewatchError, RunTooShortError
 from ..store.format import posthoc_path
 from . import adiabatic as adia
-from . import gradcov, gram, tails
+from . import gradcov, gram, nulls, tails
 from . import noise as nz
 from .events import Event, first_crossing, jumps
+from .null_stage import null_dimension, null_reading, null_summary, run_null, window_null_columns  # noqa: F401
 
 log = logging.getLogger("phasewatch")
 
@@ -42,7 +43,10 @@ class Analysis:
 
     table: per window (indexed by the step at which the window ends) columns: ``step``, ``lr``,
         ``update_norm``, ``kstar``, ``gap_ratio``, ``gap``, ``kstar_weighted``, ``g23``,
-        ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical), ``A_eigen``, ``regime``,
+        ``sigma1_over_dcrit``, ``sigma1_over_edge``, ``A`` (canonical, units 1/η), ``A_eigen``,
+        ``A_dk`` (dimensionless), ``regime`` (on A_dk by default), ``regime_A`` (on A), the momentum
+        null's ``kstar_null``, ``gap_ratio_null``, ``gap_excess``, ``gap_ratio_null_hi``,
+        ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess`` (see ``null``),
         ``valid``, ``sigma`` (N, W) for the singular values and ``stability`` (N, W) for the
         per-mode stability coefficients s_j = 1 − ‖ΔC‖_F²/gap_j² (the paper's "α"; Davis–Kahan).
     scalars: the per-step table of the run (loss, lr, gradient and update norms, flags).
@@ -60,8 +64,11 @@ class Analysis:
         threshold otherwise), ``S`` = threshold − λ_max, ``eta_opt``, ``trace``, ``trace_lo``,
         ``trace_hi``, ``ntk_rho`` (log-det of the NTK Gram), ``ntk_rate`` (dρ/dt per step),
         ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient).
-    interventions: changes made by controllers during the run (empty if none; :mod:`phasewatch.control`):
+    interventions: changes made by controllers during the run (empty if none; :mod:`phasewatch.record.control`):
         ``step`` (after which step), ``rule``, ``param``, ``old``, ``new``, ``note`` (str arrays for text).
+    null: the momentum null used (``kind``, ``beta``, ``rho1``, ``dim``, ``draws``, ``level``, ``source``);
+        its per-window columns are in ``table`` (``kstar_null``, ``gap_ratio_null``, ``gap_excess``,
+        ``gap_ratio_null_hi``, ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess``).
     """
 
     source: str
@@ -77,6 +84,7 @@ class Analysis:
     tail_index: dict[str, np.ndarray] = field(default_factory=dict)
     curvature: dict[str, np.ndarray] = field(default_factory=dict)
     interventions: dict[str, np.ndarray] = field(default_factory=dict)
+    null: dict[str, Any] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -147,11 +155,23 @@ class Analysis:
             d["kstar_mode"] = int(vals[np.argmax(counts)]) if vals.size else None
             d["kstar_changes"] = int(np.count_nonzero(np.diff(k) != 0))
             d["gap_ratio_median"] = float(np.nanmedian(t["gap_ratio"][v]))
+            if "gap_excess" in t:
+                d.update(null_summary(t, v))
+                if self.null:
+                    d["null_beta"] = self.null["beta"]
+                    d["null_false_alarm"] = 1.0 - self.null["level"] if self.null.get("draws") else 0.0
             a = t["A"][v]
             if np.isfinite(a).any():
                 d["A_median"] = float(np.nanmedian(a))
-                reg = t["regime"][v]
+                reg = t["regime_A"][v] if "regime_A" in t else t["regime"][v]
                 d["A_regime_fraction"] = {
+                    name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
+                }
+            adk = t["A_dk"][v] if "A_dk" in t else np.array([])
+            if np.isfinite(adk).any():
+                d["A_dk_median"] = float(np.nanmedian(adk))
+                reg = t["regime"][v]
+                d["regime_fraction"] = {
                     name: float(np.mean(reg == code)) for code, name in adia.REGIME_LABELS.items() if code >= 0
                 }
         pr = self.probes
@@ -213,9 +233,15 @@ class Analysis:
         if "kstar_mode" in d:
             lines.append(f"k*           mostly {d['kstar_mode']}, changes {d['kstar_changes']} times; "
                          f"median gap ratio {d['gap_ratio_median']:.3g}")
+        if "gap_excess_median" in d:
+            lines.append("null         " + null_reading(d))
+        if "A_dk_median" in d:
+            fr = d["regime_fraction"]
+            lines.append(f"A_dk         median {d['A_dk_median']:.3g} (dimensionless, sin theta bound); " +
+                         ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
         if "A_median" in d:
             fr = d["A_regime_fraction"]
-            lines.append(f"A (canon.)   median {d['A_median']:.3g}; " +
+            lines.append(f"A (canon.)   median {d['A_median']:.3g} (units 1/lr); " +
                          ", ".join(f"{k} {100 * v:.0f}%" for k, v in fr.items()))
         if "C_last" in d:
             lines.append(f"C (canon.)   {d['gradient_measurements']} measurements; last C = {d['C_last']:.3g} "
@@ -346,9 +372,12 @@ def analyze_band(
     forgetting_above: float = 10.0,
     where: str = "run",
     chunk_windows: int = CHUNK_WINDOWS,
+    **null_opts,
 ) -> dict[str, np.ndarray]:
     """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks of
-    ``chunk_windows`` windows (see :func:`band_table_chunked`)."""
+    ``chunk_windows`` windows (see :func:`band_table_chunked`; ``null_opts`` are its ``null``,
+    ``null_dim``, ``null_draws``, ``null_level``, ``null_seed``, ``regimes``, ``dk_plateau_below``,
+    ``dk_forgetting_above``)."""
     b = gram.global_band(np.asarray(band, dtype=np.float64))
     lr = np.asarray(lr, dtype=float)
     T, K = b.shape
@@ -358,7 +387,7 @@ def analyze_band(
 
     return band_table_chunked(read, steps, K, window, n_params=n_params, rel_floor=rel_floor,
                               plateau_below=plateau_below, forgetting_above=forgetting_above, where=where,
-                              chunk_windows=chunk_windows)
+                              chunk_windows=chunk_windows, **null_opts)
 
 
 def band_table_chunked(
@@ -373,8 +402,26 @@ def band_table_chunked(
     forgetting_above: float = 10.0,
     where: str = "run",
     chunk_windows: int = CHUNK_WINDOWS,
+    null: nulls.MomentumNull | None = None,
+    null_dim=math.inf,
+    null_draws: int = nulls.DEFAULT_DRAWS,
+    null_level: float = nulls.DEFAULT_LEVEL,
+    null_seed: int = 0,
+    regimes: str = "A_dk",
+    dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
+    dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
 ) -> dict[str, np.ndarray]:
     """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
+
+    Beside the spectra and A: ``A_dk`` (:func:`~phasewatch.analysis.adiabatic.adiabatic_ratio`) and
+    ``regime`` classified on ``regimes`` (``"A_dk"``, default, thresholds ``dk_*``; or ``"A"``),
+    ``regime_A`` (the paper's A, ``plateau_below``/``forgetting_above``); with a ``null``
+    (:class:`~phasewatch.analysis.nulls.MomentumNull`) the momentum-null columns of
+    :func:`~phasewatch.analysis.nulls.momentum_null` (``kstar_null``, ``gap_ratio_null``,
+    ``gap_excess``, ``gap_ratio_null_hi``, ``above_null``, ``g23_null``, ``g23_excess``) from each
+    window's own update norms, with a Monte Carlo band in ``null_dim`` coordinates (a number, or a
+    function of the window-end steps giving one per window; seeded, the same draws for every window
+    of one dimension: chunk-invariant).
 
     ``read(lo, hi)`` returns the global band rows ``lo <= r < hi`` (``(hi - lo, K)`` float64) and
     their learning rates; ``steps`` (T,) holds the step of every band row.  The windows ending at
@@ -396,6 +443,8 @@ def band_table_chunked(
     if T < window:
         raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
                                f"record longer or pass a smaller --window")
+    if regimes not in ("A_dk", "A"):
+        raise PhasewatchError(f"regimes={regimes!r}: use 'A_dk' (dimensionless, default) or 'A' (the paper's)")
     if int(chunk_windows) < 1:
         raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")
     chunk_windows = int(chunk_windows)
@@ -423,6 +472,8 @@ def band_table_chunked(
                                    plateau_below=plateau_below, forgetting_above=forgetting_above)
         keep = spec.ends + lo >= start
         stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
+        a_dk = adia.adiabatic_ratio(a_can.delta_fro, spec.eigs, spec.kstar, plateau_below=dk_plateau_below,
+                                    forgetting_above=dk_forgetting_above)
         if n_params:
             ref = gram.bbp_reference(spec.eigs, n_params, window)
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
@@ -442,17 +493,22 @@ def band_table_chunked(
             "sigma1_over_edge": s1_edge[keep],
             "A": a_can.A[keep],
             "A_eigen": a_eig.A[keep],
-            "regime": a_can.regime[keep].astype("i8"),
+            "A_dk": a_dk.A_dk[keep],
+            "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
+            "regime_A": a_can.regime[keep].astype("i8"),
             "valid": spec.valid[keep],
             "sigma": spec.sigma[keep],
             "stability": stab[keep],
         }
+        if null is not None:
+            part.update(window_null_columns(sub, spec, keep, part["step"], window, null, null_dim, null_draws,
+                                      null_level, null_seed, rel_floor))
         if not out:  # the table is allocated once: no concatenation (no second copy) at the end
             out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
         at = start - (window - 1)
         for k, v in part.items():
             out[k][at: at + len(v)] = v
-        del spec, a_can, a_eig, stab, sub, part
+        del spec, a_can, a_eig, a_dk, stab, sub, part
         if bar is not None:
             bar.update(int(keep.sum()))
     if bar is not None:
@@ -472,6 +528,14 @@ def analyze(
     forgetting_above: float = 10.0,
     chunk_steps: int | None = None,
     memory_budget: int | None = MEMORY_BUDGET,
+    null: str | float = "momentum",
+    null_dim: float | None = None,
+    null_draws: int = nulls.DEFAULT_DRAWS,
+    null_level: float = nulls.DEFAULT_LEVEL,
+    null_seed: int = 0,
+    regimes: str = "A_dk",
+    dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
+    dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -490,6 +554,19 @@ def analyze(
         result is the same either way, value for value (:func:`band_table_chunked`).  A path is
         opened lazily when streaming (:func:`~phasewatch.store.open_run` ``lazy=True``), so the
         per-layer band is never read; a run opened eagerly is chunked from memory.
+    null: the momentum null of k* and the gap ratio (:mod:`~phasewatch.analysis.nulls`):
+        ``"momentum"`` (default: β from the run's recorded optimizer — SGD momentum/dampening/Nesterov,
+        Adam-type β₁, NAdam, Muon — and its ``stride``), ``"none"`` (β = 0) or a float β (heavy ball).
+    null_dim, null_draws, null_level, null_seed: its finite-dimension band (a window is
+        ``above_null`` when its gap ratio exceeds the ``null_level`` quantile of the maximum gap ratio
+        of ``null_draws`` seeded draws of filtered Gaussian noise in ``null_dim`` coordinates with the
+        window's norms); ``null_dim=None``: :func:`null_dimension`.  ``null_draws=0``: no band.  Cost
+        of the band: ``null_draws`` W×W eigensolves per window (≈ 0.6 ms per window at W = 10 and 64
+        draws on one core, ~10 min per 10⁶ windows); the rest of the null costs about as much as the
+        spectra themselves.
+    regimes, dk_plateau_below, dk_forgetting_above: the ``regime`` column is classified on ``A_dk``
+        (default; 0.1 and 1: sin θ of the top-k* subspace ≤ 0.1 per step, and the Davis–Kahan bound
+        vacuous) or on the paper's ``A`` (``regimes="A"``; ``plateau_below``, ``forgetting_above``).
     """
     from ..store import open_run
 
@@ -501,6 +578,15 @@ def analyze(
         run = open_run(run, lazy=True if chunk_steps is not None else None)
     where = str(run.path)
     warns = list(run.warnings)
+    mnull = run_null(run, null)
+    if null_dim is None:
+        null_dim, dim_why = null_dimension(run)
+    else:
+        null_dim = float(null_dim)
+        dim_why = f"{null_dim:g} (given)"
+    nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
+                 null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
+                 dk_forgetting_above=dk_forgetting_above)
     if source == "band":
         bt = run.band
         if not len(bt["step"]):
@@ -508,7 +594,7 @@ def analyze(
                                    "at least W steps with the recorder attached")
         chunk = _stream_chunk(run, bt, chunk_steps, memory_budget)
         opts = dict(n_params=run.n_params or None, rel_floor=rel_floor, plateau_below=plateau_below,
-                    forgetting_above=forgetting_above, where=where)
+                    forgetting_above=forgetting_above, where=where, **nopts)
         if chunk is None:
             table = analyze_band(bt["band"], bt["lr"], bt["step"], window, **opts)
         else:
@@ -533,7 +619,7 @@ def analyze(
         bt = run.band
         lr = np.interp(snap["step"], bt["step"], bt["lr"]) if len(bt["step"]) else np.full(len(u), np.nan)
         table = analyze_band(band, lr, snap["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
-                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where)
+                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where, **nopts)
         conv_src = f"stored {run.meta.get('recorder', {}).get('snapshot_kind', 'raw')} update snapshots"
     else:
         raise PhasewatchError(f"source={source!r}: use 'band' or 'snapshots'")
@@ -594,8 +680,23 @@ def analyze(
         "source": conv_src,
         "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
         "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
-        "A": "canonical ||Delta C||_F/(eta g^2), C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
-        "regime": f"0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting (A>{forgetting_above:g}), -1 undefined",
+        "A": "canonical ||Delta C||_F/(eta g^2) (the paper's; units 1/eta: halves when the learning rate doubles), "
+             "C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
+        "A_dk": "||Delta C||_F/(lambda_k* - lambda_k*+1) (dimensionless; Davis-Kahan: sin theta of the top-k* "
+                "subspace between consecutive windows <~ A_dk)",
+        "regime": (f"on A_dk: 0 plateau (A_dk<{dk_plateau_below:g}: sin theta <= {dk_plateau_below:g} per step), "
+                   f"1 transition, 2 forgetting (A_dk>{dk_forgetting_above:g}: the rotation bound is vacuous), "
+                   "-1 undefined" if regimes == "A_dk" else
+                   f"on A (units 1/eta): 0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting "
+                   f"(A>{forgetting_above:g}), -1 undefined")
+                  + f"; regime_A: the paper's A with {plateau_below:g} / {forgetting_above:g}",
+        "null": mnull.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
+                "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
+                "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
+                + (f"{null_level:g} quantile of the max gap ratio over {null_draws} seeded (seed {null_seed}) draws "
+                   f"of filtered Gaussian noise in d_eff coordinates, d_eff = {dim_why}"
+                   if null_draws > 0 and (callable(null_dim) or math.isfinite(null_dim))
+                   else "null itself (no finite-dimension band)"),
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
              "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",
@@ -613,9 +714,13 @@ def analyze(
         if len(iv["step"]):
             interventions = {k: (np.char.decode(v, "utf-8", "replace").astype(str) if v.dtype.kind == "S"
                                  else np.asarray(v)) for k, v in iv.items()}
+    null_info = {"kind": mnull.kind, "beta": mnull.beta, "rho1": float(mnull.rho(2)[1]), "stride": mnull.stride,
+                 "dim": dim_why if callable(null_dim) else null_dim,
+                 "draws": int(null_draws) if callable(null_dim) or math.isfinite(null_dim) else 0,
+                 "level": float(null_level), "source": mnull.source}
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index, curvature=curvature, interventions=interventions)
+                    tail_index=tail_index, curvature=curvature, interventions=interventions, null=null_info)
 
 
 def _band_width(run, bt) -> int:

@@ -13,7 +13,13 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     """Run ``phasewatch analyze`` with the parsed arguments; return the exit status."""
     from ..analysis.pipeline import analyze
 
-    res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps)
+    null = a.null
+    if null not in ("momentum", "none"):
+        try:
+            null = float(null)
+        except ValueError:
+            raise PhasewatchError(f"--null {a.null!r}: use momentum, none or a beta in [0, 1)") from None
+    res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps, null=null)
     print(res.summary())
     if a.out:
         out = Path(a.out)
@@ -40,4 +46,7 @@ def register(sub) -> None:
                    help="stream the band N windows at a time (bounded memory; same result). Default: "
                         "streamed only when the band exceeds 1 GiB")
     s.add_argument("--format", nargs="+", default=["csv", "json"], help="csv and/or json (default both)")
+    s.add_argument("--null", default="momentum", metavar="momentum|none|BETA",
+                   help="momentum null of k* and the gap ratio: from the recorded optimizer (default), none "
+                        "(beta = 0) or a heavy-ball beta")
     s.set_defaults(func=cmd_analyze)

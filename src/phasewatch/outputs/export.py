@@ -94,7 +94,9 @@ def _split2d(out: dict[str, np.ndarray], name: str, a: np.ndarray, labels: list[
 def _conv_of(column: str, conventions: dict[str, str]) -> str:
     key = {"gap_ratio": "gap", "gap": "gap", "g23": "gap", "kstar": "kstar", "kstar_weighted": "kstar",
            "A": "A", "A_eigen": "A", "regime": "regime", "sigma1_over_dcrit": "bbp",
-           "sigma1_over_edge": "bbp"}.get(column)
+           "sigma1_over_edge": "bbp", "A_dk": "A_dk", "regime_A": "regime", "kstar_null": "null",
+           "gap_ratio_null": "null", "gap_excess": "null", "gap_ratio_null_hi": "null", "gap_excess_hi": "null",
+           "above_null": "null", "g23_null": "null", "g23_excess": "null"}.get(column)
     if key is None and column.startswith("stability_"):
         key = "stability"
     return conventions.get(key, "") if key else ""

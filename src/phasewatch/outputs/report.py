@@ -166,10 +166,36 @@ def _kstar(a, min_len: int) -> dict[str, Any]:
             lines.append(f"  - … {len(long) - 20} more")
     else:
         lines.append(f"- no stretch of constant k* lasts {min_len} windows (k* flickers)")
+    null_data = _null_lines(a, v, st, lines)
     conv = f"W = {a.window}; " + a.conventions.get("kstar", "") + "; " + a.conventions.get("gap", "")
+    if "null" in a.conventions:
+        conv += "; null: " + a.conventions["null"]
     return _section("kstar", "k* regime", conv, True, lines,
                     {"mode": mode, "changes": changes, "segments": segs,
-                     "gap_ratio_median": _f(float(np.nanmedian(gr)))})
+                     "gap_ratio_median": _f(float(np.nanmedian(gr))), **null_data})
+
+
+def _null_lines(a, v: np.ndarray, st: np.ndarray, lines: list[str]) -> dict[str, Any]:
+    """The momentum-null reading of k* and the gap (appended to ``lines``): the summary's sentence and
+    where the gap ratio rises above the null's band."""
+    t = a.table
+    if "gap_excess" not in t:
+        return {}
+    from ..analysis.pipeline import null_reading
+
+    d = a.summary_dict()
+    if "gap_excess_median" not in d:
+        return {}
+    lines.append("- " + null_reading(d))
+    above = np.asarray(t["above_null"], bool)[v]
+    ex = np.asarray(t["gap_excess"], float)[v]
+    segs = [s for s in segments(st, above.astype(np.int8)) if s["label"] == 1]
+    if segs:
+        lines.append("- above the null's band: " + "; ".join(
+            f"steps {s['from']}–{s['to']} (excess ×{_g(float(np.nanmedian(ex[(st >= s['from']) & (st <= s['to'])])))})"
+            for s in segs[:15]) + (f"; … {len(segs) - 15} more" if len(segs) > 15 else ""))
+    return {"above_null_fraction": _f(d["above_null_fraction"]), "gap_excess_median": _f(d["gap_excess_median"]),
+            "above_null_segments": [{"from": s["from"], "to": s["to"]} for s in segs]}
 
 
 def _regimes(a) -> dict[str, Any]:
@@ -184,13 +210,28 @@ def _regimes(a) -> dict[str, Any]:
     segs = segments(st, reg)
     for s in segs:
         s["label"] = adia.REGIME_LABELS.get(int(s["label"]), str(s["label"]))
-    lines = [f"- median A = {_g(float(np.nanmedian(A)))}; " +
-             ", ".join(f"{k} {_pct(v)}" for k, v in fr.items() if v > 0)]
+    on_dk = "A_dk" in t and a.conventions.get("regime", "").startswith("on A_dk")
+    lines = []
+    data: dict[str, Any] = {"A_median": _f(float(np.nanmedian(A))), "fractions": fr, "segments": segs}
+    if "A_dk" in t:
+        adk = np.asarray(t["A_dk"], float)
+        data["A_dk_median"] = _f(float(np.nanmedian(adk))) if np.isfinite(adk).any() else None
+        lines.append(f"- median A_dk = {_g(data['A_dk_median'])} (dimensionless; Davis–Kahan bound on sin θ of the "
+                     "top-k* subspace per step)")
+    head = "regimes on A_dk: " if on_dk else "regimes on A: "
+    lines.append(f"- median A = {_g(float(np.nanmedian(A)))} (the paper's A, units 1/η)")
+    lines.append("- " + head + ", ".join(f"{k} {_pct(v)}" for k, v in fr.items() if v > 0))
+    if on_dk and "regime_A" in t:
+        ra = np.asarray(t["regime_A"])
+        fa = {adia.REGIME_LABELS[c]: float(np.mean(ra == c)) for c in sorted(adia.REGIME_LABELS)}
+        data["fractions_A"] = fa
+        lines.append("- the paper's thresholds on A (0.1 / 10, units 1/η): " +
+                     ", ".join(f"{k} {_pct(v)}" for k, v in fa.items() if v > 0))
     lines.append("- timeline: " + "; ".join(f"{s['from']}–{s['to']} {s['label']}" for s in segs[:30])
                  + (f"; … {len(segs) - 30} more" if len(segs) > 30 else ""))
-    conv = a.conventions.get("A", "") + "; regimes: " + a.conventions.get("regime", "")
-    return _section("A", "A regimes", conv, True, lines,
-                    {"A_median": _f(float(np.nanmedian(A))), "fractions": fr, "segments": segs})
+    conv = a.conventions.get("A", "") + "; " + (a.conventions.get("A_dk", "") + "; " if "A_dk" in t else "") + \
+        "regimes: " + a.conventions.get("regime", "")
+    return _section("A", "A_dk and A regimes" if "A_dk" in t else "A regimes", conv, True, lines, data)
 
 
 def _consolidation(a, max_rows: int) -> dict[str, Any]:

@@ -46,9 +46,9 @@ def latest(analysis) -> dict[str, Any]:
     t = analysis.table or {}
     d["window"] = analysis.window
     d["window_step"] = None
-    for k in ("kstar", "gap_ratio", "A"):
+    for k in ("kstar", "gap_ratio", "A", "A_dk", "gap_excess"):
         d[k] = math.nan
-    d["regime"] = ""
+    d["regime"] = d["regime_dk"] = ""
     if len(t.get("step", [])):
         v = np.nonzero(np.asarray(t["valid"], dtype=bool))[0]
         if v.size:
@@ -57,7 +57,13 @@ def latest(analysis) -> dict[str, Any]:
             d["kstar"] = int(t["kstar"][i])
             d["gap_ratio"] = float(t["gap_ratio"][i])
             d["A"] = float(t["A"][i])
-            d["regime"] = REGIME_LABELS.get(int(t["regime"][i]), "")
+            # the regime shown beside A is A's own (the paper's thresholds); A_dk carries the default one
+            d["regime"] = REGIME_LABELS.get(int(t["regime_A" if "regime_A" in t else "regime"][i]), "")
+            if "A_dk" in t:
+                d["A_dk"] = float(t["A_dk"][i])
+                d["regime_dk"] = REGIME_LABELS.get(int(t["regime"][i]), "")
+            if "gap_excess" in t:
+                d["gap_excess"] = float(t["gap_excess"][i])
     pr = analysis.probes or {}
     d["noise_step"] = None
     if len(pr.get("step", [])):
@@ -104,7 +110,10 @@ def render(d: dict[str, Any], *, where: str = "", status: str = "") -> str:
         lines.append(f"spectrum   - (fewer than W={d['window']} valid updates so far)")
     else:
         lines.append(f"spectrum   k* {d['kstar']}   gap ratio {fmt(d['gap_ratio'])}   "
-                     f"A {fmt(d['A'])} ({d['regime']})   [window W={d['window']} ending at step {d['window_step']}]")
+                     f"A {fmt(d['A'])} ({d['regime']})   "
+                     + (f"A_dk {fmt(d['A_dk'], 3)} ({d['regime_dk']})   " if d.get("regime_dk") else "")
+                     + (f"null x{fmt(d['gap_excess'], 3)}   " if not math.isnan(d.get("gap_excess", math.nan)) else "")
+                     + f"[window W={d['window']} ending at step {d['window_step']}]")
     if d["noise_step"] is None:
         lines.append("C / p      - (no gradient samples recorded; Recorder(grad_samples_every=...))")
     else:

@@ -429,10 +429,22 @@ def _panel_kstar(ax, a) -> None:
     ax3.spines["right"].set_visible(True)
     x, y = _decimate(steps, np.where(t["valid"], t["gap_ratio"], np.nan), nb)
     (h2,) = ax3.plot(x, y, color=PALETTE[3], ls="--", lw=0.8)
-    _log_if_wide(ax3, y, ratio=10.0)
+    handles, labels = [h1, h2], [r"$k^*$", r"$\sigma_{k^*}/\sigma_{k^*+1}$"]
+    shown = [y]
+    if "gap_ratio_null" in t:  # the momentum null at the observed k*, and its finite-dimension band
+        null = np.where(t["valid"], t["gap_ratio_null"], np.nan)
+        hi = np.where(t["valid"], t.get("gap_ratio_null_hi", null), np.nan)
+        xe, lo_e, hi_e = _envelope(steps, null, hi, nb)
+        band = ax3.fill_between(xe, lo_e, hi_e, color="0.6", alpha=0.35, lw=0)
+        xn, yn = _decimate(steps, null, nb)
+        (h3,) = ax3.plot(xn, yn, color="0.35", ls=":", lw=1.0)
+        handles += [h3, band]
+        labels += ["momentum null", "null band"]
+        shown += [yn, hi_e]
+    _log_if_wide(ax3, *shown, ratio=10.0)
     ax3.set_ylabel("gap ratio")
-    ax.set_title("gap position and ratio", loc="left")
-    _legend_above(ax, [h1, h2], [r"$k^*$", r"$\sigma_{k^*}/\sigma_{k^*+1}$"], handlelength=2.0)
+    ax.set_title("gap position and ratio" + (" vs the momentum null" if "gap_ratio_null" in t else ""), loc="left")
+    _legend_above(ax, handles, labels, handlelength=2.0)
 
 
 def _panel_A(ax, a) -> None:
@@ -442,19 +454,38 @@ def _panel_A(ax, a) -> None:
     t = a.table
     steps = t["step"]
     _shade_codes(ax, steps, t["regime"], REGIME_COLOURS, nb)
-    x, y = _decimate(steps, t["A"], nb)
-    ax.plot(x, y, color=PALETTE[0], label="canonical")
-    x, y = _decimate(steps, t["A_eigen"], nb)
-    ax.plot(x, y, color=PALETTE[2], ls="--", lw=0.8, label="eigen")
-    _log_axis(ax.yaxis)
-    ax.set_ylabel(r"$A$")
+    dk = "A_dk" in t and a.conventions.get("regime", "on A_dk").startswith("on A_dk")
+    if dk:  # regimes are A_dk's (dimensionless); the paper's A (units 1/η) on its own axis
+        x, y = _decimate(steps, t["A_dk"], nb)
+        ax.plot(x, y, color=PALETTE[0], label=r"$A_{dk}$")
+        _log_axis(ax.yaxis)
+        ax.set_ylabel(r"$A_{dk}$")
+        axA = ax.twinx()
+        axA.spines["right"].set_visible(True)
+        x, y = _decimate(steps, t["A"], nb)
+        (hA,) = axA.plot(x, y, color=PALETTE[2], ls="--", lw=0.8)
+        _log_axis(axA.yaxis)
+        axA.set_ylabel(r"$A$ (1/$\eta$)")
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(hA)
+        labels.append(r"$A$ (units 1/$\eta$)")
+    else:
+        x, y = _decimate(steps, t["A"], nb)
+        ax.plot(x, y, color=PALETTE[0], label="canonical")
+        x, y = _decimate(steps, t["A_eigen"], nb)
+        ax.plot(x, y, color=PALETTE[2], ls="--", lw=0.8, label="eigen")
+        _log_axis(ax.yaxis)
+        ax.set_ylabel(r"$A$")
+        handles, labels = ax.get_legend_handles_labels()
     present = set(np.unique(t["regime"]).tolist())
-    handles, labels = ax.get_legend_handles_labels()
     for c in (0, 1, 2):
         if c in present:
             handles.append(Patch(color=REGIME_COLOURS[c]))
             labels.append(REGIME_NAMES[c])
-    ax.set_title(r"adiabatic $A = \|\Delta C\|_F\,/\,(\eta\, g^2)$", loc="left")
+    if dk:
+        ax.set_title(r"$A_{dk} = \|\Delta C\|_F/(\lambda_{k^*}-\lambda_{k^*+1})$ (regimes shaded)", loc="left")
+    else:
+        ax.set_title(r"adiabatic $A = \|\Delta C\|_F\,/\,(\eta\, g^2)$", loc="left")
     _legend_above(ax, handles, labels)
 
 
@@ -542,7 +573,9 @@ def overview(analysis, width: str | float = "text", n_sigma: int | None = None,
              panels: Sequence[str] | None = None):
     """The overview of a run, panels stacked over the step axis: loss and accuracies with the
     grokking step and accuracy jumps; σ_j(t) of the update window on a log axis; k*(t) and the gap
-    ratio; the adiabatic parameter A(t) (canonical and ``eigen``) with its regimes shaded; and, when
+    ratio with the momentum null at the observed k* and its band (when the analysis has them); the
+    dimensionless A_dk(t) with its regimes shaded and the paper's A (units 1/η) on a second axis
+    (runs analysed before A_dk: A canonical and ``eigen`` with A's regimes); and, when
     the run has them, the consolidation ratio C with its 95 % CI and the phases of p = C/(1+C)
     shaded, and Hill's α̂ on gradient norms with its CI.
 

@@ -174,7 +174,7 @@ class Recorder:
         NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
         ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.  A
         probe that fails is logged and switched off; training and the rest of the recording go on.
-    controllers: :mod:`phasewatch.control` controllers (off unless given).  After every gradient-noise
+    controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
         measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
         batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
         after every step ``on_step(step)``; both run at the end of the step's post-hook, so a changed
@@ -253,7 +253,7 @@ class Recorder:
         self.path = Path(path)
         self.strict = strict
         self._dist_sampler = None
-        # -- controllers (phasewatch.control): off unless given ------------------------------
+        # -- controllers (phasewatch.record.control): off unless given ------------------------------
         self.controllers = list(controllers or [])
         self.interventions: list[Any] = []  # every change the controllers made in this session
         if self.controllers and torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -262,7 +262,7 @@ class Recorder:
                                 "rank 0 would not reach the other ranks; train without controllers")
         for c in self.controllers:
             if not (callable(getattr(c, "on_measurement", None)) and callable(getattr(c, "on_step", None))):
-                raise RecorderError(f"controllers: {type(c).__name__} is not a controller (phasewatch.control: "
+                raise RecorderError(f"controllers: {type(c).__name__} is not a controller (phasewatch.record.control: "
                                     "needs on_measurement and on_step)")
             if getattr(c, "optimizer", None) not in (None, optimizer):
                 raise RecorderError(f"controllers: {type(c).__name__} is bound to another optimizer; build it "
@@ -709,7 +709,7 @@ class Recorder:
 
     @property
     def should_stop(self) -> bool:
-        """True once a controller (:class:`phasewatch.control.EarlyStopping`) decided training should
+        """True once a controller (:class:`phasewatch.record.control.EarlyStopping`) decided training should
         stop; the training loop decides what to do with it (the recorder never stops training)."""
         return any(bool(getattr(c, "should_stop", False)) for c in getattr(self, "controllers", []))
 

@@ -599,6 +599,9 @@ class Recorder:
             if self._shard is None:
                 raise
             writer_error = e
+        steps_spec = getattr(getattr(self, "writer", None), "tables", {}).get("steps")
+        if steps_spec is not None:  # write the column only where the run on disk has it
+            self._unclipped_col = "grad_norm_unclipped" in steps_spec.columns
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
         if self._shard is not None:  # a collective: rank 0's error is raised on every rank, its step kept
             self.step = self._shard.start(writer_error, self.step)

@@ -1471,7 +1471,7 @@ class RollingHill:
     ``ends`` the index of each window's last value; ``alpha`` and ``ci`` ``(N, 2)`` NaN where a
     window holds a non-finite value or its tail is refused; ``degenerate`` (bool, per window) the
     refused windows (an atom or near-ties in the top ``k + 1``, :func:`hill_top`), with
-    ``tied_fraction`` (fraction of the window in the atom, NaN elsewhere) and ``tie_value`` (the
+    ``tied_fraction`` (fraction of the window in the atom, 0 elsewhere) and ``tie_value`` (the
     atom); ``flags`` one line per kind of refusal with its count (see :meth:`reason`).
     """
 
@@ -1542,7 +1542,7 @@ def rolling_hill(
         hi = stats.chi2.ppf((1 + level) / 2, 2 * k) / (2 * S)
     nan = bad | ~np.isfinite(alpha)
     alpha[nan], lo[nan], hi[nan] = np.nan, np.nan, np.nan
-    frac = np.full(N, np.nan)
+    frac = np.zeros(N)
     idx = np.flatnonzero(degen)
     for a in range(0, idx.size, block):  # only the refused windows: how much of each is the atom
         frac[idx[a: a + block]] = tied_fraction(w[idx[a: a + block]], tie_value[idx[a: a + block]])
@@ -1551,7 +1551,7 @@ def rolling_hill(
         sel = degen & (at_top == top_)
         if sel.any():
             flags.append(f"{int(sel.sum())} of {N} windows refused: near-tied values {label}, up to "
-                         f"{100 * float(np.nanmax(frac[sel])):.3g}% of a window; Hill undefined there")
+                         f"{100 * float(np.max(frac[sel])):.3g}% of a window; Hill undefined there")
     ends = np.arange(window - 1, len(v), dtype=np.int64)
     return RollingHill(ends, alpha, np.stack([lo, hi], axis=1), k, window, level, input_description,
                        degen, frac, np.where(degen, tie_value, np.nan), degen & at_top, tuple(flags))

@@ -614,7 +614,10 @@ def consolidation_ratio(
         ``D_alpha = (sigma_alpha / ||g_t||)^alpha``;
         ``C_alpha = ||g_t||^2 / (2 D_alpha W_alpha)``. As the note does, this divides
         by the window length ``W_alpha``, not by ``P`` (we keep that choice);
-        ``C_alpha`` carries units of ``||g||^2``.
+        ``C_alpha`` carries units of ``||g||^2``.  Hill goes through the one kernel
+        (:func:`phasewatch.analysis.tails.hill_top`): a window whose top holds an atom or
+        near-ties (norms clipped by ``clip_grad_norm_``) gives ``C = NaN`` with the tied
+        fraction and likely cause in ``flags``; feed the norms before clipping.
 
     For every variant ``p = C / (1 + C)`` and ``odds = p / (1 - p) = C``.
 

@@ -28,6 +28,13 @@ overestimates ``alpha`` (about 1.72 at ``alpha = 1.5`` and 2.8 at ``alpha = 1.8`
 rules, small ``k``). Every Hill estimate above 2 is flagged ``"alpha > 2:
 no evidence of a stable heavy tail"``: it is not a number to interpret.
 
+One Hill kernel: :func:`hill_top` computes ``alpha_hat`` from the top ``k + 1`` order
+statistics of a batch of tails and refuses a tail holding an atom or near-ties (clipped
+gradient norms; DEFINITIONS §3, "Degenerate tails") with NaN, the tied fraction and the
+likely cause.  :func:`hill`, :func:`rolling_hill`, the Lévy ratio
+(:func:`phasewatch.analysis.noise.levy_terms`) and the coordinate tail index
+(:func:`phasewatch.analysis.gradcov.coordinate_tails`) all call it.
+
 Conventions: the estimators return ``alpha`` in the *tail-index* convention (Pareto
 survival ``x^{-alpha}``; Clauset's density exponent is ``alpha + 1``). Non-finite
 inputs are dropped and counted in ``flags``; randomness only through ``seed``
@@ -381,7 +388,8 @@ TIE_FALSE_RATE: float = 1e-6
 # below this many order statistics the group size is found by a loop over offsets (vectorised
 # over rows); above it by one searchsorted per row
 _TIE_LOOP_MAX: int = 64
-# rows up to this long are fully sorted by top_order_statistics (measured: faster than a partition)
+# rows up to this long are fully sorted by top_order_statistics (measured at n = 100, k = 10: a
+# sort of the rows 0.36 s per 10^6 windows, a partition then a sort of the top 0.46 s)
 _SORT_MAX: int = 256
 
 

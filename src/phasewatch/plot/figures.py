@@ -301,15 +301,16 @@ def _power_label(x: float) -> str:
     return f"{coeff:g}×10" + str(e).translate(_SUPERSCRIPT)
 
 
-def _log_axis(axis) -> None:
-    """A log scale on ``axis`` (ax.xaxis or ax.yaxis) with plain-text power labels."""
+def _log_axis(axis, nonpositive: str = "clip") -> None:
+    """A log scale on ``axis`` (ax.xaxis or ax.yaxis) with plain-text power labels; values <= 0 are
+    clipped to the axis or, with ``nonpositive="mask"``, left out."""
     from matplotlib.ticker import LogFormatter
 
     class _Plain(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):
             return _power_label(x)
 
-    (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log")
+    (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log", nonpositive=nonpositive)
     axis.set_major_formatter(_Plain())
     axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
@@ -478,8 +479,9 @@ def _panel_C(ax, a) -> None:
     pos = pos[np.isfinite(pos) & (pos > 0)]
     logy = bool(pos.size and pos.max() / pos.min() > 10)
     zero = np.isfinite(C_hi) & (C <= 0)  # bias-corrected C reported 0 (signal not resolved)
-    if logy:  # 0 has no place on a log axis: the line skips it and a marker shows the CI's upper end
-        C, C_lo = np.where(zero, np.nan, C), np.where(C_lo > 0, C_lo, np.nan)
+    if logy:  # 0 has no place on a log axis: the line breaks there (the axis masks it), a marker shows
+        # the CI's upper end, and a lower end of 0 is drawn a decade below the smallest positive value
+        C_lo = np.where(C_lo > 0, C_lo, pos.min() / 10)
     xe, lo, hi = _envelope(st, C_lo, C_hi, nb)
     ax.fill_between(xe, lo, hi, color=PALETTE[0], alpha=0.25, lw=0, label="95% CI")
     x, y = _decimate(st, C, nb)
@@ -497,7 +499,7 @@ def _panel_C(ax, a) -> None:
         ax.plot(x, y, color=PALETTE[1], ls="-.", lw=0.9, label=r"$C_B$ (training batch)")
     ax.axhline(1.0, color="0.4", lw=0.6, ls=":", zorder=1)
     if logy:
-        _log_axis(ax.yaxis)
+        _log_axis(ax.yaxis, nonpositive="mask")
     handles, labels = ax.get_legend_handles_labels()
     for i, name in enumerate(PHASE_COLOURS):
         if (codes == i).any():

@@ -271,10 +271,11 @@ def _hill_row_bootstrap(Z: np.ndarray, k: int, n_boot: int, rng: np.random.Gener
     """Hill's α̂_k on ``n_boot`` resamples of the rows of Z (n, d) (with replacement), exactly,
     from the pooled values sorted once: a resample is the original values with the multiplicities w
     (multinomial) of their rows, so its j-th largest value is the value at the first position (in
-    descending order) where the cumulative multiplicity exceeds j.  Those k+1 order statistics go
+    descending order) where the cumulative multiplicity exceeds j, i.e. the (j+1)-th entry of the
+    positions repeated by their multiplicities.  Those k+1 order statistics go
     through the Hill kernel (:func:`~phasewatch.analysis.tails.hill_top`, without the tie rule:
     duplicates made by resampling are no atom).  Only the top 2k values are used unless a resample
-    needs more.  O(n_boot·k log k)."""
+    needs more.  O(n_boot·k)."""
     n, d = Z.shape
     flat = Z.ravel()
     N = flat.size
@@ -284,14 +285,14 @@ def _hill_row_bootstrap(Z: np.ndarray, k: int, n_boot: int, rng: np.random.Gener
     def run(M: int, w: np.ndarray) -> np.ndarray:
         idx = np.argpartition(-flat, M - 1)[:M] if M < N else np.arange(N)
         idx = idx[np.argsort(-flat[idx], kind="stable")]
-        c1 = np.cumsum(w[:, idx // d], axis=1)  # multiplicity of the values down to each position
-        enough = c1[:, -1] >= k + 1
-        # position of the j-th largest value of each resample, j = 0..k: one searchsorted over rows
-        # made globally increasing by an offset per row
-        off = (np.arange(len(w)) * (int(c1[:, -1].max()) + 1))[:, None]
-        want = np.minimum(np.arange(k + 1)[None, :], c1[:, -1:] - 1) + off
-        pos = np.searchsorted((c1 + off).ravel(), want.ravel(), side="right").reshape(want.shape)
-        pos -= (np.arange(len(w)) * M)[:, None]
+        mult = w[:, idx // d]  # (resamples, M): multiplicity of each of the M largest values
+        total = mult.sum(axis=1)
+        enough = total >= k + 1
+        # each resample's values in descending order are the positions repeated by multiplicity; its
+        # k+1 largest are the first k+1 of that run (linear in the resamples' sizes)
+        rep = np.repeat(np.tile(np.arange(M), len(w)), mult.ravel())
+        start = np.concatenate([[0], np.cumsum(total)[:-1]])
+        pos = rep[start[:, None] + np.minimum(np.arange(k + 1)[None, :], total[:, None] - 1)]
         alpha = tails.hill_top(flat[idx][pos], check_ties=False).alpha
         return np.where(enough, alpha, np.nan)
 

@@ -496,15 +496,16 @@ def hill_top(
 
     * ``m = k + 1`` (the whole tail spans less than ``rtol``: nothing but an atom), or
     * ``m >= 2`` and a continuous tail would give such a group fewer than :data:`TIE_FALSE_RATE`
-      times: under the fitted Pareto tail the density of ``ln x`` is at most ``k alpha_hat`` (at
-      the threshold), so a tail value has about ``lambda = (k + 1) alpha_hat rtol`` others within
-      ``rtol`` (Poisson), and the expected number of groups of ``m`` is at most
-      ``(k + 1) P(Poisson(lambda) >= m - 1)``.
+      times: under the fitted Pareto tail (``alpha_hat = k / S``) the density of ``ln x`` is at
+      most ``k alpha_hat`` (at the threshold), so a tail value has at most about
+      ``lambda = (k + 1) alpha_hat rtol`` others within ``rtol`` (Poisson), and the expected
+      number of groups of ``m`` is about ``(k + 1) P(Poisson(lambda) >= m - 1)``.
 
     The second condition is scale-free: exact duplicates in a genuine tail (``lambda`` small, ``m``
-    2 or 3) pass, and a light, narrow tail (``alpha_hat`` in the hundreds, ``lambda`` near 1)
-    is not refused for chance coincidences; an atom of a few percent of the sample is refused
-    at any ``k``.  A refused tail has ``alpha = NaN`` and ``degenerate = True``; callers add the
+    2 or 3) pass, and a light, narrow tail is not refused for chance coincidences (``lambda``
+    grows with ``alpha_hat``: windows of ``N(1, 10^-3)`` values in float32, ``alpha_hat`` about
+    2000, are never refused in the tests); an atom of a few percent of the sample at the top of
+    the tail is refused at any ``k``.  A refused tail has ``alpha = NaN`` and ``degenerate = True``; callers add the
     reason (:func:`tie_reason`).  ``check_ties=False`` skips the rule, for bootstrap resamples,
     whose duplicates are made by the resampling (the rule is applied once to the original sample).
 

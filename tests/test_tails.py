@@ -543,3 +543,20 @@ def test_levy_and_coordinate_tails_refuse_atoms() -> None:
     assert math.isnan(ct.estimate) and np.isnan(ct.ci).all() and any("degenerate tail" in f for f in ct.flags)
     ok = gradcov.coordinate_tails(X[4:], standardize=False)
     assert np.isfinite(ok.estimate) and ok.ci[0] <= ok.estimate <= ok.ci[1]
+
+
+def test_tie_groups_equal_brute_force() -> None:
+    """Both paths of the group search (offset loop for short tails, searchsorted for long ones)
+    against the O(K^2) definition: the largest j - i + 1 with L[i] - L[j] <= rtol."""
+    from phasewatch.analysis.tails import _tie_groups
+
+    rng = np.random.default_rng(12)
+    for K in (2, 11, 64, 65, 300):
+        L = -np.cumsum(rng.exponential(1e-4, (30, K)), axis=1)  # descending logs, gaps ~ rtol
+        L[:5, 3 % K: 3 % K + K // 3] = L[:5, 3 % K: 3 % K + 1]  # planted exact ties
+        m, start = _tie_groups(L, 3e-5)
+        assert (m[:5] >= K // 3).all() and (m[5:] >= 2).any()
+        for r in range(30):
+            d = L[r][:, None] - L[r][None, :]
+            size = np.array([np.max(np.nonzero((d[i] <= 3e-5) & (np.arange(K) >= i))[0]) - i + 1 for i in range(K)])
+            assert m[r] == size.max() and size[start[r]] == m[r]

@@ -115,6 +115,8 @@ def test_hf_trainer_callback(tmp_path):
     assert np.all(hf_norm > 0.05)  # every step clipped
     # the recorder sees what the optimizer sees: the clipped gradient (clip_grad_norm_ scales by max/(norm+1e-6))
     np.testing.assert_allclose(run.steps["grad_norm"], 0.05 * hf_norm / (hf_norm + 1e-6), rtol=1e-5)
+    # ... and the norm before clipping is the Trainer's logged one, taken from on_log (the same float)
+    np.testing.assert_array_equal(run.steps["grad_norm_unclipped"], hf_norm)
     # the step's loss is the Trainer's logged training loss
     np.testing.assert_allclose(run.steps["loss"], [logs[s]["loss"] for s in range(1, 7)], rtol=1e-6)
     # evaluation metrics at the steps of evaluation, equal to the Trainer's
@@ -215,6 +217,9 @@ def test_lightning_callback(tmp_path):
     pre = np.array(module.pre_clip_norms)
     assert np.any(pre > 0.5)
     np.testing.assert_allclose(run.steps["grad_norm"], np.where(pre > 0.5, 0.5 * pre / (pre + 1e-6), pre), rtol=1e-5)
+    # the norm before clipping, from on_before_optimizer_step: the same float32 sum of squares in
+    # another order (foreach norms, then their norm), so equal to a few float32 ulps times log2(P)
+    np.testing.assert_allclose(run.steps["grad_norm_unclipped"], pre, rtol=1e-5)
     # the step's loss: the mean of its two training_step losses
     np.testing.assert_allclose(run.steps["loss"], np.array(module.batch_losses).reshape(8, 2).mean(1), rtol=1e-6)
     # validation at the end of each epoch (not the sanity check), at the recorder's step

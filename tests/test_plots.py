@@ -579,3 +579,25 @@ def test_gallery_images_are_small():
     for p in pngs:
         assert p.stat().st_size < 200_000, p.name
         check_png(p)
+
+
+def test_noise_panel_shows_the_upper_end_where_C_is_zero(synth):
+    """A bias-corrected C reported as 0 has no place on the log axis: a marker at the CI's upper end
+    instead of a drop to the axis (issue 17)."""
+    import dataclasses
+
+    pr = dict(synth.probes)
+    zero = np.arange(len(pr["C"])) % 5 == 0
+    pr["C"] = np.where(zero, 0.0, pr["C"])
+    pr["C_lo"] = np.where(zero, 0.0, pr["C_lo"])
+    fig = F.noise(dataclasses.replace(synth, probes=pr))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    marks = [ln for ln in ax.get_lines() if ln.get_marker() == "v"]
+    assert len(marks) == 1
+    np.testing.assert_array_equal(marks[0].get_xdata(), pr["step"][zero])
+    np.testing.assert_array_equal(marks[0].get_ydata(), pr["C_hi"][zero])
+    line = next(ln for ln in ax.get_lines() if ln.get_label() == "C (canonical)")
+    xy = line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+    assert not np.isfinite(xy[zero, 1]).any() and np.isfinite(xy[~zero, 1]).all()  # masked: a gap, no drop
+    plt.close(fig)

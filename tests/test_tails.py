@@ -426,3 +426,137 @@ def test_rolling_hill_equals_hill_per_window_and_covers_pareto():
     x[150] = np.nan
     r = rolling_hill(x[:300], window=100)
     assert np.isnan(r.alpha[51:151]).all() and np.isfinite(r.alpha[:51]).all()
+
+
+# --------------------------------------------------------------------------- #
+# the Hill kernel and degenerate tails (DEFINITIONS §3, "Degenerate tails")
+# --------------------------------------------------------------------------- #
+def clipped(x: np.ndarray, c: float) -> np.ndarray:
+    """What ``torch.nn.utils.clip_grad_norm_(max_norm=c)`` leaves of norms ``x``, in float32:
+    ``x * c / (x + 1e-6)`` where ``x > c`` (so clipped values differ by ~1e-7 relative)."""
+    y = np.where(x > c, x * (c / (x + 1e-6)), x)
+    return y.astype(np.float32).astype(np.float64)
+
+
+def test_kernel_batch_equals_hill_per_row() -> None:
+    from phasewatch.analysis.tails import hill_top, top_order_statistics
+
+    X = pareto(1.5, 40 * 200, 21).reshape(40, 200)
+    for conv in ("mle", "unbiased"):
+        h = hill_top(top_order_statistics(X, 20), convention=conv)
+        assert h.alpha.shape == (40,) and h.k == 20 and not h.degenerate.any()
+        for i in (0, 17, 39):
+            r = hill(X[i], k=20, convention=conv)
+            assert h.alpha[i] == pytest.approx(r.estimate, rel=1e-12)
+            assert h.log_sum[i] == pytest.approx(r.log_sum, rel=1e-12) and h.threshold[i] == r.threshold
+
+
+def test_clipped_sample_is_refused_with_its_reason() -> None:
+    x = pareto(1.5, 1000, 5)
+    c = float(np.quantile(x, 0.85))
+    y = clipped(x, c)  # the top 15% sit at the clip level, float-rounded
+    top = np.sort(y)[::-1][:101]
+    assert 100 / np.sum(np.log(top[:100] / top[100])) > 1e6  # what the unguarded Hill reads
+    r = hill(y, input_description="gradient norms over steps")
+    assert r.degenerate and math.isnan(r.estimate) and all(math.isnan(v) for v in r.ci)
+    assert r.tied_fraction == pytest.approx(np.mean(x > c))  # every clipped value is in the atom
+    assert "15%" in r.reason and "gradient clipping at" in r.reason and r.reason in r.flags
+    assert FLAG_NO_HEAVY_TAIL not in r.flags
+    # every rule refuses it, and the reason names a cap when the input is not gradient norms
+    for rule in RULES:
+        rr = hill(y, rule=rule, seed=0)
+        assert rr.degenerate and math.isnan(rr.estimate)
+    assert "clip or cap" in hill(y).reason
+
+
+def test_partial_atom_at_the_top_and_atom_inside_the_tail_are_refused() -> None:
+    x = pareto(1.5, 2000, 6)
+    y = clipped(x, float(np.quantile(x, 0.97)))  # 3% clipped: 60 of the k = 200 tail values
+    r = hill(y)
+    assert r.degenerate and "at the top" in r.reason
+    z = x.copy()
+    z[:100] = np.quantile(x, 0.95)  # 5% of the sample exactly at one value inside the tail
+    r = hill(z)
+    assert r.degenerate and "inside the tail" in r.reason
+    assert r.tied_fraction == pytest.approx(100 / 2000, abs=1 / 2000)
+
+
+def test_no_false_refusals_on_continuous_data() -> None:
+    # float32 rounding (~1e-7 relative) is no tie
+    for seed in range(50):
+        x = (pareto(1.5, 1000, seed)).astype(np.float32)
+        r = hill(x)
+        assert not r.degenerate and np.isfinite(r.estimate)
+    r = hill(pareto(1.5, 1000, 0).astype(np.float32))
+    assert abs(r.estimate - 1.5) <= 4 * 1.5 / math.sqrt(r.k)
+    # a few exact duplicates in a genuine tail: three pairs and one triple
+    x = pareto(1.5, 1000, 7)
+    s = np.sort(x)[::-1]
+    r0 = hill(x)
+    r = hill(np.concatenate([x, s[[2, 15, 40]], s[[60, 60]]]))
+    assert not r.degenerate and abs(r.estimate - r0.estimate) < 0.1 * r0.estimate
+    # a light, narrow tail (alpha_hat in the thousands) is not mistaken for an atom
+    rh = tails.rolling_hill(np.random.default_rng(2).normal(1.0, 1e-3, 20000).astype(np.float32))
+    assert not rh.degenerate.any() and np.isfinite(rh.alpha).all() and np.nanmedian(rh.alpha) > 100
+
+
+def test_every_value_equal_is_an_error_not_a_tail() -> None:
+    with pytest.raises(PhasewatchError, match="no tail"):
+        hill(np.full(100, 0.5, dtype=np.float32) * (1 + 1e-7 * np.arange(100)))
+
+
+def test_rolling_hill_refuses_the_windows_where_the_clip_binds() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.pareto(1.5, 1000) + 1.0
+    c = float(np.quantile(x[500:], 0.7))
+    y = np.concatenate([x[:500], clipped(x[500:], c)])  # clipping switched on at index 500
+    r = tails.rolling_hill(y, window=100)
+    n_clip = np.array([np.sum(x[max(500, e - 99): e + 1] > c) for e in r.ends])  # clipped values per window
+    inside = r.ends - 99 >= 500  # windows wholly after clipping started
+    assert inside.sum() > 300 and (n_clip[inside] >= r.k + 1).all()  # the clip binds for >= k+1 steps
+    assert r.degenerate[inside].all()  # a whole tail at the clip level
+    assert np.isnan(r.alpha[r.degenerate]).all() and np.isnan(r.ci[r.degenerate]).all()
+    free = r.ends < 500  # windows before clipping started
+    assert free.sum() > 300 and not r.degenerate[free].any()
+    ref = tails.rolling_hill(x, window=100)
+    np.testing.assert_array_equal(r.alpha[free], ref.alpha[free])
+    i = int(np.flatnonzero(r.degenerate)[-1])
+    assert r.tied_fraction[i] == pytest.approx(n_clip[i] / 100) and "gradient clipping at" in r.reason(i)
+    assert r.reason(0) == "" and any("windows refused" in f for f in r.flags)
+
+
+def test_levy_and_coordinate_tails_refuse_atoms() -> None:
+    from phasewatch.analysis import gradcov
+    from phasewatch.analysis.noise import consolidation_ratio
+
+    w = np.random.default_rng(9).pareto(1.5, 100) + 1.0
+    wc = clipped(w, float(np.quantile(w, 0.8)))
+    wc[-1] = w[-1] if w[-1] < np.quantile(w, 0.8) else 1.0
+    res = consolidation_ratio(variant="levy", grad_norm_window=wc, seed=0)
+    assert math.isnan(res.C) and np.isnan(res.ci).all() and math.isnan(res.tail_index)
+    assert any("degenerate tail" in f and "gradient clipping" in f for f in res.flags)
+    lv = gradcov.levy_rolling(np.concatenate([w, wc]))
+    assert lv.degenerate[-1] and np.isnan(lv.C[-1]) and not lv.degenerate[0] and np.isfinite(lv.C[0])
+    X = np.random.default_rng(10).standard_t(3, (40, 50))
+    X[:4] = 50.0  # 10% of the pooled coordinates at one value, above the rest: the whole top 10%
+    ct = gradcov.coordinate_tails(X, standardize=False)
+    assert math.isnan(ct.estimate) and np.isnan(ct.ci).all() and any("degenerate tail" in f for f in ct.flags)
+    ok = gradcov.coordinate_tails(X[4:], standardize=False)
+    assert np.isfinite(ok.estimate) and ok.ci[0] <= ok.estimate <= ok.ci[1]
+
+
+def test_tie_groups_equal_brute_force() -> None:
+    """Both paths of the group search (offset loop for short tails, searchsorted for long ones)
+    against the O(K^2) definition: the largest j - i + 1 with L[i] - L[j] <= rtol."""
+    from phasewatch.analysis.tails import _tie_groups
+
+    rng = np.random.default_rng(12)
+    for K in (2, 11, 64, 65, 300):
+        L = -np.cumsum(rng.exponential(1e-4, (30, K)), axis=1)  # descending logs, gaps ~ rtol
+        L[:5, 3 % K: 3 % K + K // 3] = L[:5, 3 % K: 3 % K + 1]  # planted exact ties
+        m, start = _tie_groups(L, 3e-5)
+        assert (m[:5] >= K // 3).all() and (m[5:] >= 2).any()
+        for r in range(30):
+            d = L[r][:, None] - L[r][None, :]
+            size = np.array([np.max(np.nonzero((d[i] <= 3e-5) & (np.arange(K) >= i))[0]) - i + 1 for i in range(K)])
+            assert m[r] == size.max() and size[start[r]] == m[r]

@@ -19,7 +19,7 @@ Pure numpy.  Inputs are what the recorder stores (``grad_samples``: ``cov_eigs``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike
 from ..errors import PhasewatchError
 from . import noise as nz
 from . import tails
+from ._checks import rng as _rng
 
 __all__ = [
     "CovarianceSpectrum",
@@ -256,9 +257,8 @@ def coordinate_tails(
     h = tails.hill(Z.ravel(), rule="fraction", fraction=fraction, level=level, input_description=input_description)
     k, u = int(h.k), float(h.threshold)
     lo = hi = np.nan
-    if n_boot:
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        reps = _hill_row_bootstrap(Z, k, int(n_boot), rng)
+    if n_boot and not h.degenerate:  # a refused tail (atom, near-ties) has no interval either
+        reps = _hill_row_bootstrap(Z, k, int(n_boot), _rng(seed))
         reps = reps[np.isfinite(reps)]
         if reps.size:
             lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
@@ -268,31 +268,33 @@ def coordinate_tails(
 
 
 def _hill_row_bootstrap(Z: np.ndarray, k: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Hill's α̂_k on ``n_boot`` resamples of the rows of Z (n, d) (with replacement), recomputed
-    exactly from the pooled values sorted once: a resample is the original values with the
-    multiplicities w (multinomial) of their rows; its (k+1)-th largest value t is where the
-    cumulative multiplicity in descending order first reaches k+1, and S* = Σ_{values above t}
-    w·ln(x/t), from two cumulative sums.  Only the top 2k values are used unless a resample needs
-    more."""
+    """Hill's α̂_k on ``n_boot`` resamples of the rows of Z (n, d) (with replacement), exactly,
+    from the pooled values sorted once: a resample is the original values with the multiplicities w
+    (multinomial) of their rows, so its j-th largest value is the value at the first position (in
+    descending order) where the cumulative multiplicity exceeds j, i.e. the (j+1)-th entry of the
+    positions repeated by their multiplicities.  Those k+1 order statistics go
+    through the Hill kernel (:func:`~phasewatch.analysis.tails.hill_top`, without the tie rule:
+    duplicates made by resampling are no atom).  Only the top 2k values are used unless a resample
+    needs more.  O(n_boot·k)."""
     n, d = Z.shape
     flat = Z.ravel()
     N = flat.size
     draws = rng.integers(0, n, size=(n_boot, n)) + n * np.arange(n_boot)[:, None]
-    w = np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)  # multiplicities
+    w = np.bincount(draws.ravel(), minlength=n_boot * n).reshape(n_boot, n)  # multiplicities
 
     def run(M: int, w: np.ndarray) -> np.ndarray:
         idx = np.argpartition(-flat, M - 1)[:M] if M < N else np.arange(N)
         idx = idx[np.argsort(-flat[idx], kind="stable")]
-        with np.errstate(divide="ignore"):  # exact zeros lie below any threshold Hill uses
-            L = np.log(flat[idx])
-        c1 = np.cumsum(w[:, idx // d], axis=1)  # multiplicity of the values down to each position
-        t = np.argmax(c1 >= k + 1, axis=1)  # position of the (k+1)-th largest value
-        c2 = np.cumsum(w[:, idx // d] * L, axis=1)
-        r = np.arange(len(w))
-        before = np.maximum(t - 1, 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S = np.where(t > 0, c2[r, before] - L[t] * c1[r, before], 0.0)  # Σ_{j<t} w_j (L_j − L_t)
-            return np.where(c1[:, -1] >= k + 1, k / S, np.nan)
+        mult = w[:, idx // d]  # (resamples, M): multiplicity of each of the M largest values
+        total = mult.sum(axis=1)
+        enough = total >= k + 1
+        # each resample's values in descending order are the positions repeated by multiplicity; its
+        # k+1 largest are the first k+1 of that run (linear in the resamples' sizes)
+        rep = np.repeat(np.tile(np.arange(M), len(w)), mult.ravel())
+        start = np.concatenate([[0], np.cumsum(total)[:-1]])
+        pos = rep[start[:, None] + np.minimum(np.arange(k + 1)[None, :], total[:, None] - 1)]
+        alpha = tails.hill_top(flat[idx][pos], check_ties=False).alpha
+        return np.where(enough, alpha, np.nan)
 
     M = min(N, 2 * k)
     reps = run(M, w)
@@ -313,7 +315,8 @@ class LevyRolling:
 
     ``ends`` index of each window's last value (the step t whose ‖g_t‖ is the window's last
     entry); ``C`` = ‖g_t‖²/(2 D_α W); ``alpha`` the Hill α̂ clipped to [1.1, 1.9], ``alpha_raw``
-    before clipping; ``D`` = (σ_α/‖g_t‖)^α; ``window`` W.
+    before clipping (NaN where the Hill kernel refuses an atom or near-ties in the window's top,
+    e.g. clipped norms: ``degenerate`` True there); ``D`` = (σ_α/‖g_t‖)^α; ``window`` W.
     """
 
     ends: np.ndarray
@@ -322,6 +325,7 @@ class LevyRolling:
     alpha_raw: np.ndarray
     D: np.ndarray
     window: int
+    degenerate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def levy_rolling(grad_norm: ArrayLike, window: int = 100, chunk: int = 1 << 15) -> LevyRolling:
@@ -330,8 +334,9 @@ def levy_rolling(grad_norm: ArrayLike, window: int = 100, chunk: int = 1 << 15) 
     Per window (DEFINITIONS §2, the note's Lévy variant): k = max(1, round(0.1 W)); α̂ = Hill on
     the top k, k/Σ_{i≤k} ln(x_(i)/x_(k+1)), clipped to [1.1, 1.9]; σ_α the sample standard
     deviation (ddof 1) of the window; D_α = (σ_α/‖g_t‖)^α̂; C_α = ‖g_t‖²/(2 D_α W) (divided by the
-    window length, not P, as the note does).  Vectorised over windows (a partition for the top
-    k+1 and a strided standard deviation, in chunks of ``chunk`` windows); a window holding a
+    window length, not P, as the note does).  Vectorised over windows (the same
+    :func:`~phasewatch.analysis.noise.levy_terms` and Hill kernel as the scalar variant, in chunks of
+    ``chunk`` windows; a window whose top holds an atom or near-ties is NaN); a window holding a
     non-finite norm goes through :func:`~phasewatch.analysis.noise.consolidation_ratio` (which
     drops them), and a window whose last norm is not finite and > 0 gives NaN.
     """
@@ -339,31 +344,23 @@ def levy_rolling(grad_norm: ArrayLike, window: int = 100, chunk: int = 1 << 15) 
 
     x = np.asarray(grad_norm, dtype=np.float64).ravel()
     W = int(window)
-    if W < nz._LEVY_MIN_WINDOW:
-        raise PhasewatchError(f"levy_rolling: window={W}; the Lévy variant needs >= {nz._LEVY_MIN_WINDOW} norms")
+    if W < nz.LEVY_MIN_WINDOW:
+        raise PhasewatchError(f"levy_rolling: window={W}; the Lévy variant needs >= {nz.LEVY_MIN_WINDOW} norms")
     N = max(0, x.size - W + 1)
     out = {k: np.full(N, np.nan) for k in ("C", "alpha", "alpha_raw", "D")}
     if not N:
         e = np.empty(0, dtype=np.int64)
         return LevyRolling(e, out["C"], out["alpha"], out["alpha_raw"], out["D"], W)
-    k = max(1, int(round(nz._LEVY_TOP_FRACTION * W)))
-    lo_a, hi_a = nz._LEVY_ALPHA_RANGE
     view = sliding_window_view(x, W)
     finite = np.isfinite(view).all(axis=1) if not np.isfinite(x).all() else np.ones(N, dtype=bool)
+    degenerate = np.zeros(N, dtype=bool)
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         w = view[a:b]
-        top = -np.partition(-w, k, axis=1)[:, : k + 1]
-        top.sort(axis=1)
-        top = top[:, ::-1]  # descending: x_(1) >= ... >= x_(k+1)
         g = w[:, -1]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            a_raw = k / np.log(top[:, :k] / top[:, k:k + 1]).sum(axis=1)
-            al = np.clip(a_raw, lo_a, hi_a)
-            sig = np.std(w, axis=1, ddof=1)
-            D = (sig / g) ** al
-            C = g**2 / (2.0 * D * W)
+        C, al, a_raw, D, h = nz.levy_terms(w, g)  # one formula and one Hill kernel with the scalar variant
         ok = finite[a:b] & (g > 0)
+        degenerate[a:b] = h.degenerate & ok
         for key, v in (("C", C), ("alpha", al), ("alpha_raw", a_raw), ("D", D)):
             out[key][a:b] = np.where(ok, v, np.nan)
     for i in np.flatnonzero(~finite):  # rare: windows with a non-finite norm, as the reference does
@@ -372,8 +369,9 @@ def levy_rolling(grad_norm: ArrayLike, window: int = 100, chunk: int = 1 << 15) 
         except PhasewatchError:
             continue
         out["C"][i], out["alpha"][i], out["alpha_raw"][i], out["D"][i] = r.C, r.tail_index, r.tail_index_raw, r.diffusion
+        degenerate[i] = any("degenerate tail" in f for f in r.flags)
     return LevyRolling(np.arange(W - 1, x.size, dtype=np.int64), out["C"], out["alpha"], out["alpha_raw"],
-                       out["D"], W)
+                       out["D"], W, degenerate)
 
 
 # --------------------------------------------------------------------------- #

@@ -52,6 +52,10 @@ from scipy import optimize, special, stats
 
 from phasewatch.errors import PhasewatchError
 
+from . import tails
+from ._checks import check_level as _check_level
+from ._checks import rng as _rng
+
 __all__ = [
     "FLAG_UNRESOLVED",
     "PHASE_LABELS",
@@ -92,28 +96,16 @@ BAND_LABELS: tuple[str, ...] = ("failing", "sub-threshold", "critical", "learnin
 
 _UNDEFINED = "undefined"
 
-#: Lévy variant constants (the note's choices, DEFINITIONS §2).
-_LEVY_TOP_FRACTION: float = 0.1
-_LEVY_ALPHA_RANGE: tuple[float, float] = (1.1, 1.9)
-_LEVY_MIN_WINDOW: int = 10
+#: Lévy variant constants (the note's choices, DEFINITIONS §2): Hill on the top 10 % of the
+#: window, alpha clipped to [1.1, 1.9], at least 10 norms.
+LEVY_TOP_FRACTION: float = 0.1
+LEVY_ALPHA_RANGE: tuple[float, float] = (1.1, 1.9)
+LEVY_MIN_WINDOW: int = 10
 
 
 # --------------------------------------------------------------------------- #
 # small helpers
 # --------------------------------------------------------------------------- #
-def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    return np.random.default_rng(seed)
-
-
-def _check_level(level: float) -> float:
-    level = float(level)
-    if not 0.0 < level < 1.0:
-        raise PhasewatchError(f"confidence level must be in (0, 1), got {level}")
-    return level
-
-
 def _check_n_boot(n_boot: int) -> int:
     n_boot = int(n_boot)
     if n_boot < 10:
@@ -476,19 +468,28 @@ def _finish(
 # --------------------------------------------------------------------------- #
 # Lévy variant
 # --------------------------------------------------------------------------- #
-def _hill_top(x: np.ndarray, k: int) -> np.ndarray:
-    """Hill estimator on the top ``k`` of each row: ``k / sum_{i<=k} ln(x_(i) / x_(k+1))``.
+def levy_terms(
+    win: np.ndarray, g_t: float | np.ndarray, *, check_ties: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tails.HillTop]:
+    """The Lévy variant (DEFINITIONS §2) on a batch of norm windows ``win`` ``(..., W)``.
 
-    ``x_(1) >= x_(2) >= ...`` (descending order statistics along the last axis).
-    Private stand-in for :mod:`phasewatch.analysis.tails` so this module is
-    self-contained (DEFINITIONS §3, "Hill").
+    ``alpha_raw`` = Hill on the top ``k = max(1, round(0.1 W))`` (the kernel
+    :func:`phasewatch.analysis.tails.hill_top`; NaN where it refuses an atom or near-ties, e.g.
+    clipped norms), ``alpha`` = ``alpha_raw`` clipped to [1.1, 1.9], ``sigma`` = std (ddof 1) of the
+    window, ``D = (sigma / g_t)^alpha``, ``C = g_t^2 / (2 D W)`` (units of ``||g||^2``).
+    ``check_ties=False`` for bootstrap resamples (their duplicates come from the resampling).
+    Returns ``(C, alpha, alpha_raw, D, hill)``.
     """
-    xs = -np.sort(-np.asarray(x, dtype=np.float64), axis=-1)
-    top = xs[..., :k]
-    thr = xs[..., k]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.log(top / thr[..., None]).sum(axis=-1)
-        return k / s
+    W = win.shape[-1]
+    k = max(1, int(round(LEVY_TOP_FRACTION * W)))
+    lo_a, hi_a = LEVY_ALPHA_RANGE
+    h = tails.hill_top(tails.top_order_statistics(win, k), check_ties=check_ties)
+    a = np.clip(h.alpha, lo_a, hi_a)  # NaN stays NaN
+    sig = np.std(win, axis=-1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        D = (sig / g_t) ** a
+        C = g_t**2 / (2.0 * D * W)
+    return C, a, h.alpha, D, h
 
 
 def _levy(
@@ -511,35 +512,28 @@ def _levy(
         flags.append(f"levy: dropped {int((~ok).sum())} non-finite gradient norms from the window")
         w = w[ok]
     W = int(w.size)
-    if W < _LEVY_MIN_WINDOW:
-        raise PhasewatchError(f"levy: need >= {_LEVY_MIN_WINDOW} finite gradient norms, got {W}")
+    if W < LEVY_MIN_WINDOW:
+        raise PhasewatchError(f"levy: need >= {LEVY_MIN_WINDOW} finite gradient norms, got {W}")
     if ci == "delta":
         raise PhasewatchError("levy: no delta-method interval; use ci='bootstrap' or ci='none'")
-    k = max(1, int(round(_LEVY_TOP_FRACTION * W)))
-    lo_a, hi_a = _LEVY_ALPHA_RANGE
+    lo_a, hi_a = LEVY_ALPHA_RANGE
     g_t = float(w[-1])
-
-    def c_levy(win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        a_raw = _hill_top(win, k)
-        a = np.clip(a_raw, lo_a, hi_a)
-        sig = np.std(win, axis=-1, ddof=1)
-        D = (sig / g_t) ** a
-        with np.errstate(divide="ignore"):
-            C = g_t**2 / (2.0 * D * W)
-        return C, a, a_raw, D
-
-    C, a, a_raw, D = c_levy(w)
-    if not np.isfinite(a_raw):
-        flags.append("levy: Hill estimate undefined (ties or zeros in the top of the window)")
+    C, a, a_raw, D, h = levy_terms(w, g_t)
+    degenerate = bool(h.degenerate)
+    if degenerate:
+        frac = float(tails.tied_fraction(w, h.tie_value))
+        flags.append("levy: " + tails.tie_reason(frac, float(h.tie_value), bool(h.tie_at_top), what="norms"))
+    elif not np.isfinite(a_raw):
+        flags.append("levy: Hill estimate undefined (zeros in the top of the window)")
     elif not lo_a <= float(a_raw) <= hi_a:
         msg = f"levy: Hill alpha={float(a_raw):.3g} clipped to [{lo_a}, {hi_a}]"
         if a_raw > 2.0:
             msg += " (alpha > 2: no evidence of a stable heavy tail)"
         flags.append(msg)
-    if ci == "bootstrap":
+    if ci == "bootstrap" and not degenerate:
         rng = _rng(seed)
         idx = rng.integers(0, W, size=(_check_n_boot(n_boot), W))
-        Cb = c_levy(w[idx])[0]
+        Cb = levy_terms(w[idx], g_t, check_ties=False)[0]
         ci_arr = np.array(_percentile_ci(Cb, level))
         method = "bootstrap-window"
         flags.append("levy: bootstrap treats the norm window as i.i.d. (ignores autocorrelation)")
@@ -620,7 +614,10 @@ def consolidation_ratio(
         ``D_alpha = (sigma_alpha / ||g_t||)^alpha``;
         ``C_alpha = ||g_t||^2 / (2 D_alpha W_alpha)``. As the note does, this divides
         by the window length ``W_alpha``, not by ``P`` (we keep that choice);
-        ``C_alpha`` carries units of ``||g||^2``.
+        ``C_alpha`` carries units of ``||g||^2``.  Hill goes through the one kernel
+        (:func:`phasewatch.analysis.tails.hill_top`): a window whose top holds an atom or
+        near-ties (norms clipped by ``clip_grad_norm_``) gives ``C = NaN`` with the tied
+        fraction and likely cause in ``flags``; feed the norms before clipping.
 
     For every variant ``p = C / (1 + C)`` and ``odds = p / (1 - p) = C``.
 

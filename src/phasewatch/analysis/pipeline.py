@@ -652,16 +652,19 @@ def analyze(
             if "grad_proj" in run.meta.get("tables", {}):
                 probes.update(gradcov.coordinate_columns(run.table("grad_proj"), probes["step"]))
     tail_index: dict[str, np.ndarray] = {}
-    gn = run.steps.get("grad_norm")
+    gn, gn_input = _tail_norms(run.steps)
     if gn is not None and len(gn) >= 100:
-        rh = tails.rolling_hill(gn, window=100, fraction=0.1)
+        rh = tails.rolling_hill(gn, window=100, fraction=0.1, input_description=gn_input)
         tail_index = {"step": run.steps["step"][rh.ends], "alpha": rh.alpha,
                       "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1],
+                      "alpha_degenerate": rh.degenerate, "alpha_tied_fraction": rh.tied_fraction,
                       "C_levy": gradcov.levy_rolling(gn, window=100).C}
+        warns.extend(f"tail index ({gn_input}): {f}" for f in rh.flags)
     curvature = _curvature(run, probes, tail_index)
     conventions = {
-        "alpha": "Hill MLE on the top 10% of the last 100 gradient norms (the note's choice), exact chi2 CI; "
-                 "alpha > 2: no evidence of a stable heavy tail",
+        "alpha": f"Hill MLE on the top 10% of the last 100 {gn_input} (the note's choice), exact chi2 CI; "
+                 "alpha > 2: no evidence of a stable heavy tail; alpha_degenerate: the window's top 11 hold an "
+                 "atom or near-ties (e.g. clipped norms), alpha NaN, alpha_tied_fraction of the window in it",
         "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
              "C_per_example = C/b; B_simple = 1/C_per_example; C_batch = B*C_per_example (B the training "
              "batch: Recorder(batch_size), else b*n for micro-batch/per-rank samples), p_batch = C_batch/(1+C_batch)",
@@ -752,6 +755,22 @@ def _band_reader(bt):
         def read(lo: int, hi: int):
             return bt["band"][lo:hi], bt["lr"][lo:hi]
     return read
+
+
+def _tail_norms(steps: dict) -> tuple[np.ndarray | None, str]:
+    """The gradient norms the tail analyses use (DEFINITIONS §3): the norm before clipping where the
+    run recorded it (``grad_norm_unclipped``), else the recorded one (after clipping)."""
+    gn = steps.get("grad_norm")
+    un = steps.get("grad_norm_unclipped")
+    if gn is None or un is None or not np.isfinite(un).any():
+        return gn, "gradient norms"
+    un = np.asarray(un, dtype=np.float64)
+    have = np.isfinite(un)
+    if have.all():
+        return un, "gradient norms before clipping"
+    return (np.where(have, un, np.asarray(gn, dtype=np.float64)),
+            f"gradient norms (before clipping at {int(have.sum())} of {have.size} steps; after clipping at the "
+            "others)")
 
 
 def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:

@@ -28,6 +28,13 @@ overestimates ``alpha`` (about 1.72 at ``alpha = 1.5`` and 2.8 at ``alpha = 1.8`
 rules, small ``k``). Every Hill estimate above 2 is flagged ``"alpha > 2:
 no evidence of a stable heavy tail"``: it is not a number to interpret.
 
+One Hill kernel: :func:`hill_top` computes ``alpha_hat`` from the top ``k + 1`` order
+statistics of a batch of tails and refuses a tail holding an atom or near-ties (clipped
+gradient norms; DEFINITIONS §3, "Degenerate tails") with NaN, the tied fraction and the
+likely cause.  :func:`hill`, :func:`rolling_hill`, the Lévy ratio
+(:func:`phasewatch.analysis.noise.levy_terms`) and the coordinate tail index
+(:func:`phasewatch.analysis.gradcov.coordinate_tails`) all call it.
+
 Conventions: the estimators return ``alpha`` in the *tail-index* convention (Pareto
 survival ``x^{-alpha}``; Clauset's density exponent is ``alpha + 1``). Non-finite
 inputs are dropped and counted in ``flags``; randomness only through ``seed``
@@ -46,15 +53,26 @@ from typing import Any, Literal
 import numpy as np
 from scipy import special
 
-from phasewatch.errors import PhasewatchError
+from phasewatch.errors import InvalidArgumentError, PhasewatchError
+
+from ._checks import check_choice, check_level
+from ._checks import rng as _rng
 
 __all__ = [
     "HillResult",
     "HillCurve",
     "StableIndexResult",
     "McCullochResult",
+    "HillTop",
     "hill",
     "hill_curve",
+    "hill_top",
+    "top_order_statistics",
+    "tied_fraction",
+    "tie_reason",
+    "RollingHill",
+    "rolling_hill",
+    "TIE_RTOL",
     "stable_index",
     "mcculloch",
     "FLAG_NO_HEAVY_TAIL",
@@ -144,6 +162,14 @@ class HillResult:
     selection
         Read-only diagnostics of the ``k`` rule (e.g. ``n1``, ``k1``, ``k2``, ``rho``
         for the double bootstrap; the number of candidates for ``ks``).
+    degenerate
+        The tail was refused: an atom or near-ties in it (see :func:`hill_top`); then
+        ``estimate``, ``ci``, ``std_error``, ``stability`` are NaN and ``reason`` says why.
+    tied_fraction
+        Fraction of the ``n`` values in the atom (0 when not degenerate).
+    reason
+        One line naming the tied fraction and the likely cause (also the last flag); ``""``
+        when not degenerate.
     """
 
     estimate: float
@@ -163,6 +189,9 @@ class HillResult:
     ks_distance: float
     n_dropped: int
     selection: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    degenerate: bool = False
+    tied_fraction: float = 0.0
+    reason: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,12 +311,6 @@ class McCullochResult:
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    return np.random.default_rng(seed)
-
-
 def _finite_abs(x: Any) -> tuple[np.ndarray, int]:
     """``|x|`` of the finite entries of ``x`` (flattened) and the number dropped."""
     a = np.asarray(x, dtype=np.float64).ravel()
@@ -330,19 +353,6 @@ def _alpha_from_sums(ks: np.ndarray, S: np.ndarray, convention: str) -> np.ndarr
         return np.where(S > 0, num / np.where(S > 0, S, 1.0), np.inf)
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def _check_level(level: float) -> float:
-    level = float(level)
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    return level
-
-
 def _ks_one(L: np.ndarray, k: int, alpha: float, half: np.ndarray, work: np.ndarray | None = None) -> float:
     """KS distance between the ``k`` tail values and the Pareto fit above ``L[k]``.
 
@@ -359,6 +369,208 @@ def _ks_one(L: np.ndarray, k: int, alpha: float, half: np.ndarray, work: np.ndar
     buf -= half[:k]
     np.abs(buf, out=buf)
     return (float(buf.max()) + 0.5) / k
+
+
+# --------------------------------------------------------------------------- #
+# the Hill kernel: one formula, one tie rule, for every Hill estimate
+# --------------------------------------------------------------------------- #
+#: Two values tie when their log-distance ``|ln a - ln b|`` is at most this (about the relative
+#: difference).  Derivation: a gradient norm computed in float32 carries a relative error of a
+#: few ``u log2(P)`` (``u = 2^-24``; ``<= 2e-6`` for ``P <= 10^9`` with blocked summation), and
+#: ``torch.nn.utils.clip_grad_norm_`` scales by ``c / (N + 1e-6)``, which leaves clipped norms in
+#: ``(c - 1e-6, c]``: a relative spread below ``1e-6 / c``, i.e. ``<= 2.5e-5`` for clip levels
+#: ``c >= 0.04``.  ``3e-5`` covers both; it is 500 float32 ulps, so values that differ only by
+#: float32 rounding (``~1e-7``) always tie.
+TIE_RTOL: float = 3e-5
+#: A near-tie group is refused when a continuous tail would produce one that large less often than
+#: this (expected number of such groups among the ``k + 1`` order statistics).
+TIE_FALSE_RATE: float = 1e-6
+# below this many order statistics the group size is found by a loop over offsets (vectorised
+# over rows); above it by one searchsorted per row
+_TIE_LOOP_MAX: int = 64
+# rows up to this long are fully sorted by top_order_statistics (measured at n = 100, k = 10: a
+# sort of the rows 0.36 s per 10^6 windows, a partition then a sort of the top 0.46 s)
+_SORT_MAX: int = 256
+
+
+@dataclass(frozen=True, eq=False)
+class HillTop:
+    """What :func:`hill_top` returns for a batch of tails (arrays of the batch shape).
+
+    Attributes
+    ----------
+    alpha
+        ``alpha_hat`` in ``convention``; NaN where the tail is degenerate (``degenerate``) or
+        the estimate is undefined (a non-finite or non-positive order statistic).
+    log_sum
+        ``S = sum_{i<=k} ln(x_(i) / x_(k+1))``.
+    threshold
+        ``x_(k+1)``.
+    tied
+        Size of the largest group of the ``k + 1`` order statistics lying within
+        :data:`TIE_RTOL` (log-distance) of the group's largest member (1: no ties).
+    tie_value
+        That group's largest member (NaN when ``tied < 2``).
+    tie_at_top
+        The group holds ``x_(1)`` (what clipping or a cap produces).
+    degenerate
+        The tail was refused (see :func:`hill_top`); always False with ``check_ties=False``.
+    k, convention
+    """
+
+    alpha: np.ndarray
+    log_sum: np.ndarray
+    threshold: np.ndarray
+    tied: np.ndarray
+    tie_value: np.ndarray
+    tie_at_top: np.ndarray
+    degenerate: np.ndarray
+    k: int
+    convention: str
+
+
+def top_order_statistics(x: Any, k: int) -> np.ndarray:
+    """The ``k + 1`` largest values along the last axis, descending (``(..., n) -> (..., k + 1)``):
+    a partition then a sort of the ``k + 1`` (``O(n + k log k)`` per row).  NaN sorts below every
+    number (it never enters the top): callers mark rows that hold one."""
+    a = np.asarray(x, dtype=np.float64)
+    n = a.shape[-1]
+    if not 1 <= k < n:
+        raise InvalidArgumentError(f"need 1 <= k < n for the top k+1 of n values; got k={k}, n={n}")
+    if n <= _SORT_MAX or k + 1 == n:  # short rows: a full sort is faster than a partition
+        return -np.sort(-a, axis=-1)[..., : k + 1]
+    top = -np.partition(-a, k, axis=-1)[..., : k + 1]
+    top.sort(axis=-1)
+    return top[..., ::-1]
+
+
+def _tie_groups(L: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Largest near-tie group of each row of ``L`` (logs, descending along axis 1): its size
+    ``m`` and the index of its largest member, where a group starting at ``i`` holds every
+    ``j >= i`` with ``L[i] - L[j] <= rtol``.  Rows with a NaN get ``m = 1``."""
+    B, K = L.shape
+    m = np.ones(B, dtype=np.int64)
+    start = np.zeros(B, dtype=np.int64)
+    if K < 2:
+        return m, start
+    if K <= _TIE_LOOP_MAX:
+        rows = np.arange(B)
+        for d in range(1, K):  # a group of >= d+1 exists iff L[i] - L[i+d] <= rtol for some i
+            Lr = L if d == 1 else L[rows]
+            with np.errstate(invalid="ignore"):
+                hit = (Lr[:, :-d] - Lr[:, d:]) <= rtol
+            anyhit = hit.any(axis=1)
+            rows, hit = rows[anyhit], hit[anyhit]
+            if not rows.size:
+                break
+            m[rows] = d + 1
+            start[rows] = np.argmax(hit, axis=1)
+        return m, start
+    for r in range(B):  # long tails (one pooled sample, a few rows): one searchsorted per row
+        neg = -L[r]
+        if not np.isfinite(neg).all():
+            continue
+        size = np.searchsorted(neg, neg + rtol, side="right") - np.arange(K)
+        i = int(np.argmax(size))
+        m[r], start[r] = int(size[i]), i
+    return m, start
+
+
+def hill_top(
+    top: Any, *, convention: HillConvention = "mle", rtol: float = TIE_RTOL, check_ties: bool = True,
+) -> HillTop:
+    """The Hill kernel: ``alpha_hat`` from the ``k + 1`` largest values of each tail in a batch.
+
+    ``top`` is ``(..., k + 1)``, each row descending, ``x_(1) >= ... >= x_(k+1) > 0``
+    (:func:`top_order_statistics` gives it).  ``S = sum_{i<=k} ln(x_(i) / x_(k+1))`` and
+    ``alpha_hat = k / S`` (``"mle"``) or ``(k - 1) / S`` (``"unbiased"``) (Hill 1975).
+    Every Hill estimate of phasewatch goes through here: :func:`hill`, :func:`rolling_hill`,
+    the Lévy ratio (:mod:`phasewatch.analysis.noise`, :func:`phasewatch.analysis.gradcov.levy_rolling`)
+    and the coordinate tail index (:func:`phasewatch.analysis.gradcov.coordinate_tails`).
+
+    **Degenerate tails** (DEFINITIONS §3).  An atom or near-ties in the tail (clipped gradient
+    norms sit at the clip level, float-rounded) make Hill undefined: ``S`` is then a sum of
+    rounding errors and ``alpha_hat`` reads ``10^6``-``10^7``.  Rule: let ``m`` be the size of the
+    largest group of the ``k + 1`` order statistics within ``rtol`` (log-distance, default
+    :data:`TIE_RTOL`, derived there) of the group's largest member.  The tail is refused when
+
+    * ``m = k + 1`` (the whole tail spans less than ``rtol``: nothing but an atom), or
+    * ``m >= 2`` and a continuous tail would give such a group fewer than :data:`TIE_FALSE_RATE`
+      times: under the fitted Pareto tail (``alpha_hat = k / S``) the density of ``ln x`` is at
+      most ``k alpha_hat`` (at the threshold), so a tail value has at most about
+      ``lambda = (k + 1) alpha_hat rtol`` others within ``rtol`` (Poisson), and the expected
+      number of groups of ``m`` is about ``(k + 1) P(Poisson(lambda) >= m - 1)``.
+
+    The second condition is scale-free: exact duplicates in a genuine tail (``lambda`` small, ``m``
+    2 or 3) pass, and a light, narrow tail is not refused for chance coincidences (``lambda``
+    grows with ``alpha_hat``: windows of ``N(1, 10^-3)`` values in float32, ``alpha_hat`` about
+    2000, are never refused in the tests); an atom of a few percent of the sample at the top of
+    the tail is refused at any ``k``.  A refused tail has ``alpha = NaN`` and ``degenerate = True``; callers add the
+    reason (:func:`tie_reason`).  ``check_ties=False`` skips the rule, for bootstrap resamples,
+    whose duplicates are made by the resampling (the rule is applied once to the original sample).
+
+    Returns :class:`HillTop` (NaN ``alpha`` also where an order statistic is not finite or the
+    threshold is not positive).
+    """
+    t = np.asarray(top, dtype=np.float64)
+    if t.ndim == 0 or t.shape[-1] < 2:
+        raise InvalidArgumentError(f"hill_top needs (..., k+1) order statistics with k >= 1, got shape {t.shape}")
+    check_choice("convention", convention, _CONVENTIONS)
+    k = t.shape[-1] - 1
+    shape = t.shape[:-1]
+    thr = t[..., k]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        R = np.log(t / t[..., k:k + 1])  # ln(x_(i) / x_(k+1)), descending, R[..., k] = 0
+        S = np.sum(R[..., :k], axis=-1)
+        alpha = (k - (1.0 if convention == "unbiased" else 0.0)) / S
+    ok = np.isfinite(S) & (S > 0) & (thr > 0)
+    tied = np.ones(shape, dtype=np.int64)
+    tie_value = np.full(shape, np.nan)
+    at_top = np.zeros(shape, dtype=bool)
+    degenerate = np.zeros(shape, dtype=bool)
+    if check_ties:
+        # differences of R are differences of ln x; a row with a non-finite entry gets no group
+        m, start = _tie_groups(R.reshape(-1, k + 1), float(rtol))
+        fin = np.isfinite(t).all(axis=-1).reshape(-1) & (thr > 0).reshape(-1)
+        grp = np.flatnonzero(fin & (m >= 2))
+        if grp.size:
+            mg, sg = m[grp], start[grp]
+            s_g = np.asarray(S).reshape(-1)[grp]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lam = np.where(s_g > 0, (k + 1) * (k / s_g) * float(rtol), np.inf)
+                expected = (k + 1) * special.gammainc(mg - 1, lam)
+            refuse = (mg == k + 1) | (expected < TIE_FALSE_RATE)
+            tied.reshape(-1)[grp] = mg
+            tie_value.reshape(-1)[grp] = t.reshape(-1, k + 1)[grp, sg]
+            at_top.reshape(-1)[grp] = sg == 0
+            degenerate.reshape(-1)[grp] = refuse
+    alpha = np.where(ok & ~degenerate, alpha, np.nan)
+    return HillTop(alpha=alpha, log_sum=S, threshold=thr, tied=tied, tie_value=tie_value, tie_at_top=at_top,
+                   degenerate=degenerate, k=k, convention=convention)
+
+
+def tied_fraction(x: Any, value: Any, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Fraction of the finite values of each row of ``x`` (``(..., n)``) within ``rtol``
+    (log-distance) of ``value`` (``(...)``): how much of the sample sits in the atom."""
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    v = np.asarray(value, dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        close = np.abs(np.log(a / v)) <= rtol
+    n = np.maximum(np.isfinite(a).sum(axis=-1), 1)
+    return close.sum(axis=-1) / n
+
+
+def tie_reason(fraction: float, value: float, at_top: bool, *, what: str = "values") -> str:
+    """One-line reason for a refused tail, naming the tied fraction and the likely cause, e.g.
+    ``"degenerate tail: 52% of norms tied at 1 at the top (likely gradient clipping at 1; record
+    the norm before clipping)"``."""
+    pct = f"{100.0 * fraction:.3g}%"
+    if at_top:
+        cause = (f"likely gradient clipping at {value:.3g}; record the norm before clipping" if "norm" in what
+                 else f"likely a clip or cap at {value:.3g}")
+        return f"degenerate tail: {pct} of {what} tied at {value:.6g} at the top ({cause}); Hill undefined"
+    return (f"degenerate tail: {pct} of {what} tied at {value:.6g} inside the tail (an atom: rounded or "
+            "quantised values?); Hill undefined")
 
 
 # --------------------------------------------------------------------------- #
@@ -393,7 +605,7 @@ def hill_curve(x: Any, ks: Any = None, convention: HillConvention = "mle") -> Hi
     PhasewatchError
         Fewer than 2 finite non-zero values, or a ``k`` out of range.
     """
-    _check_choice("convention", convention, _CONVENTIONS)
+    check_choice("convention", convention, _CONVENTIONS)
     a, n_drop = _finite_abs(x)
     L, v = _desc_logs(a)
     n_pos = L.size
@@ -405,10 +617,10 @@ def hill_curve(x: Any, ks: Any = None, convention: HillConvention = "mle") -> Hi
         k_raw = np.asarray(ks)
         if k_raw.size and not np.issubdtype(k_raw.dtype, np.integer):
             if not np.all(k_raw == np.round(k_raw)):
-                raise ValueError("ks must be integers")
+                raise InvalidArgumentError("ks must be integers")
         k_arr = np.atleast_1d(k_raw).astype(np.int64).ravel()
         if k_arr.size == 0:
-            raise ValueError("ks is empty")
+            raise InvalidArgumentError("ks is empty")
         if k_arr.min() < 1 or k_arr.max() > n_pos - 1:
             raise PhasewatchError(
                 f"ks must lie in [1, {n_pos - 1}] for {n_pos} non-zero finite values, "
@@ -546,6 +758,24 @@ def _double_bootstrap_select(
     return int(round(k_hat)), info
 
 
+def _degenerate_hill(a: np.ndarray, v: np.ndarray, kern: HillTop, *, n: int, rule: str, ci: str, level: float,
+                     flags: list[str], n_drop: int, selection: dict[str, float],
+                     input_description: str) -> HillResult:
+    """The :class:`HillResult` of a refused tail: NaN estimate and interval, the reason in ``flags``."""
+    value = float(kern.tie_value)
+    frac = float(tied_fraction(a, value))
+    what = "norms" if "norm" in input_description else "values"
+    reason = tie_reason(frac, value, bool(kern.tie_at_top), what=what)
+    nan = math.nan
+    return HillResult(
+        estimate=nan, ci=(nan, nan), k=kern.k, n=n, threshold=float(v[kern.k]), rule=rule,
+        convention=kern.convention, ci_method=ci, input_description=input_description, stability=nan,
+        flags=tuple(flags) + (reason,), level=level, std_error=nan, log_sum=float(kern.log_sum), ks_distance=nan,
+        n_dropped=n_drop, selection=MappingProxyType(dict(selection)), degenerate=True, tied_fraction=frac,
+        reason=reason,
+    )
+
+
 def hill(
     x: Any,
     k: int | None = None,
@@ -637,27 +867,29 @@ def hill(
     ------
     PhasewatchError
         Fewer than 3 finite non-zero values (20 for the ``ks`` and
-        ``double_bootstrap`` rules), an explicit ``k`` out of range, or a degenerate
-        tail (all ``k`` top values equal to the threshold).
+        ``double_bootstrap`` rules), an explicit ``k`` out of range, or every
+        non-zero value equal (within :data:`TIE_RTOL`): a constant has no tail.
+        A tail with an atom or near-ties is not an error: it gives ``estimate = NaN``,
+        ``degenerate = True`` and the ``reason`` (:func:`hill_top`).
     ValueError
         Unknown ``rule``/``convention``/``ci``, ``level`` or ``fraction`` outside
         ``(0, 1)``, ``k < 2``.
     """
-    _check_choice("rule", rule, _RULES)
-    _check_choice("convention", convention, _CONVENTIONS)
-    _check_choice("ci", ci, _CI_METHODS)
-    level = _check_level(level)
+    check_choice("rule", rule, _RULES)
+    check_choice("convention", convention, _CONVENTIONS)
+    check_choice("ci", ci, _CI_METHODS)
+    level = check_level(level)
     if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise InvalidArgumentError(f"fraction must be in (0, 1), got {fraction}")
     if k is not None:
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k must be an int, got {type(k).__name__}")
+            raise InvalidArgumentError(f"k must be an int, got {type(k).__name__}")
         if k < 2:
-            raise ValueError(f"k must be >= 2, got {k}")
+            raise InvalidArgumentError(f"k must be >= 2, got {k}")
     if not 0.0 < float(ks_max_fraction) <= 1.0:
-        raise ValueError(f"ks_max_fraction must be in (0, 1], got {ks_max_fraction}")
+        raise InvalidArgumentError(f"ks_max_fraction must be in (0, 1], got {ks_max_fraction}")
     if int(n_bootstrap) < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+        raise InvalidArgumentError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
 
     a, n_drop = _finite_abs(x)
     n = int(a.size)
@@ -669,6 +901,9 @@ def hill(
             f"hill needs at least {need} finite non-zero values, got {n_pos}"
             + (f" (after dropping {n_drop} non-finite)" if n_drop else "")
         )
+    if L[0] - L[-1] <= TIE_RTOL:  # one value repeated: not a tail but a constant
+        raise PhasewatchError(f"hill: all {n_pos} non-zero values equal {v[0]:.6g} (within {TIE_RTOL:g}); "
+                              "there is no tail to estimate")
     flags: list[str] = list(_dropped_flag(n_drop))
     selection: dict[str, float] = {}
     if k is not None:
@@ -696,11 +931,12 @@ def hill(
     csum = np.cumsum(L[: int(span.max())])
     S_span = _log_sums(L, span, csum)
     a_span = _alpha_from_sums(span, S_span, convention)
-    pos = int(np.searchsorted(span, k_use))
-    S = float(S_span[pos])
-    if not S > 0:
-        raise PhasewatchError(f"degenerate tail: the {k_use} largest |x| all equal the threshold")
-    est = float(a_span[pos])
+    kern = hill_top(v[: k_use + 1], convention=convention)  # the kernel: estimate and tie rule
+    if bool(kern.degenerate):
+        return _degenerate_hill(a, v, kern, n=n, rule=used_rule, ci=ci, level=level, flags=flags,
+                                n_drop=n_drop, selection=selection, input_description=str(input_description))
+    S = float(kern.log_sum)
+    est = float(kern.alpha)
     alpha_mle = k_use / S
     with np.errstate(invalid="ignore"):
         stability = float((np.max(a_span) - np.min(a_span)) / est) if est > 0 else math.inf
@@ -823,20 +1059,20 @@ def stable_index(
     ValueError
         ``samples`` not 1-D/2-D, ``m < 2``, negative ``block_bootstrap``, bad ``level``.
     """
-    level = _check_level(level)
+    level = check_level(level)
     if int(block_bootstrap) < 0:
-        raise ValueError(f"block_bootstrap must be >= 0, got {block_bootstrap}")
+        raise InvalidArgumentError(f"block_bootstrap must be >= 0, got {block_bootstrap}")
     if m is not None:
         if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)):
-            raise ValueError(f"m must be an int, got {type(m).__name__}")
+            raise InvalidArgumentError(f"m must be an int, got {type(m).__name__}")
         if m < 2:
-            raise ValueError(f"m must be >= 2, got {m}")
+            raise InvalidArgumentError(f"m must be >= 2, got {m}")
     X = np.asarray(samples, dtype=np.float64)
     one_d = X.ndim == 1
     if one_d:
         X = X[:, None]
     if X.ndim != 2:
-        raise ValueError(f"samples must have shape (n, d) or (n,), got {X.shape}")
+        raise InvalidArgumentError(f"samples must have shape (n, d) or (n,), got {X.shape}")
     flags: list[str] = []
     bad = ~np.isfinite(X)
     n_bad = int(np.count_nonzero(bad))
@@ -1239,7 +1475,14 @@ def mcculloch(x: Any, *, input_description: str = "unspecified") -> McCullochRes
 
 @dataclass(frozen=True)
 class RollingHill:
-    """Hill estimates over a sliding window of a series (e.g. gradient norms over steps)."""
+    """Hill estimates over a sliding window of a series (e.g. gradient norms over steps).
+
+    ``ends`` the index of each window's last value; ``alpha`` and ``ci`` ``(N, 2)`` NaN where a
+    window holds a non-finite value or its tail is refused; ``degenerate`` (bool, per window) the
+    refused windows (an atom or near-ties in the top ``k + 1``, :func:`hill_top`), with
+    ``tied_fraction`` (fraction of the window in the atom, 0 elsewhere) and ``tie_value`` (the
+    atom); ``flags`` one line per kind of refusal with its count (see :meth:`reason`).
+    """
 
     ends: np.ndarray
     alpha: np.ndarray
@@ -1248,6 +1491,19 @@ class RollingHill:
     window: int
     level: float
     input_description: str
+    degenerate: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    tied_fraction: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tie_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tie_at_top: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    flags: tuple[str, ...] = ()
+
+    def reason(self, i: int) -> str:
+        """The one-line reason window ``i`` was refused (``""`` if it was not)."""
+        if not bool(self.degenerate[i]):
+            return ""
+        what = "norms" if "norm" in self.input_description else "values"
+        return tie_reason(float(self.tied_fraction[i]), float(self.tie_value[i]), bool(self.tie_at_top[i]),
+                          what=what)
 
 
 def rolling_hill(
@@ -1256,37 +1512,55 @@ def rolling_hill(
 ) -> RollingHill:
     """Hill's α̂_k = k / Σ_{i≤k} ln(x_(i)/x_(k+1)) on every window of ``window`` consecutive values,
     with k = ⌊fraction·window⌋ (the framework note's choice: the top 10 % of 100 gradient norms)
-    and the exact χ² interval 2αS ~ χ²_{2k} (Hill 1975).  Windows with a non-finite value are NaN.
+    and the exact χ² interval 2αS ~ χ²_{2k} (Hill 1975).  Windows with a non-finite value are NaN;
+    windows whose top k+1 hold an atom or near-ties (clipped gradient norms) are refused by the
+    kernel's rule (:func:`hill_top`): NaN, ``degenerate`` True, the tied fraction and the reason.
 
     The values of a window are a time series, not independent draws, so the interval is optimistic;
-    α̂ > 2 is no evidence of a stable heavy tail.  Vectorised: sorts of (block, window) views, memory O(block).
+    α̂ > 2 is no evidence of a stable heavy tail.  Vectorised: partitions of (block, window) views
+    through :func:`top_order_statistics` and :func:`hill_top`, memory O(block).
     Returns :class:`RollingHill` with ``ends`` the index of each window's last value.
     """
     from numpy.lib.stride_tricks import sliding_window_view
     from scipy import stats
 
+    level = check_level(level)
     v = np.abs(np.asarray(x, dtype=np.float64))
     k = int(fraction * window)
     if window < 3 or not 1 <= k < window:
-        raise ValueError(f"rolling_hill: window={window}, fraction={fraction} give k={k}; need 1 <= k < window")
+        raise InvalidArgumentError(f"rolling_hill: window={window}, fraction={fraction} give k={k}; "
+                                   "need 1 <= k < window")
     if len(v) < window:
         e = np.empty(0, dtype=np.int64)
         return RollingHill(e, np.empty(0), np.empty((0, 2)), k, window, level, input_description)
     w = sliding_window_view(v, window)
-    S = np.empty(len(w))
-    bad = np.empty(len(w), dtype=bool)
-    block = max(1, (1 << 20) // window)  # windows per block: each sorted copy stays ~8 MiB
-    for a in range(0, len(w), block):  # rows are independent: blocks give the same values
-        wb = w[a: a + block]
-        top = -np.sort(-wb, axis=1)[:, : k + 1]  # descending, k+1 largest
-        with np.errstate(divide="ignore", invalid="ignore"):
-            S[a: a + block] = np.sum(np.log(top[:, :k] / top[:, k:k + 1]), axis=1)
-        bad[a: a + block] = ~np.isfinite(wb).all(axis=1)
-    bad |= ~(S > 0)
+    N = len(w)
+    S, alpha = np.empty(N), np.empty(N)
+    degen, at_top = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
+    tie_value = np.full(N, np.nan)
+    bad = ~np.isfinite(w).all(axis=1) if not np.isfinite(v).all() else np.zeros(N, dtype=bool)
+    block = max(1, (1 << 20) // window)  # windows per block: each partitioned copy stays ~8 MiB
+    for a in range(0, N, block):  # rows are independent: blocks give the same values
+        kern = hill_top(top_order_statistics(w[a: a + block], k))
+        S[a: a + block], alpha[a: a + block] = kern.log_sum, kern.alpha
+        degen[a: a + block], at_top[a: a + block] = kern.degenerate, kern.tie_at_top
+        tie_value[a: a + block] = kern.tie_value
+    degen &= ~bad
     with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = k / S
         lo = stats.chi2.ppf((1 - level) / 2, 2 * k) / (2 * S)
         hi = stats.chi2.ppf((1 + level) / 2, 2 * k) / (2 * S)
-    alpha[bad], lo[bad], hi[bad] = np.nan, np.nan, np.nan
+    nan = bad | ~np.isfinite(alpha)
+    alpha[nan], lo[nan], hi[nan] = np.nan, np.nan, np.nan
+    frac = np.zeros(N)
+    idx = np.flatnonzero(degen)
+    for a in range(0, idx.size, block):  # only the refused windows: how much of each is the atom
+        frac[idx[a: a + block]] = tied_fraction(w[idx[a: a + block]], tie_value[idx[a: a + block]])
+    flags: list[str] = []
+    for top_, label in ((True, "at the top (likely clipping or a cap)"), (False, "inside the tail (an atom)")):
+        sel = degen & (at_top == top_)
+        if sel.any():
+            flags.append(f"{int(sel.sum())} of {N} windows refused: near-tied values {label}, up to "
+                         f"{100 * float(np.max(frac[sel])):.3g}% of a window; Hill undefined there")
     ends = np.arange(window - 1, len(v), dtype=np.int64)
-    return RollingHill(ends, alpha, np.stack([lo, hi], axis=1), k, window, level, input_description)
+    return RollingHill(ends, alpha, np.stack([lo, hi], axis=1), k, window, level, input_description,
+                       degen, frac, np.where(degen, tie_value, np.nan), degen & at_top, tuple(flags))

@@ -301,15 +301,16 @@ def _power_label(x: float) -> str:
     return f"{coeff:g}×10" + str(e).translate(_SUPERSCRIPT)
 
 
-def _log_axis(axis) -> None:
-    """A log scale on ``axis`` (ax.xaxis or ax.yaxis) with plain-text power labels."""
+def _log_axis(axis, nonpositive: str = "clip") -> None:
+    """A log scale on ``axis`` (ax.xaxis or ax.yaxis) with plain-text power labels; values <= 0 are
+    clipped to the axis or, with ``nonpositive="mask"``, left out."""
     from matplotlib.ticker import LogFormatter
 
     class _Plain(LogFormatter):
         def _num_to_string(self, x, vmin, vmax):
             return _power_label(x)
 
-    (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log")
+    (axis.axes.set_xscale if axis is axis.axes.xaxis else axis.axes.set_yscale)("log", nonpositive=nonpositive)
     axis.set_major_formatter(_Plain())
     axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
@@ -503,25 +504,33 @@ def _panel_C(ax, a) -> None:
     st = np.asarray(pr["step"])
     codes, colours = _phase_codes(pr["phase"])
     _shade_codes(ax, st, codes, colours, nb)
-    xe, lo, hi = _envelope(st, pr["C_lo"], pr["C_hi"], nb)
+    C, C_lo, C_hi = (np.asarray(pr[k], float) for k in ("C", "C_lo", "C_hi"))
+    extra = [np.asarray(pr["C_batch"], float)] if "C_batch" in pr and np.isfinite(pr["C_batch"]).any() else []
+    pos = np.concatenate([C_lo, C_hi, C, *extra])
+    pos = pos[np.isfinite(pos) & (pos > 0)]
+    logy = bool(pos.size and pos.max() / pos.min() > 10)
+    zero = np.isfinite(C_hi) & (C <= 0)  # bias-corrected C reported 0 (signal not resolved)
+    if logy:  # 0 has no place on a log axis: the line breaks there (the axis masks it), a marker shows
+        # the CI's upper end, and a lower end of 0 is drawn a decade below the smallest positive value
+        C_lo = np.where(C_lo > 0, C_lo, pos.min() / 10)
+    xe, lo, hi = _envelope(st, C_lo, C_hi, nb)
     ax.fill_between(xe, lo, hi, color=PALETTE[0], alpha=0.25, lw=0, label="95% CI")
-    x, y = _decimate(st, pr["C"], nb)
+    x, y = _decimate(st, C, nb)
     few = len(st) <= 60
     ax.plot(x, y, color=PALETTE[0], marker="o" if few else None, ms=2, label="C (canonical)")
+    if logy and zero.any():
+        ax.plot(st[zero], C_hi[zero], ls="none", marker="v", ms=3, color=PALETTE[0], mfc="none", mew=0.7,
+                label=r"$C = 0$: upper end of CI")
     if "C_naive" in pr and np.isfinite(pr["C_naive"]).any():
         x, y = _decimate(st, pr["C_naive"], nb)
         ax.plot(x, y, color=PALETTE[3], ls="--", lw=0.8, label="C naive")
-    extra = []
-    if "C_batch" in pr and np.isfinite(pr["C_batch"]).any():  # the training batch's SNR, B·C₁
-        x, y = _decimate(st, pr["C_batch"], nb)
+    if extra:  # the training batch's SNR, B·C₁
+        cb = np.where(extra[0] > 0, extra[0], np.nan) if logy else extra[0]
+        x, y = _decimate(st, cb, nb)
         ax.plot(x, y, color=PALETTE[1], ls="-.", lw=0.9, label=r"$C_B$ (training batch)")
-        extra.append(np.asarray(pr["C_batch"], float))
     ax.axhline(1.0, color="0.4", lw=0.6, ls=":", zorder=1)
-    pos = np.concatenate([np.asarray(pr["C_lo"], float), np.asarray(pr["C_hi"], float), np.asarray(pr["C"], float),
-                          *extra])
-    pos = pos[np.isfinite(pos) & (pos > 0)]
-    if pos.size and pos.max() / pos.min() > 10:
-        _log_axis(ax.yaxis)
+    if logy:
+        _log_axis(ax.yaxis, nonpositive="mask")
     handles, labels = ax.get_legend_handles_labels()
     for i, name in enumerate(PHASE_COLOURS):
         if (codes == i).any():
@@ -734,8 +743,12 @@ def hill_plot(analysis, ax=None, width: str | float = "text", *, x=None, rule: s
 
     from ..analysis import tails
 
-    if x is None:
-        x = analysis.scalars.get("grad_norm")
+    if x is None:  # the norm before clipping where the run recorded it (DEFINITIONS §3)
+        un = analysis.scalars.get("grad_norm_unclipped")
+        if un is not None and np.isfinite(un).all() and len(un):
+            x, description = un, description or "gradient norms before clipping"
+        else:
+            x = analysis.scalars.get("grad_norm")
         description = description or "gradient norms per step"
         if x is None:
             raise MissingDataError("hill: the run has no gradient norms (steps/grad_norm); record with the "
@@ -779,6 +792,8 @@ def hill_plot(analysis, ax=None, width: str | float = "text", *, x=None, rule: s
         est = (rf"$\hat\alpha = {res.estimate:.2f}$ [{res.ci[0]:.2f}, {res.ci[1]:.2f}] at $k = {res.k}$ "
                f"({res.rule.replace('_', ' ')})")
         note = "\n" + r"$\hat\alpha > 2$: no evidence of a stable heavy tail" if res.estimate > 2 else ""
+        if res.degenerate:  # an atom in the tail (e.g. clipped norms): no estimate, say why
+            est, note = f"no estimate at k = {res.k}", "\n" + res.reason
         ax.set_title(f"Hill plot, {description} (n = {res.n})\n{est}{note}", loc="left")
         _legend_above(ax)
         _place_legends(fig)

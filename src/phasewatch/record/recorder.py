@@ -455,6 +455,8 @@ class Recorder:
         self._step_rows: list[dict] = []  # per step: step, wall, lr list, grad norms tensor, losses
         self._loss_mode: str | None = None  # "before" or "after" optimizer.step()
         self._losses: dict[int, list] = {}
+        self._unclipped: dict[int, float | torch.Tensor] = {}  # step -> norm before clipping
+        self._unclipped_late = False  # values arrive after their step (HF's logged grad_norm)
         self._cur_grad: torch.Tensor | None = None
         self._cur_lr: list[float] = []
         self._param_group = param_group_idx
@@ -467,8 +469,17 @@ class Recorder:
         global_dim = self.dim if self._shard is None else self._shard.global_dim(dims, projected)
         snap_dim = self.n_params if snapshot_kind == "raw" else global_dim
         self._snap_dtype = snapshot_dtype if snapshot_kind == "raw" else "float64"
+        old_tables = None
+        if resume and self._writes and (self.path / fmt.META_FILE).exists():
+            try:
+                old_tables = json.loads((self.path / fmt.META_FILE).read_text()).get("tables")
+            except Exception:  # noqa: BLE001 - the writer reports an unreadable meta.json
+                old_tables = None
+        # the grad_norm_unclipped column (kept off when resuming a run recorded without it)
+        self._unclipped_col = not (isinstance(old_tables, dict) and isinstance(old_tables.get("steps"), dict)
+                                   and "grad_norm_unclipped" not in old_tables["steps"])
         tables = [
-            fmt.steps_table(n_groups, n_lr),
+            fmt.steps_table(n_groups, n_lr, unclipped=self._unclipped_col),
             fmt.band_table(n_groups, self.k),
             fmt.metrics_table(),
             fmt.snapshots_table(snap_dim, self._snap_dtype),
@@ -479,12 +490,6 @@ class Recorder:
         # with sampling, say so in one line.  An existing table's n_max is kept.
         self._grad_cov = True  # the cov_eigs column (kept off when resuming a run recorded without it)
         grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max, cov_eigs=True)
-        old_tables = None
-        if resume and self._writes and (self.path / fmt.META_FILE).exists():
-            try:
-                old_tables = json.loads((self.path / fmt.META_FILE).read_text()).get("tables")
-            except Exception:  # noqa: BLE001 - the writer reports an unreadable meta.json
-                old_tables = None
         if isinstance(old_tables, dict) and "grad_samples" not in old_tables:
             if self._grad_on:
                 raise RecorderError(
@@ -594,6 +599,9 @@ class Recorder:
             if self._shard is None:
                 raise
             writer_error = e
+        steps_spec = getattr(getattr(self, "writer", None), "tables", {}).get("steps")
+        if steps_spec is not None:  # write the column only where the run on disk has it
+            self._unclipped_col = "grad_norm_unclipped" in steps_spec.columns
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
         if self._shard is not None:  # a collective: rank 0's error is raised on every rank, its step kept
             self.step = self._shard.start(writer_error, self.step)
@@ -635,6 +643,29 @@ class Recorder:
                 step = self.step + 1 if self._loss_mode == "before" else self.step
             self._losses.setdefault(int(step), []).append(value)
             self._last_loss = (int(step), value)  # for the controllers (a float only when they need it)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def unclipped_grad_norm(self, value: float | torch.Tensor, step: int | None = None) -> None:
+        """Record the gradient norm *before clipping* of a step, the value
+        ``torch.nn.utils.clip_grad_norm_`` returns (the recorder itself sees the gradient the
+        optimizer uses, after clipping).  Call it between clipping and ``optimizer.step()``
+        (default ``step``: the coming step), e.g.
+        ``rec.unclipped_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))``.
+        A tensor is kept on its device and copied to the host with the block's other per-step
+        scalars (no sync per step).  Stored in the ``steps`` column ``grad_norm_unclipped`` (NaN at
+        steps without a value); the tail analysis uses it where it is recorded (DEFINITIONS §3).
+        A value for a step already taken (``step <= rec.step``) makes the recorder hold the newest
+        steps row back until the next step, so that late values (the HF callback) still land."""
+        if not self.enabled or not self._writes:
+            return
+        try:
+            if isinstance(value, torch.Tensor):
+                value = value.detach().reshape(())
+            s = self.step + 1 if step is None else int(step)
+            if s <= self.step:
+                self._unclipped_late = True
+            self._unclipped[s] = value
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -869,7 +900,7 @@ class Recorder:
         if not rows:
             return
         # with losses given after optimizer.step(), the newest step's loss may still come
-        keep = 1 if (self._loss_mode == "after" and not final) else 0
+        keep = 1 if ((self._loss_mode == "after" or self._unclipped_late) and not final) else 0
         out, self._step_rows = rows[: len(rows) - keep], rows[len(rows) - keep:]
         if not out:
             return
@@ -908,9 +939,26 @@ class Recorder:
             bad = int(steps[np.nonzero(flags)[0][0]])
             log.warning("phasewatch: non-finite loss/gradient/update at step %d (flagged in the run; "
                         "analysis skips windows that contain it)", bad)
+        extra = {"grad_norm_unclipped": self._unclipped_column(steps)} if self._unclipped_col else {}
         self.writer.append("steps", step=steps, wall_time=np.array([r["wall"] for r in out]),
                            loss=loss, lr=lr, grad_norm=grad_norm, layer_grad_norm=np.sqrt(layer_sq),
-                           update_norm=upd, flags=flags)
+                           update_norm=upd, flags=flags, **extra)
+
+    def _unclipped_column(self, steps: np.ndarray) -> np.ndarray:
+        """The pre-clip norms of ``steps`` (NaN where none was given): tensors are stacked and
+        copied to the host once per block.  Values for earlier steps are dropped."""
+        col = np.full(len(steps), np.nan)
+        vals = [(a, self._unclipped.pop(s)) for a, s in enumerate(steps.tolist()) if s in self._unclipped]
+        for s in [s for s in self._unclipped if s < int(steps[0])]:
+            del self._unclipped[s]  # steps never taken (a GradScaler skip) or rows already written
+        tens = [(a, v) for a, v in vals if isinstance(v, torch.Tensor)]
+        if tens:
+            host = torch.stack([v.to(torch.float64) for _, v in tens]).cpu().numpy()
+            col[[a for a, _ in tens]] = host
+        for a, v in vals:
+            if not isinstance(v, torch.Tensor):
+                col[a] = float(v)
+        return col
 
     # ------------------------------------------------------------------------------------------
     # curvature probes

@@ -82,8 +82,14 @@ class TableSpec:
         return int(min(1024, max(1, (256 * 1024) // row_bytes)))
 
 
-def steps_table(n_layers: int, n_lr_groups: int) -> TableSpec:
-    """Per optimizer step: scalars that cost O(P) at most."""
+def steps_table(n_layers: int, n_lr_groups: int, unclipped: bool = False) -> TableSpec:
+    """Per optimizer step: scalars that cost O(P) at most.
+
+    ``grad_norm`` is the norm of the gradient the optimizer uses (after clipping and unscaling).
+    ``grad_norm_unclipped`` (the recorder declares it; runs recorded before it existed lack it):
+    the norm before clipping where the recorder was given it (``Recorder.unclipped_grad_norm``,
+    the HF and Lightning callbacks), NaN at other steps.
+    """
     return TableSpec(
         "steps",
         {
@@ -95,6 +101,7 @@ def steps_table(n_layers: int, n_lr_groups: int) -> TableSpec:
             "layer_grad_norm": Column("f8", (n_layers,)),
             "update_norm": Column("f8"),
             "flags": Column("i4"),
+            **({"grad_norm_unclipped": Column("f8")} if unclipped else {}),
         },
     )
 

@@ -16,7 +16,12 @@ What is recorded, exactly
   recorder's step, so they line up with the recorded band.
 * **Gradients.**  The per-step gradient norms are those the optimizer sees: after the Trainer's
   clipping (``max_grad_norm``) and after unscaling (Accelerate unscales before clipping; without
-  clipping the scaler unscales before calling the optimizer).  Micro-batch gradient samples
+  clipping the scaler unscales before calling the optimizer).  The norm *before* clipping (column
+  ``grad_norm_unclipped``, which the tail analysis uses) is what the Trainer logs as
+  ``grad_norm``: the callback takes it from ``on_log``, so it is recorded at every logging step
+  (every step with ``logging_steps=1``; NaN at the others).  The Trainer passes it to no per-step
+  callback, so between logging steps it cannot be observed; after an fp16 step skipped by the
+  scaler the logged value is attributed to the last recorded step.  Micro-batch gradient samples
   (``grad_samples_every`` without a probe batch) are captured at backward time: before clipping,
   and under fp16 still multiplied by the loss scale.
 * **Loss.**  The training loss of a step is what the Trainer back-propagates, from the model
@@ -183,6 +188,17 @@ class PhasewatchCallback(TrainerCallback):
         if self._discover_handle is not None and self.recorder is not None:
             self._discover_handle.remove()
             self._discover_handle = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # the Trainer logs the norm clip_grad_norm_ returned (before clipping) of the step just taken;
+        # it is already a float there (the Trainer's own .item()), so recording it costs no sync
+        if not _active(self.recorder) or not logs or "grad_norm" not in logs:
+            return
+        try:
+            value = float(logs["grad_norm"])
+        except (TypeError, ValueError):
+            return
+        self.recorder.unclipped_grad_norm(value, step=self.recorder.step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not _active(self.recorder):

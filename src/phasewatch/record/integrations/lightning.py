@@ -14,7 +14,12 @@ What is recorded, exactly
 * **Gradients.**  Under automatic optimization Lightning calls ``optimizer.step(closure)`` and runs
   the last micro-batch's forward/backward *and its gradient clipping* inside that closure; the
   recorder runs its pre-step work when the closure returns.  So the recorded gradient norms are the
-  ones the optimizer uses: after ``gradient_clip_val`` clipping and after unscaling.  Micro-batch
+  ones the optimizer uses: after ``gradient_clip_val`` clipping and after unscaling.  With
+  ``gradient_clip_val`` set, the total norm *before* clipping is recorded too (column
+  ``grad_norm_unclipped``, which the tail analysis uses): computed on the device in
+  ``on_before_optimizer_step``, which Lightning calls after unscaling and before clipping (one more
+  pass over the gradients, no host sync).  Not recorded under FSDP or DeepSpeed (sharded
+  gradients) or manual optimization (the callback hook does not run).  Micro-batch
   gradient samples are captured at backward time (before clipping; under fp16 still scaled); their
   micro-batch size b (``grad_microbatch_size``) defaults to the training dataloader's
   ``batch_size`` (else its batch sampler's, else the leading dimension of the first batch's
@@ -145,6 +150,20 @@ class PhasewatchCallback(Callback):
             value = _global_mean(value, 1)
         if _active(self.recorder):
             self.recorder.loss(value, step=self.recorder.step + 1)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Lightning calls this after the closure (and after unscaling under 16-mixed) and before its
+        # gradient clipping: the only place the norm before clipping can be observed
+        rec = self.recorder
+        if not _active(rec) or not trainer.gradient_clip_val or _torch_optimizer(optimizer) is not rec.optimizer:
+            return
+        if any(s in type(trainer.strategy).__name__ for s in ("FSDP", "DeepSpeed")):
+            return  # sharded gradients: a local norm is not the clipped total (not recorded)
+        grads = [p.grad for g in rec.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:  # on the device, as clip_grad_norm_ computes it; copied to the host once per block
+            with torch.no_grad():
+                total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+            rec.unclipped_grad_norm(total, step=rec.step + 1)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not _active(self.recorder) or trainer.sanity_checking:

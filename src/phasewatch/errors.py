@@ -32,6 +32,3 @@ class RunTooShortError(PhasewatchError):
 class RecorderError(PhasewatchError):
     """The recorder was configured or used in a way it cannot honour."""
 
-
-class InvalidArgumentError(PhasewatchError, ValueError):
-    """An argument is out of range or of the wrong kind (also a ``ValueError``)."""

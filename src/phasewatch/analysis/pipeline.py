@@ -561,9 +561,12 @@ def analyze(
         ``above_null`` when its gap ratio exceeds the ``null_level`` quantile of the maximum gap ratio
         of ``null_draws`` seeded draws of filtered Gaussian noise in ``null_dim`` coordinates with the
         window's norms); ``null_dim=None``: :func:`null_dimension`.  ``null_draws=0``: no band.  Cost
-        of the band: ``null_draws`` W×W eigensolves per window (≈ 0.6 ms per window at W = 10 and 64
-        draws on one core, ~10 min per 10⁶ windows); the rest of the null costs about as much as the
-        spectra themselves.
+        of the band (:func:`~phasewatch.analysis.nulls.momentum_null`): at d_eff ≥ 1000 with a clear
+        maximum it is analytic (first-order perturbation, ~1 µs a window); elsewhere first-order draws
+        (~15 µs), and exact draws (``null_draws`` W×W eigensolves, ≈ 0.3–0.6 ms a window) only where
+        first order fails (d_eff < 1000 or near-degenerate null eigenvalues) and the reading is within
+        a factor 1.5 of the band — so a run with a small d_eff whose readings sit near the band pays
+        ~0.5 ms a window (~8 min per 10⁶ windows).
     regimes, dk_plateau_below, dk_forgetting_above: the ``regime`` column is classified on ``A_dk``
         (default; 0.1 and 1: sin θ of the top-k* subspace ≤ 0.1 per step, and the Davis–Kahan bound
         vacuous) or on the paper's ``A`` (``regimes="A"``; ``plateau_below``, ``forgetting_above``).
@@ -696,8 +699,10 @@ def analyze(
         "null": mnull.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
                 "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
                 "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
-                + (f"{null_level:g} quantile of the max gap ratio over {null_draws} seeded (seed {null_seed}) draws "
-                   f"of filtered Gaussian noise in d_eff coordinates, d_eff = {dim_why}"
+                + (f"{null_level:g} quantile of the max gap ratio of filtered Gaussian noise in d_eff coordinates "
+                   f"(analytic to first order at d_eff >= {nulls.FIRST_ORDER_DIM:g} with one clear maximum; else "
+                   f"over {null_draws} seeded (seed {null_seed}) draws, exact Wishart ones where first order "
+                   f"fails and the reading is within x{nulls.EXACT_NEAR:g} of the band), d_eff = {dim_why}"
                    if null_draws > 0 and (callable(null_dim) or math.isfinite(null_dim))
                    else "null itself (no finite-dimension band)"),
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",

@@ -28,7 +28,7 @@ The thresholds that turn λ_max into a stability margin are in
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +40,19 @@ import torch
 from scipy import stats
 
 from ..errors import PhasewatchError
+from .hvp import (  # noqa: F401  (model_mode, double_differentiable_attention: re-exported)
+    HVP_ROUTES,
+    FiniteDifferenceHessian,
+    _as_args,
+    _flat,
+    _unflat,
+    chunk_weights,
+    double_differentiable_attention,
+    model_mode,
+)
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger("phasewatch")
 
 WHICH = ("LA", "SA", "LM")
 
@@ -115,47 +126,6 @@ class NTKResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
-def _flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                      for t, p in zip(tensors, like)])
-
-
-def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out, o = [], 0
-    for p in like:
-        n = p.numel()
-        out.append(v[o: o + n].view(p.shape).to(p.dtype))
-        o += n
-    return out
-
-
-def _as_args(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-@contextlib.contextmanager
-def model_mode(model: torch.nn.Module, mode: str, restore_buffers: bool = True):
-    """Put ``model`` in ``"train"`` or ``"eval"`` mode for the block; restore every module's flag
-    and (unless told not to) every buffer (a train-mode forward updates BatchNorm running
-    statistics) afterwards."""
-    if mode not in ("train", "eval"):
-        raise PhasewatchError(f"mode={mode!r}: use 'train' or 'eval'")
-    flags = [(m, m.training) for m in model.modules()]
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else {}
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in saved:
-                    b.copy_(saved[n])
-
-
-# ----------------------------------------------------------------------------------------------
 # the Hessian as an operator
 class HessianOperator:
     """H = ∇²_θ L(θ; batch) as a linear operator on flat float64 vectors.
@@ -172,8 +142,13 @@ class HessianOperator:
         every product, so the operator stays symmetric).  Stated in :attr:`mode`.
 
     Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
-    eigenvalue to ~1e-6, float64 models reach ~1e-12.
+    eigenvalue to ~1e-6, float64 models reach ~1e-12.  The forward and every product run inside
+    :func:`~phasewatch.record.hvp.double_differentiable_attention` (the math SDPA backend), so
+    attention layers differentiate twice; a kernel with no double backward elsewhere fails at
+    the first product, where ``hvp="auto"`` switches to :class:`FiniteDifferenceHessian`.
     """
+
+    route = "autograd"
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
                  params: Sequence[torch.Tensor] | None = None, mode: str = "eval"):
@@ -184,15 +159,7 @@ class HessianOperator:
             raise PhasewatchError("HessianOperator: the model has no parameters that require grad")
         self.n = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
-        chunks = batch if isinstance(batch, list) else [batch]
-        sizes = []
-        for c in chunks:
-            if not (isinstance(c, (tuple, list)) and len(c) == 2):
-                raise PhasewatchError("batch must be (inputs, targets) or a list of such pairs")
-            x = _as_args(c[0])[0]
-            sizes.append(x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 1)
-        total = float(sum(sizes))
-        self.weights = [s / total for s in sizes]
+        chunks, self.weights = chunk_weights(batch)
         self.n_matvec = 0
         self._grads: list[tuple[torch.Tensor, ...]] = []
         loss_sum = 0.0
@@ -201,7 +168,7 @@ class HessianOperator:
         # the forward runs on copies of the buffers: a train-mode forward updates BatchNorm running
         # statistics in place, which must neither change the model nor the kept graph
         tensors = {n: p for n, p in model.named_parameters()}
-        with model_mode(model, mode, restore_buffers=False), torch.enable_grad():
+        with model_mode(model, mode, restore_buffers=False), torch.enable_grad(), double_differentiable_attention():
             for (inputs, targets), w in zip(chunks, self.weights):
                 buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
                 out = functional_call(model, (tensors, buffers), _as_args(inputs))
@@ -224,8 +191,9 @@ class HessianOperator:
             live = [(gi, vi, pi) for gi, vi, pi in zip(g, vs, self.params) if gi is not None and gi.requires_grad]
             if not live:
                 continue  # the gradient does not depend on θ: H = 0 on this chunk
-            hv = torch.autograd.grad([x[0] for x in live], self.params, grad_outputs=[x[1] for x in live],
-                                     retain_graph=True, allow_unused=True)
+            with double_differentiable_attention():
+                hv = torch.autograd.grad([x[0] for x in live], self.params, grad_outputs=[x[1] for x in live],
+                                         retain_graph=True, allow_unused=True)
             out += w * _flat(hv, self.params, torch.float64)
         self.n_matvec += 1
         return out
@@ -237,6 +205,20 @@ class HessianOperator:
         eye = torch.eye(self.n, dtype=torch.float64, device=self.device)
         h = torch.stack([self.matvec(eye[i]) for i in range(self.n)]).cpu().numpy()
         return (h + h.T) / 2
+
+
+def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
+                     params: Sequence[torch.Tensor] | None = None, mode: str = "eval", hvp: str = "autograd",
+                     seed: int = 0) -> HessianOperator | FiniteDifferenceHessian:
+    """The Hessian operator by the route ``hvp``: ``"autograd"`` (double backward,
+    :class:`HessianOperator`) or ``"fd"`` (central differences of gradients,
+    :class:`FiniteDifferenceHessian`; ``seed`` fixes its dropout mask in train mode).  ``"auto"``
+    is decided by :class:`CurvatureProbe` (autograd, FD when the first product fails)."""
+    if hvp not in ("autograd", "fd"):
+        raise PhasewatchError(f"hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
+    if hvp == "fd":
+        return FiniteDifferenceHessian(model, loss_fn, batch, params=params, mode=mode, seed=seed)
+    return HessianOperator(model, loss_fn, batch, params=params, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +503,7 @@ def ntk_gram(
         if method not in ("jacobian", "ntk_vp"):
             raise PhasewatchError(f"method={method!r}: use 'jacobian', 'ntk_vp' or 'auto'")
         t0 = time.perf_counter()
-        with torch.enable_grad():
+        with torch.enable_grad(), double_differentiable_attention():  # forward-mode AD of fused attention: none
             k = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(f, pdict, x, outputs)
         secs = time.perf_counter() - t0
         with torch.no_grad():
@@ -562,7 +544,7 @@ def choose_ntk_method(model: torch.nn.Module, inputs: Any, *, outputs: str = "tr
             if name == "jacobian" and n * c * n_par * elem > jacobian_bytes:
                 continue
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), double_differentiable_attention():
                     fn(f, pdict, x, outputs)  # warm-up
                     t0 = time.perf_counter()
                     fn(f, pdict, x, outputs)
@@ -590,6 +572,10 @@ class CurvatureProbe:
     ntk_inputs: inputs (examples along dim 0) for the NTK Gram, or None; ``ntk_outputs``,
         ``ntk_method`` as in :func:`ntk_gram` (``auto`` is decided once, at the first probe).
     optimizer: used for the stability threshold and, for Adam-type optimizers, the preconditioner.
+    hvp: ``"autograd"`` (double backward), ``"fd"`` (central differences of two gradients, no kept
+        graph, any kernel) or ``"auto"`` (default: autograd; if its first product fails, e.g. a
+        kernel with no double backward, FD for this and every later probe, said once in the log).
+        The route used is stored in every row (column ``hvp``).
     """
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], *, loss_fn: Callable | None,
@@ -597,7 +583,9 @@ class CurvatureProbe:
                  trace: int | str | None = None, trace_rtol: float = 0.02, trace_max: int = 500,
                  mode: str = "eval", ntk_inputs: Any = None, ntk_outputs: str = "trace",
                  ntk_method: str = "auto", optimizer: torch.optim.Optimizer | None = None,
-                 optimizer_meta: dict | None = None):
+                 optimizer_meta: dict | None = None, hvp: str = "auto"):
+        if hvp not in HVP_ROUTES:
+            raise PhasewatchError(f"curvature_hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
         if batch is not None and loss_fn is None:
             raise PhasewatchError("curvature_batch needs curvature_loss=callable(outputs, targets) -> mean loss")
         if mode not in ("train", "eval"):
@@ -613,6 +601,10 @@ class CurvatureProbe:
         self.ntk_outputs, self.ntk_method = ntk_outputs, ntk_method
         self.optimizer = optimizer
         self.optimizer_meta = optimizer_meta or {}
+        self.hvp = hvp
+        self._route = "autograd" if hvp == "auto" else hvp  # "auto" settles on the first failure
+        self._check_failed = False
+        self.hvp_column = True  # False when resuming a run recorded before the column existed
         self.ntk_size: int | None = None
         self._v0: torch.Tensor | None = None  # warm start: the last top Ritz vector
         if ntk_inputs is not None:
@@ -629,7 +621,7 @@ class CurvatureProbe:
         return {"top_k": self.top_k, "tol": self.tol, "max_iter": self.max_iter, "trace": self.trace,
                 "trace_rtol": self.trace_rtol if self.trace == "adaptive" else None, "mode": self.mode,
                 "hessian": self.batch is not None, "ntk_size": self.ntk_size, "ntk_outputs": self.ntk_outputs,
-                "ntk_method": self.ntk_method,
+                "ntk_method": self.ntk_method, "hvp": self.hvp,
                 "convention": "Lanczos (largest algebraic, full reorthogonalisation) to residual <= tol*|lambda|; "
                               "Hutchinson Rademacher with Student-t interval; NTK K = J J^T / n in eval mode"}
 
@@ -651,17 +643,8 @@ class CurvatureProbe:
     def hessian_row(self, step: int, lr: float, seed: int | None = None) -> dict:
         """One row of the ``curvature`` table at the model's current θ."""
         t0 = time.perf_counter()
-        op = HessianOperator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode)
         seed = int(step if seed is None else seed)
-        v0 = None
-        if self._v0 is not None and self._v0.numel() == op.n:
-            # warm start from the last top eigenvector, mixed with a seeded random vector so the other
-            # directions stay in the Krylov space (fewer products; the answer is fixed by the tolerance)
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
-            v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
-        eig = lanczos(op, op.n, k=min(self.top_k, op.n), tol=self.tol, max_iter=self.max_iter, seed=seed,
-                      device=op.device, v0=v0, return_vectors=True)
+        op, eig, extra, check = self._top_eigen(seed)
         if eig.eigenvectors is not None and np.isfinite(eig.eigenvalues).all():
             self._v0 = eig.eigenvectors[0].detach()
         k = self.top_k
@@ -669,7 +652,7 @@ class CurvatureProbe:
         res = np.full(k, np.nan)
         vals[: eig.eigenvalues.size] = eig.eigenvalues
         res[: eig.residuals.size] = eig.residuals
-        hvps = eig.n_matvec
+        hvps = eig.n_matvec + extra
         row = {"step": step, "lr": lr, "loss": op.loss, "mode": self.mode.encode(), "eigenvalues": vals,
                "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
                "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
@@ -688,7 +671,77 @@ class CurvatureProbe:
             hvps += pre.n_matvec
             row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
         row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0)
+        if self.hvp_column:
+            row.update(hvp=op.route.encode(), hvp_check=check)
         return row
+
+    def _lanczos(self, op, seed: int) -> EigenResult:
+        v0 = None
+        if self._v0 is not None and self._v0.numel() == op.n:
+            # warm start from the last top eigenvector, mixed with a seeded random vector so the other
+            # directions stay in the Krylov space (fewer products; the answer is fixed by the tolerance)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
+            v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
+        return lanczos(op, op.n, k=min(self.top_k, op.n), tol=self.tol, max_iter=self.max_iter, seed=seed,
+                       device=op.device, v0=v0, return_vectors=True)
+
+    # disagreement of the two routes (relative to |λ_max|) above which autograd is judged broken: FD
+    # alone errs by ~u^{2/3} (2.4e-5 float32, 4e-11 float64; FiniteDifferenceHessian), a missing
+    # second-derivative term by O(1) of the curvature it carries
+    HVP_CHECK_RTOL = 1e-2
+
+    def _fd(self, seed: int) -> FiniteDifferenceHessian:
+        return FiniteDifferenceHessian(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
+                                       seed=seed)
+
+    def _switch_to_fd(self, why: str) -> None:
+        log.warning("phasewatch: Hessian-vector products by double backward %s; curvature probes use finite "
+                    "differences of gradients (hvp='fd') from now on", why)
+        self._route = "fd"
+
+    def _top_eigen(self, seed: int):
+        """The operator on the probe batch, its top-k eigenpairs, the HVPs spent beyond Lanczos and the
+        measured autograd-vs-FD disagreement.  Under ``hvp="auto"``: autograd, checked on every probe
+        against one central-difference product along the top Ritz vector y (2 more products),
+        ‖H_fd y − H_ag y‖ / |θ|; a failure of the first product, or a disagreement above
+        :attr:`HVP_CHECK_RTOL` (a kernel whose double backward is missing, or silently incomplete as
+        ``once_differentiable`` functions are), switches this and every later probe to FD."""
+        op = hessian_operator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
+                              hvp=self._route, seed=seed)
+        try:
+            eig = self._lanczos(op, seed)
+        except RuntimeError as e:
+            if self.hvp != "auto" or self._route != "autograd" or op.n_matvec:
+                raise
+            del op
+            self._switch_to_fd(f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            op = self._fd(seed)
+            return op, self._lanczos(op, seed), 0, np.nan
+        if self.hvp != "auto" or op.route != "autograd" or eig.eigenvectors is None:
+            return op, eig, 0, np.nan
+        u = max(torch.finfo(p.dtype).eps / 2 for p in self.params)
+        if 100 * u ** (2 / 3) >= self.HVP_CHECK_RTOL:  # half precision: FD cannot judge autograd
+            return op, eig, 0, np.nan
+        y = eig.eigenvectors[0]
+        try:
+            diff = float(torch.linalg.vector_norm(self._fd(seed).matvec(y) - op.matvec(y)))
+        except Exception as e:  # noqa: BLE001 - the check cannot run: the autograd row stands, unchecked
+            if not self._check_failed:
+                log.warning("phasewatch: the autograd-vs-finite-difference check of the curvature probe could not "
+                            "run (%s: %s); rows keep hvp_check = NaN", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+            self._check_failed = True
+            return op, eig, 0, np.nan
+        check = diff / max(abs(float(eig.eigenvalues[0])), np.finfo(float).tiny)
+        if not check <= self.HVP_CHECK_RTOL:
+            del op
+            self._switch_to_fd(f"disagree with central differences by {check:.1e} of lambda_max along the top "
+                               "eigenvector (a kernel whose double backward is missing or incomplete)")
+            op = self._fd(seed)
+            return op, self._lanczos(op, seed), 2, check
+        return op, eig, 2, check
+
 
     def ntk_row(self, step: int) -> dict:
         names = None

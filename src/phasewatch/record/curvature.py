@@ -575,7 +575,9 @@ class CurvatureProbe:
     hvp: ``"autograd"`` (double backward), ``"fd"`` (central differences of two gradients, no kept
         graph, any kernel) or ``"auto"`` (default: autograd; if its first product fails, e.g. a
         kernel with no double backward, FD for this and every later probe, said once in the log).
-        The route used is stored in every row (column ``hvp``).
+        The route used is stored in every row (column ``hvp``).  On FD products Lanczos stops at
+        ``max(tol, op.noise_floor)`` (100·u^{2/3}: 2.4e-3 float32, 3.7e-9 float64), the accuracy FD
+        products can give.
     """
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], *, loss_fn: Callable | None,
@@ -683,7 +685,8 @@ class CurvatureProbe:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
             v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
-        return lanczos(op, op.n, k=min(self.top_k, op.n), tol=self.tol, max_iter=self.max_iter, seed=seed,
+        tol = max(self.tol, op.noise_floor) if op.route == "fd" else self.tol
+        return lanczos(op, op.n, k=min(self.top_k, op.n), tol=tol, max_iter=self.max_iter, seed=seed,
                        device=op.device, v0=v0, return_vectors=True)
 
     # disagreement of the two routes (relative to |λ_max|) above which autograd is judged broken: FD
@@ -705,7 +708,7 @@ class CurvatureProbe:
         measured autograd-vs-FD disagreement.  Under ``hvp="auto"``: autograd, checked on every probe
         against one central-difference product along the top Ritz vector y (2 more products),
         ‖H_fd y − H_ag y‖ / |θ|; a failure of the first product, or a disagreement above
-        :attr:`HVP_CHECK_RTOL` (a kernel whose double backward is missing, or silently incomplete as
+        :attr:`HVP_CHECK_RTOL` and above 10× the FD product's own error estimate (a kernel whose double backward is missing, or silently incomplete as
         ``once_differentiable`` functions are), switches this and every later probe to FD."""
         op = hessian_operator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
                               hvp=self._route, seed=seed)
@@ -725,7 +728,8 @@ class CurvatureProbe:
             return op, eig, 0, np.nan
         y = eig.eigenvectors[0]
         try:
-            diff = float(torch.linalg.vector_norm(self._fd(seed).matvec(y) - op.matvec(y)))
+            fd = self._fd(seed)
+            diff = float(torch.linalg.vector_norm(fd.matvec(y) - op.matvec(y)))
         except Exception as e:  # noqa: BLE001 - the check cannot run: the autograd row stands, unchecked
             if not self._check_failed:
                 log.warning("phasewatch: the autograd-vs-finite-difference check of the curvature probe could not "
@@ -733,8 +737,9 @@ class CurvatureProbe:
                             str(e).splitlines()[0] if str(e) else "")
             self._check_failed = True
             return op, eig, 0, np.nan
-        check = diff / max(abs(float(eig.eigenvalues[0])), np.finfo(float).tiny)
-        if not check <= self.HVP_CHECK_RTOL:
+        scale = max(abs(float(eig.eigenvalues[0])), np.finfo(float).tiny)
+        check = diff / scale
+        if not check <= max(self.HVP_CHECK_RTOL, 10 * fd.error_estimates[-1] / scale):
             del op
             self._switch_to_fd(f"disagree with central differences by {check:.1e} of lambda_max along the top "
                                "eigenvector (a kernel whose double backward is missing or incomplete)")

@@ -94,29 +94,37 @@ class FiniteDifferenceHessian:
     """H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε), the same operator as
     :class:`~phasewatch.record.curvature.HessianOperator` (same ``batch``, ``params``, ``mode``,
     same attributes ``n``, ``loss``, ``gradient``, ``n_matvec``, ``matvec``, ``dense``) by central
-    differences of two ordinary gradients: no kept graph, no double backward, any kernel.
+    differences of ordinary gradients: no kept graph, no double backward, any kernel.
 
-    The step.  With unit-norm v̂ and the gradient evaluated in unit roundoff u (u = 2⁻²⁴ float32,
-    2⁻⁵³ float64), the error of one product has two parts:
+    The error of one product along a unit v̂, the gradient evaluated in unit roundoff u
+    (u = 2⁻²⁴ float32, 2⁻⁵³ float64), has two parts:
 
-    * truncation (Taylor): (g(θ+εv̂) − g(θ−εv̂))/(2ε) − Hv̂ = (ε²/6)·∇³g[v̂, v̂, v̂] + O(ε⁴), so
-      ≤ ε²·T₃/6 with T₃ = ‖∇³L[v̂, v̂]‖ (the change of Hv̂ along v̂ per unit step);
-    * rounding: θ ± εv̂ is rounded to the parameters' dtype (a perturbation error ≤ u‖θ‖, which H
-      maps to ≤ u‖H‖‖θ‖) and each gradient carries its own rounding error δg; divided by 2ε:
+    * truncation (Taylor, g = ∇L): g(θ ± εv̂) = g ± εHv̂ + (ε²/2)∇³L[v̂,v̂] ± (ε³/6)∇⁴L[v̂,v̂,v̂] + …,
+      so the central difference errs by (ε²/6)·Q + O(ε⁴), Q = ‖∇⁴L[v̂, v̂, v̂]‖;
+    * rounding: θ ± εv̂ is rounded to the parameters' dtype (a perturbation error ≤ u‖θ‖, mapped
+      by H to ≤ u‖H‖‖θ‖) and each gradient carries its own rounding error δg; divided by 2ε:
       ≤ (u‖H‖‖θ‖ + δg)/ε.
 
-    E(ε) = ε²T₃/6 + R/ε, R = u‖H‖‖θ‖ + δg, is smallest at ε* = (3R/T₃)^{1/3}.  Neither T₃ nor R is
-    known before the probe; on the scale assumption that the curvature changes by O(1) relative
-    over a step of the size of θ (T₃ ≈ ‖H‖/‖θ‖) and δg ≲ u‖H‖‖θ‖, ε* ≈ (3u)^{1/3}‖θ‖, and we take
-    ``ε = rel_step · max(‖θ‖, 1) / ‖v‖`` with ``rel_step = u^{1/3}`` (6.1e-6 float64, 4.9e-3
-    float32); the relative error left is then ~ u^{2/3} (4e-11 float64, 2.4e-5 float32).  The
-    bound above is what the tests check, with T₃ and δg measured.
+    E(ε) = ε²Q/6 + R/ε, R = u‖H‖‖θ‖ + δg, is smallest at ε* = (3R/Q)^{1/3}, where
+    E ≈ 1.9·R^{2/3}Q^{1/3}: the step scales as u^{1/3} and the error as u^{2/3}.  A fixed step
+    u^{1/3}‖θ‖ (the usual choice, assuming curvature varies over distances ~‖θ‖) is 30–100× too
+    large along the top eigenvector of a small GPT-2, whose curvature varies over distances
+    ~‖θ‖/300 (biases and embeddings): 47% error in float32.  So the step is measured, per product,
+    from the same gradients: with g₀ = ∇L(θ) kept, ‖g₊ − 2g₀ + g₋‖/ε² ≈ ‖∇³L[v̂,v̂]‖ =: ‖Hv̂‖/ℓ
+    gives the length ℓ over which the curvature along v̂ changes; taking Q ≈ ‖Hv̂‖/ℓ², R ≈
+    u‖θ‖‖Hv̂‖ (δg ≲ u‖H‖‖θ‖ assumed), ε* = (3u‖θ‖ℓ²)^{1/3}, capped at ε₀ = u^{1/3}·max(‖θ‖, 1).
+    A product whose step exceeds 2ε* is recomputed at ε* (two more gradients); the next product
+    starts from the last ε*.  :attr:`steps` holds the step of each product (for a unit v̂),
+    :attr:`error_estimates` each product's estimated error
+    ‖Hv̂‖(ε²/(6ℓ²) + u‖θ‖/ε) (per unit v̂); :attr:`n_gradients` counts the gradients spent.
 
     Parameters are perturbed in place (so any module works, wrapped or hooked) and copied back
-    from a saved clone after every gradient (bit-exact, never θ + εv − εv).  Buffers (BatchNorm
-    running statistics) are restored after every forward, as the autograd route leaves them.  In
-    train mode the random number generator is reset to ``seed`` before every forward, so each
-    gradient sees the same dropout mask (the operator stays symmetric up to the error above).
+    from a saved clone after every gradient (bit-exact, never θ + εv − εv); through ``.data``, so
+    a graph kept elsewhere on the same parameters stays valid.  Buffers (BatchNorm running
+    statistics) are restored after every forward, as the autograd route leaves them.  In train
+    mode the random number generator is reset to ``seed`` before every forward, so each gradient
+    sees the same dropout mask (the operator stays symmetric up to the error above).
+    ``rel_step`` fixes ε = rel_step·max(‖θ‖, 1)/‖v‖ instead (no step control).
     """
 
     route = "fd"
@@ -136,12 +144,17 @@ class FiniteDifferenceHessian:
         self.seed = int(seed)
         # the coarsest dtype among the parameters sets the roundoff
         self.unit_roundoff = max(torch.finfo(p.dtype).eps / 2 for p in self.params)
+        self.fixed = rel_step is not None
         self.rel_step = float(rel_step) if rel_step is not None else self.unit_roundoff ** (1.0 / 3.0)
         self._theta = [p.detach().clone() for p in self.params]
         self.theta_norm = math.sqrt(sum(float((t.to(torch.float64) ** 2).sum()) for t in self._theta))
         self.n_matvec = 0
         self.n_gradients = 0
         self._at_theta: tuple[torch.Tensor, float] | None = None
+        self._scale = max(self.theta_norm, 1.0)
+        self._eps = self.rel_step * self._scale  # the step for a unit vector; adapted per product
+        self.error_estimates: list[float] = []
+        self.steps: list[float] = []  # the step used by each product, for a unit vector
 
     @property
     def gradient(self) -> torch.Tensor:
@@ -156,9 +169,16 @@ class FiniteDifferenceHessian:
         _ = self.gradient
         return self._at_theta[1]
 
+    @property
+    def noise_floor(self) -> float:
+        """100·u^{2/3}: the relative accuracy below which a Lanczos residual on FD products is not
+        asked for (the error of a product is ~1.9·u^{2/3} relative at the best step, times the
+        curvature's variation; 2.4e-3 float32, 3.7e-9 float64)."""
+        return 100 * self.unit_roundoff ** (2 / 3)
+
     def step(self, v: torch.Tensor) -> float:
-        """ε for a product with v: rel_step · max(‖θ‖, 1) / ‖v‖."""
-        return self.rel_step * max(self.theta_norm, 1.0) / float(torch.linalg.vector_norm(v))
+        """The a-priori step ε₀ for a product with v: rel_step · max(‖θ‖, 1) / ‖v‖."""
+        return self.rel_step * self._scale / float(torch.linalg.vector_norm(v))
 
     def _rng(self) -> contextlib.AbstractContextManager:
         devs = [self.device] if self.device.type == "cuda" else []
@@ -194,16 +214,39 @@ class FiniteDifferenceHessian:
         self.n_gradients += 1
         return out, loss_sum
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """H v (central difference) for a flat vector v; float64 on the parameters' device."""
-        v = v.to(self.device, torch.float64)
-        self.n_matvec += 1
-        if not bool(torch.any(v != 0)):
-            return torch.zeros_like(v)
-        eps = self.step(v)
+    def _central(self, v: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
+        """(D, ℓ) for a unit v: the central difference at ε and the measured curvature length."""
         gp, _ = self._gradient_at(eps * v)
         gm, _ = self._gradient_at(-eps * v)
-        return (gp - gm) / (2 * eps)
+        d = (gp - gm) / (2 * eps)
+        second = float(torch.linalg.vector_norm(gp - 2 * self.gradient + gm)) / eps ** 2
+        dn = float(torch.linalg.vector_norm(d))
+        return d, (dn / second if second > 0 and dn > 0 else math.inf)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v (central difference, step measured as in the class docstring) for a flat vector v;
+        float64 on the parameters' device."""
+        v = v.to(self.device, torch.float64)
+        self.n_matvec += 1
+        nv = float(torch.linalg.vector_norm(v))
+        if nv == 0:
+            return torch.zeros_like(v)
+        vh = v / nv
+        u, eps0 = self.unit_roundoff, self.rel_step * self._scale
+        eps = eps0 if self.fixed else self._eps
+        d, ell = self._central(vh, eps)
+        if not self.fixed:
+            best = min(eps0, (3 * u * self._scale * ell ** 2) ** (1 / 3)) if math.isfinite(ell) else eps0
+            if eps > 2 * best:
+                eps = best
+                d, ell = self._central(vh, eps)
+                best = min(eps0, (3 * u * self._scale * ell ** 2) ** (1 / 3)) if math.isfinite(ell) else eps0
+            self._eps = best
+        dn = float(torch.linalg.vector_norm(d))
+        trunc = eps ** 2 / (6 * ell ** 2) if math.isfinite(ell) else 0.0
+        self.error_estimates.append(dn * (trunc + u * self._scale / eps))
+        self.steps.append(eps)
+        return d * nv
 
     __call__ = matvec
 

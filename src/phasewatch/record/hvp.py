@@ -26,11 +26,25 @@ HVP_ROUTES = ("autograd", "fd", "auto")
 
 
 def _flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                      for t, p in zip(tensors, like)])
+    """One flat ``dtype`` vector of the tensors (None: zeros), written piece by piece into a single
+    allocation (converting in the copy: no per-piece temporaries)."""
+    out = torch.empty(sum(p.numel() for p in like), dtype=dtype, device=like[0].device)
+    o = 0
+    for t, p in zip(tensors, like):
+        seg = out[o: o + p.numel()]
+        if t is None:
+            seg.zero_()
+        else:
+            seg.copy_(t.reshape(-1))
+        o += p.numel()
+    return out
 
 
 def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of v shaped like the tensors, in their dtype (one conversion of v when they share it)."""
+    dtypes = {p.dtype for p in like}
+    if len(dtypes) == 1:
+        v = v.to(dtypes.pop())
     out, o = [], 0
     for p in like:
         n = p.numel()

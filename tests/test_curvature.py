@@ -707,3 +707,41 @@ def test_hf_trainer_gpt2_records_every_scheduled_curvature_row_and_posthoc_agree
     # the same computation on the same θ with the same seeds and warm starts: equal to float32
     # products' reproducibility (two runs of identical kernels: bit-equal here, 1e-6 allowed)
     np.testing.assert_allclose(ph["eigenvalues"], live["eigenvalues"], rtol=1e-6)
+
+
+def test_runs_recorded_before_the_hvp_columns_still_read_and_resume(tmp_path):
+    """A run whose curvature table predates ``hvp``/``hvp_check`` (made by deleting them from a fresh
+    run's files and meta, which is what such a run is on disk): it reads, the analysis calls its
+    rows autograd, and a resumed recorder continues it in its own schema."""
+    import json
+
+    import h5py
+
+    from phasewatch import Recorder
+
+    run = tmp_path / "run"
+    m, (x, y) = _train_recorded(run, {}, steps=8)
+    meta = json.loads((run / "meta.json").read_text())
+    for c in ("hvp", "hvp_check"):
+        del meta["tables"]["curvature"][c]
+    (run / "meta.json").write_text(json.dumps(meta))
+    for seg in run.glob("segment-*.h5"):
+        with h5py.File(seg, "a") as f:
+            for c in ("hvp", "hvp_check"):
+                if c in f["curvature"]:
+                    del f["curvature"][c]
+    old = open_run(run).table("curvature")
+    assert old["step"].tolist() == [4, 8] and "hvp" not in old
+    assert analyze(run, window=4).curvature["hvp"].tolist() == ["autograd", "autograd"]
+    opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.5)
+    ce = torch.nn.functional.cross_entropy
+    with Recorder(run, m, opt, strict=True, resume=True, checkpoint_every=4, curvature_every=4,
+                  curvature_batch=(x, y), curvature_loss=ce, ntk_inputs=x[:6]) as rec:
+        for _ in range(4):
+            loss = ce(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.loss(loss)
+            opt.step()
+    rows = open_run(run).table("curvature")
+    assert rows["step"].tolist() == [4, 8, 12] and "hvp" not in rows and np.all(rows["converged"] == 1)

@@ -710,7 +710,7 @@ def test_hf_trainer_gpt2_records_every_scheduled_curvature_row_and_posthoc_agree
 
 
 def test_runs_recorded_before_the_hvp_columns_still_read_and_resume(tmp_path):
-    """A run whose curvature table predates ``hvp``/``hvp_check`` (made by deleting them from a fresh
+    """A run whose curvature table predates ``hvp``/``hvp_check``/``u_curvature`` (made by deleting them from a fresh
     run's files and meta, which is what such a run is on disk): it reads, the analysis calls its
     rows autograd, and a resumed recorder continues it in its own schema."""
     import json
@@ -722,17 +722,19 @@ def test_runs_recorded_before_the_hvp_columns_still_read_and_resume(tmp_path):
     run = tmp_path / "run"
     m, (x, y) = _train_recorded(run, {}, steps=8)
     meta = json.loads((run / "meta.json").read_text())
-    for c in ("hvp", "hvp_check"):
+    new_cols = ("hvp", "hvp_check", "u_curvature")
+    for c in new_cols:
         del meta["tables"]["curvature"][c]
     (run / "meta.json").write_text(json.dumps(meta))
     for seg in run.glob("segment-*.h5"):
         with h5py.File(seg, "a") as f:
-            for c in ("hvp", "hvp_check"):
+            for c in new_cols:
                 if c in f["curvature"]:
                     del f["curvature"][c]
     old = open_run(run).table("curvature")
     assert old["step"].tolist() == [4, 8] and "hvp" not in old
-    assert analyze(run, window=4).curvature["hvp"].tolist() == ["autograd", "autograd"]
+    res = analyze(run, window=4).curvature
+    assert res["hvp"].tolist() == ["autograd", "autograd"] and np.isnan(res["u_curvature"]).all()
     opt = torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.5)
     ce = torch.nn.functional.cross_entropy
     with Recorder(run, m, opt, strict=True, resume=True, checkpoint_every=4, curvature_every=4,
@@ -745,3 +747,51 @@ def test_runs_recorded_before_the_hvp_columns_still_read_and_resume(tmp_path):
             opt.step()
     rows = open_run(run).table("curvature")
     assert rows["step"].tolist() == [4, 8, 12] and "hvp" not in rows and np.all(rows["converged"] == 1)
+
+
+def test_update_curvature_on_a_quadratic_with_known_hessian(tmp_path):
+    """Least squares through nn.Linear (float64): H = XᵀX/n exactly, at every θ.  The recorded
+    curvature along each probe step's update u_t = θ_t − θ_{t−1} (the stored float64 snapshot of
+    it) equals uᵀHu/uᵀu of the exact H to rounding (1e-10·λ_max: a d = 12 quadratic form), lies between λ_min and λ_max, and is below
+    λ_max by a visible margin (GD with momentum does not move along the top eigenvector only)."""
+    from phasewatch import Recorder
+
+    rng = np.random.default_rng(0)
+    n, d = 128, 12
+    xmat = rng.standard_normal((n, d)) * np.linspace(0.3, 2.0, d)
+    x = torch.tensor(xmat)
+    y = torch.tensor(rng.standard_normal(n))
+    hess = xmat.T @ xmat / n
+    ev = np.linalg.eigvalsh(hess)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+
+    def loss(out, t):
+        return 0.5 * ((out.squeeze(1) - t) ** 2).mean()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    with Recorder(tmp_path / "r", model, opt, strict=True, snapshot_every=3, snapshot_dtype="float64", curvature_every=3,
+                  curvature_batch=(x, y), curvature_loss=loss, curvature_tol=1e-10) as rec:
+        for _ in range(9):
+            out = loss(model(x), y)
+            opt.zero_grad()
+            out.backward()
+            rec.loss(out)
+            opt.step()
+    r = open_run(tmp_path / "r")
+    rows = r.table("curvature")
+    snaps = r.table("snapshots")
+    assert rows["step"].tolist() == [3, 6, 9] == snaps["step"].tolist()
+    for u, kappa, lam in zip(np.asarray(snaps["update"], dtype=float), rows["u_curvature"], rows["eigenvalues"][:, 0]):
+        exact = u @ hess @ u / (u @ u)
+        assert abs(kappa - exact) <= 1e-10 * ev[-1]
+        assert ev[0] - 1e-12 <= kappa <= lam + 1e-12 and kappa < 0.99 * lam
+        assert lam == pytest.approx(ev[-1], rel=1e-10)
+    assert analyze(tmp_path / "r", window=3).curvature["u_curvature"] == pytest.approx(rows["u_curvature"])
+    # the function itself on the exact H, exact update direction, both routes
+    u = torch.tensor(rng.standard_normal(d))
+    exact = float(u.numpy() @ hess @ u.numpy() / (u.numpy() @ u.numpy()))
+    for hvp in ("autograd", "fd"):
+        op = cv.hessian_operator(model, loss, (x, y), hvp=hvp)
+        assert cv.update_curvature(op, u) == pytest.approx(exact, rel=1e-9)
+    assert np.isnan(cv.update_curvature(op, torch.zeros(d)))

@@ -37,6 +37,7 @@ from .record.curvature import (
     model_mode,
     ntk_gram,
     preconditioned_operator,
+    update_curvature,
 )
 from .record.posthoc import load_theta, posthoc
 
@@ -45,5 +46,5 @@ __all__ = [
     "NTKResult", "Threshold", "TraceResult", "adam_preconditioner", "choose_ntk_method", "criticality",
     "double_differentiable_attention", "hessian_operator", "hutchinson_trace",
     "intelligence_coefficient", "lanczos", "load_theta", "model_mode", "ntk_gram", "ntk_logdet", "optimal_lr",
-    "posthoc", "preconditioned_operator", "stability_margin", "stability_threshold",
+    "posthoc", "preconditioned_operator", "stability_margin", "stability_threshold", "update_curvature",
 ]

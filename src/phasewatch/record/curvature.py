@@ -211,6 +211,20 @@ class HessianOperator:
         return (h + h.T) / 2
 
 
+def update_curvature(op: Matvec, u: torch.Tensor) -> float:
+    """The curvature of the loss along a direction, κ_u = uᵀHu / uᵀu (units of H: 1/η for a loss), by
+    one product of the operator (one HVP, or two gradients for finite differences).  For u = the
+    optimizer's last update this is the "directional sharpness" the update sees (cf. Kalra et al.
+    2026, arXiv:2601.16979); by the Rayleigh–Ritz bound λ_min ≤ κ_u ≤ λ_max.  NaN when u = 0 or is
+    not finite."""
+    u = u.detach().to(torch.float64)
+    uu = float(u @ u)
+    if not (uu > 0 and math.isfinite(uu)):
+        return float("nan")
+    hu = op(u)
+    return float(hu.to(u.device, torch.float64) @ u) / uu
+
+
 def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
                      params: Sequence[torch.Tensor] | None = None, mode: str = "eval", hvp: str = "autograd",
                      seed: int = 0) -> HessianOperator | FiniteDifferenceHessian:
@@ -680,8 +694,11 @@ class CurvatureProbe:
         th = stability_threshold(name, lr, hyper, step)
         return th.value, th.quantity
 
-    def hessian_row(self, step: int, lr: float, seed: int | None = None) -> dict:
-        """One row of the ``curvature`` table at the model's current θ."""
+    def hessian_row(self, step: int, lr: float, seed: int | None = None,
+                    update: torch.Tensor | None = None) -> dict:
+        """One row of the ``curvature`` table at the model's current θ.  ``update``: the last update
+        u_t = θ_t − θ_{t−1} (flat, in the parameters' order), for the curvature along it
+        (:func:`update_curvature`, one more product; NaN without it)."""
         t0 = time.perf_counter()
         seed = int(step if seed is None else seed)
         op, eig, extra, check = self._top_eigen(seed)
@@ -693,6 +710,10 @@ class CurvatureProbe:
         vals[: eig.eigenvalues.size] = eig.eigenvalues
         res[: eig.residuals.size] = eig.residuals
         hvps = eig.n_matvec + extra
+        u_curv = np.nan
+        if update is not None and update.numel() == op.n:
+            u_curv = update_curvature(op, update)
+            hvps += 1
         row = {"step": step, "lr": lr, "loss": op.loss, "mode": self.mode.encode(), "eigenvalues": vals,
                "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
                "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
@@ -712,7 +733,7 @@ class CurvatureProbe:
             row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
         row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0)
         if self.hvp_column:
-            row.update(hvp=op.route.encode(), hvp_check=check)
+            row.update(hvp=op.route.encode(), hvp_check=check, u_curvature=u_curv)
         return row
 
     def _lanczos(self, op, seed: int) -> EigenResult:

@@ -927,7 +927,10 @@ class Recorder:
         try:
             if c.batch is not None:
                 lr = self._cur_lr[0] if self._cur_lr else float("nan")
-                row = c.hessian_row(step, lr)
+                # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
+                exact_u = not self._folded and self.stride == 1 and self._shard is None and self._n_updates
+                upd = self._ring[(self._n_updates - 1) % self.rows] if exact_u else None
+                row = c.hessian_row(step, lr, update=upd)
                 self.writer.append("curvature", **rows_to_columns([row]))
             if c.ntk_size:
                 self.writer.append("ntk", **rows_to_columns([c.ntk_row(step)]))

@@ -185,10 +185,12 @@ def curvature_table(top_k: int, hvp: bool = True) -> TableSpec:
     the model mode the loss was evaluated in (``train``/``eval``).  ``hvp``: how the
     Hessian-vector products were computed (``autograd`` double backward or ``fd`` central
     differences of gradients); ``hvp_check``: under ``hvp="auto"``, ‖H_fd y − H_ag y‖/|λ_max| along the
-    top eigenvector, the two routes' measured disagreement (NaN when not measured).  Runs recorded
-    before these columns (``hvp=False``) lack them and read as autograd.
+    top eigenvector, the two routes' measured disagreement (NaN when not measured).
+    ``u_curvature``: uᵀHu/uᵀu along the step's update u_t = θ_t − θ_{t−1} (NaN when the recorder
+    does not hold u_t exactly).  Runs recorded before these three columns (``hvp=False``) lack them
+    and read as autograd.
     """
-    extra = {"hvp": Column("S8"), "hvp_check": Column("f8")} if hvp else {}
+    extra = {"hvp": Column("S8"), "hvp_check": Column("f8"), "u_curvature": Column("f8")} if hvp else {}
     return TableSpec(
         "curvature",
         {

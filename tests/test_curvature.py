@@ -795,3 +795,40 @@ def test_update_curvature_on_a_quadratic_with_known_hessian(tmp_path):
         op = cv.hessian_operator(model, loss, (x, y), hvp=hvp)
         assert cv.update_curvature(op, u) == pytest.approx(exact, rel=1e-9)
     assert np.isnan(cv.update_curvature(op, torch.zeros(d)))
+
+
+def test_ntk_of_attention_models_equals_brute_force_jacobians():
+    """Both NTK routes on a TransformerEncoder (eval: its fused fast path has no forward-mode AD) and
+    a GPT-2 (SDPA: the fused kernel neither) equal J Jᵀ/n from per-output backward passes, float64
+    (a sum of P ~ 1e3 products: 1e-12 relative)."""
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True),
+                                      1, enable_nested_tensor=False).double()
+
+    class Pool(torch.nn.Module):
+        def __init__(self, body, last):
+            super().__init__()
+            self.body, self.last = body, last
+
+        def forward(self, x):
+            out = self.body(x)
+            return out[:, -1, :4] if self.last else out.mean(1)
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [(Pool(enc, False), torch.randn(3, 5, 8, generator=gen, dtype=torch.float64))]
+    cases.append((Pool(_LM(_tiny_gpt2()).double(), True), torch.randint(0, 20, (3, 6), generator=gen)))
+    for model, x in cases:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with cv.model_mode(model, "eval"), cv.double_differentiable_attention():
+            rows = []
+            for i in range(x.shape[0]):
+                out = model(x[i: i + 1]).reshape(-1)
+                for a in range(out.numel()):
+                    g = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
+                    rows.append(torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1)
+                                           for t, p in zip(g, params)]))
+        jac = torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in params))
+        ref = (torch.einsum("iap,jap->ij", jac, jac) / x.shape[0]).numpy()
+        for method in ("jacobian", "ntk_vp"):
+            k = cv.ntk_gram(model, x, method=method).gram
+            np.testing.assert_allclose(k, ref, rtol=0, atol=1e-12 * np.abs(ref).max())

@@ -78,17 +78,39 @@ def model_mode(model: torch.nn.Module, mode: str, restore_buffers: bool = True):
                     b.copy_(saved[n])
 
 
-def double_differentiable_attention() -> contextlib.AbstractContextManager:
-    """A context in which ``torch.nn.functional.scaled_dot_product_attention`` (what HF models,
-    nanoGPT and ``nn.MultiheadAttention`` call) uses the math backend, whose graph is made of
-    elementary ops and so has a double backward.  Only the probe's own forward/backward run in
-    it: the graph records the backend chosen at forward time.  A torch without
-    ``torch.nn.attention`` (< 2.3) gets a no-op context."""
+@contextlib.contextmanager
+def _mha_fastpath_off():
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+@contextlib.contextmanager
+def double_differentiable_attention():
+    """A context in which attention differentiates any number of times, in both AD modes:
+    ``torch.nn.functional.scaled_dot_product_attention`` (what HF models, nanoGPT and
+    ``nn.MultiheadAttention`` call) uses the math backend, whose graph is made of elementary ops,
+    and the fused eval-mode fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+    (``aten::_transformer_encoder_layer_fwd``, taken when no parameter requires grad, as inside
+    ``torch.func`` transforms; it has no forward-mode AD) is switched off.  Only the probe's own
+    forward/backward run in it: the graph records the kernels chosen at forward time, and both
+    settings are restored on exit.  Without ``torch.nn.attention`` (torch < 2.3) only the fast
+    path is switched off."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+        backend = contextlib.nullcontext()
+    else:
+        backend = sdpa_kernel(SDPBackend.MATH)
+    with _mha_fastpath_off(), backend:
+        yield
 
 
 def chunk_weights(batch: Any) -> tuple[list, list[float]]:

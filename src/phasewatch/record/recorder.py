@@ -174,7 +174,9 @@ class Recorder:
         NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
         ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.
         ``curvature_hvp``: ``"auto"`` (double backward, attention through the math SDPA backend;
-        finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  A
+        finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  Each Hessian row
+        also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
+        u_t exactly: no projected tensors, one step per update, one process).  A
         probe that fails is logged and switched off; training and the rest of the recording go on.
     controllers: :mod:`phasewatch.control` controllers (off unless given).  After every gradient-noise
         measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,

@@ -832,3 +832,25 @@ def test_ntk_of_attention_models_equals_brute_force_jacobians():
         for method in ("jacobian", "ntk_vp"):
             k = cv.ntk_gram(model, x, method=method).gram
             np.testing.assert_allclose(k, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+
+
+def test_cli_posthoc_by_finite_differences(tmp_path):
+    """`phasewatch curvature --hvp fd`: every checkpoint's row is computed by FD and equals the live
+    autograd rows within FD's float32 floor (the probe stops at 100·u32^{2/3} = 2.4e-3 relative
+    residual; Weyl: |Δλ| ≤ residual + the products' error, both below that floor)."""
+    run = tmp_path / "run"
+    _train_recorded(run, {}, steps=8)
+    mod = tmp_path / "factory.py"
+    mod.write_text(
+        "import torch\n"
+        "def model():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)\n")
+    assert cli_main(["curvature", str(run), "--model", f"{mod}:model", "--data", f"{mod}:data", "--hvp", "fd",
+                     "-o", str(tmp_path / "ph")]) == 0
+    ph = open_run(tmp_path / "ph").table("curvature")
+    live = open_run(run).table("curvature")
+    assert ph["hvp"].tolist() == [b"fd", b"fd"] and live["hvp"].tolist() == [b"autograd", b"autograd"]
+    np.testing.assert_allclose(ph["eigenvalues"][:, 0], live["eigenvalues"][:, 0], rtol=2 * 100 * 2.0 ** (-48 / 3))

@@ -231,7 +231,8 @@ def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
     """The Hessian operator by the route ``hvp``: ``"autograd"`` (double backward,
     :class:`HessianOperator`) or ``"fd"`` (central differences of gradients,
     :class:`FiniteDifferenceHessian`; ``seed`` fixes its dropout mask in train mode).  ``"auto"``
-    is decided by :class:`CurvatureProbe` (autograd, FD when the first product fails)."""
+    is decided by :class:`CurvatureProbe` (autograd, FD when its first product fails or disagrees
+    with FD)."""
     if hvp not in ("autograd", "fd"):
         raise PhasewatchError(f"hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
     if hvp == "fd":
@@ -625,8 +626,11 @@ class CurvatureProbe:
         ``ntk_method`` as in :func:`ntk_gram` (``auto`` is decided once, at the first probe).
     optimizer: used for the stability threshold and, for Adam-type optimizers, the preconditioner.
     hvp: ``"autograd"`` (double backward), ``"fd"`` (central differences of two gradients, no kept
-        graph, any kernel) or ``"auto"`` (default: autograd; if its first product fails, e.g. a
-        kernel with no double backward, FD for this and every later probe, said once in the log).
+        graph, any kernel) or ``"auto"`` (default: autograd, checked every probe against one FD
+        product along the top eigenvector (column ``hvp_check``); if its first product fails, e.g. a
+        kernel with no double backward, or the two disagree beyond FD's own error, e.g. a
+        ``once_differentiable`` kernel whose double backward silently drops terms, FD for this and
+        every later probe, said once in the log).
         The route used is stored in every row (column ``hvp``).  On FD products Lanczos stops at
         ``max(tol, op.noise_floor)`` (100·u^{2/3}: 2.4e-3 float32, 3.7e-9 float64), the accuracy FD
         products can give.

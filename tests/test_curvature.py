@@ -854,3 +854,29 @@ def test_cli_posthoc_by_finite_differences(tmp_path):
     live = open_run(run).table("curvature")
     assert ph["hvp"].tolist() == [b"fd", b"fd"] and live["hvp"].tolist() == [b"autograd", b"autograd"]
     np.testing.assert_allclose(ph["eigenvalues"][:, 0], live["eigenvalues"][:, 0], rtol=2 * 100 * 2.0 ** (-48 / 3))
+
+
+def test_training_keeps_its_attention_kernels_after_a_probe():
+    """The math backend and the MHA fast-path switch are the probe's only: after a probe, plain
+    SDPA chooses what it chose before (on this CPU torch: the fused kernel, whose double backward
+    raises — the state training must get back), and the fast path is enabled again."""
+    q = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+
+    def plain_double_backward_fails():
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        try:
+            torch.autograd.grad(g.sum(), q)
+        except RuntimeError:
+            return True
+        return False
+
+    before = plain_double_backward_fails()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (2, 8), generator=gen)
+    gpt = _LM(_tiny_gpt2()).double()
+    op = cv.HessianOperator(gpt, _lm_loss, (ids, ids))
+    cv.lanczos(op, op.n, tol=1e-4)
+    assert plain_double_backward_fails() == before
+    assert torch.backends.mha.get_fastpath_enabled() == fast

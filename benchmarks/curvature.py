@@ -25,6 +25,7 @@ default settings.  Trace: on a smaller MLP whose exact trace is computed from P 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,41 @@ def hvp_costs(name, model, loss_fn, batch, reps=7):
     dt = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"{name:10} {dt:8} {op.n:9d} | {t_grad * 1e3:8.2f} {t_setup / t_grad:6.2f} {t_ag / t_grad:6.2f} "
           f"{t_fd / t_grad:6.2f} | {err_v:8.1e} {err_y:8.1e} | {it * 1e3:8.2f} {it / it_hvp:6.3f} ({top.n_matvec} HVPs)")
+    pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps)
+
+
+def pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps):
+    """PyHessian on the same model and batch (if installed): its HVP ÷ the gradient, its power
+    iteration's time per iteration ÷ its HVP, and ours ÷ its, per HVP and per iteration."""
+    try:
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+    except ImportError:
+        return
+    was = model.training
+    note = ""
+    for attempt in range(2):
+        # as PyHessian runs (fused attention: its double backward raises), then inside our math context
+        ctx = cv.double_differentiable_attention() if attempt else contextlib.nullcontext()
+        try:
+            with ctx:
+                h = hessian(model, loss_fn, data=batch, cuda=False)
+                parts = list(torch.split(v, [p.numel() for p in h.params]))
+                vs = [x.view(p.shape).to(p.dtype) for x, p in zip(parts, h.params)]
+                t_hvp = _cpu_median(lambda h=h, vs=vs: hessian_vector_product(h.gradsH, h.params, vs), reps)
+                n_it = 30
+                torch.manual_seed(1)
+                t0 = time.process_time()
+                h.eigenvalues(maxIter=n_it, tol=0.0)  # tol 0: exactly n_it power iterations
+                t_it = (time.process_time() - t0) / n_it
+            break
+        except RuntimeError as e:
+            note = f" (as shipped it fails: {str(e).splitlines()[0][:70]}; timed in the math backend)"
+        finally:
+            model.zero_grad(set_to_none=True)  # PyHessian leaves the create_graph gradient in .grad
+            model.train(was)
+    print(f"{'  PyHessian':19} {'':9} | {'':8} {'':6} {t_hvp / t_grad:6.2f} {'':6} | {'':17} | {t_it * 1e3:8.2f} "
+          f"{t_it / t_hvp:6.3f}   ours/PyHessian: HVP {t_ag / t_hvp:.2f}, iteration {it / t_it:.2f}{note}")
 
 
 def power_iteration_hvps(op, ref, target, cap=4000, seed=1):

@@ -896,3 +896,17 @@ def test_fd_lambda_max_of_a_gpt2_within_its_bound():
     assert abs(r.lambda_max - lam) <= r.residuals[0] + 10 * max(fd.error_estimates)
     assert abs(r.lambda_max - lam) <= 1e-7 * lam
     assert max(fd.steps) < fd.rel_step * max(fd.theta_norm, 1.0)  # step control shortened the a-priori step
+
+
+def test_an_unknown_hvp_route_is_a_one_line_error(tmp_path):
+    from phasewatch import Recorder
+    from phasewatch.errors import RecorderError
+
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    batch = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RecorderError, match="curvature_hvp='exact': use one of autograd, fd, auto"):
+        Recorder(tmp_path / "a", m, opt, curvature_every=2, curvature_batch=batch,
+                 curvature_loss=torch.nn.functional.cross_entropy, curvature_hvp="exact")
+    with pytest.raises(PhasewatchError, match="hvp='auto'"):
+        cv.hessian_operator(m, torch.nn.functional.cross_entropy, batch, hvp="auto")

@@ -223,7 +223,8 @@ def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
     is decided by :class:`CurvatureProbe` (autograd, FD when its first product fails or disagrees
     with FD)."""
     if hvp not in ("autograd", "fd"):
-        raise PhasewatchError(f"hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
+        raise PhasewatchError(f"hvp={hvp!r}: hessian_operator takes 'autograd' or 'fd' ('auto' is the probe's "
+                              "choice between them: CurvatureProbe(hvp='auto'))")
     if hvp == "fd":
         return FiniteDifferenceHessian(model, loss_fn, batch, params=params, mode=mode, seed=seed)
     return HessianOperator(model, loss_fn, batch, params=params, mode=mode)

@@ -910,3 +910,24 @@ def test_an_unknown_hvp_route_is_a_one_line_error(tmp_path):
                  curvature_loss=torch.nn.functional.cross_entropy, curvature_hvp="exact")
     with pytest.raises(PhasewatchError, match="hvp='auto'"):
         cv.hessian_operator(m, torch.nn.functional.cross_entropy, batch, hvp="auto")
+
+
+def test_train_mode_probe_same_masks_for_both_routes_and_training_rng_untouched():
+    """Train mode with dropout: autograd and FD operators built with the same seed see the same
+    masks (the auto check then measures only FD's error, ≤ 10·u^{2/3}·‖H‖/λ_max in float64, and
+    keeps autograd), and a probe leaves training's random stream where it was."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                            torch.nn.Linear(16, 3)).double()
+    x, y = _data()
+    ce = torch.nn.functional.cross_entropy
+    ev = np.linalg.eigvalsh(cv.HessianOperator(m, ce, (x, y), mode="train", seed=5).dense())
+    p = cv.CurvatureProbe(m, list(m.parameters()), loss_fn=ce, batch=(x, y), mode="train")
+    state = torch.random.get_rng_state()
+    row = p.hessian_row(5, 0.1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # the same mask as the dense operator with seed 5 (the probe's seed is its step); Weyl: the error
+    # is at most the measured residual, which a converged row holds below 10·tol·λ
+    assert row["hvp"] == b"autograd" and row["converged"] == 1
+    assert abs(row["eigenvalues"][0] - ev[-1]) <= row["residuals"][0] <= 10 * 1e-6 * ev[-1]
+    assert row["hvp_check"] <= 10 * (2.0 ** -53) ** (2 / 3) * np.abs(ev).max() / ev[-1]

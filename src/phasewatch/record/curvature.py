@@ -53,6 +53,7 @@ from .hvp import (  # noqa: F401  (model_mode, double_differentiable_attention: 
     chunk_weights,
     double_differentiable_attention,
     model_mode,
+    seeded_randomness,
 )
 from .ntk import NTKResult, choose_ntk_method, ntk_gram  # noqa: F401  (re-exported)
 
@@ -127,8 +128,9 @@ class HessianOperator:
         chunks: H is then the size-weighted mean of the chunks' Hessians (each chunk's gradient
         graph is kept, so memory grows with the number of chunks).
     mode: ``"eval"`` (default: deterministic, no dropout, BatchNorm with running statistics) or
-        ``"train"`` (the loss as training optimises it; a dropout mask is drawn once and fixed for
-        every product, so the operator stays symmetric).  Stated in :attr:`mode`.
+        ``"train"`` (the loss as training optimises it; a dropout mask is drawn once, from ``seed``
+        on a forked generator (training's random stream is untouched), and fixed for every product,
+        so the operator stays symmetric).  Stated in :attr:`mode`.
 
     Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
     eigenvalue to ~1e-6, float64 models reach ~1e-12.  The forward and every product run inside
@@ -140,7 +142,7 @@ class HessianOperator:
     route = "autograd"
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
-                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval"):
+                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval", seed: int = 0):
         self.model = model
         self.mode = mode
         self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -157,7 +159,8 @@ class HessianOperator:
         # the forward runs on copies of the buffers: a train-mode forward updates BatchNorm running
         # statistics in place, which must neither change the model nor the kept graph
         tensors = {n: p for n, p in model.named_parameters()}
-        with model_mode(model, mode, restore_buffers=False), torch.enable_grad(), double_differentiable_attention():
+        with model_mode(model, mode, restore_buffers=False), torch.enable_grad(), \
+                double_differentiable_attention(), seeded_randomness(mode, seed, self.device):
             for (inputs, targets), w in zip(chunks, self.weights):
                 buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
                 out = functional_call(model, (tensors, buffers), _as_args(inputs))
@@ -219,7 +222,8 @@ def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
                      seed: int = 0) -> HessianOperator | FiniteDifferenceHessian:
     """The Hessian operator by the route ``hvp``: ``"autograd"`` (double backward,
     :class:`HessianOperator`) or ``"fd"`` (central differences of gradients,
-    :class:`FiniteDifferenceHessian`; ``seed`` fixes its dropout mask in train mode).  ``"auto"``
+    :class:`FiniteDifferenceHessian`; ``seed`` fixes the dropout masks in train mode, the same for
+    both routes).  ``"auto"``
     is decided by :class:`CurvatureProbe` (autograd, FD when its first product fails or disagrees
     with FD)."""
     if hvp not in ("autograd", "fd"):
@@ -227,7 +231,7 @@ def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
                               "choice between them: CurvatureProbe(hvp='auto'))")
     if hvp == "fd":
         return FiniteDifferenceHessian(model, loss_fn, batch, params=params, mode=mode, seed=seed)
-    return HessianOperator(model, loss_fn, batch, params=params, mode=mode)
+    return HessianOperator(model, loss_fn, batch, params=params, mode=mode, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------

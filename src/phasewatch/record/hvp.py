@@ -113,6 +113,21 @@ def double_differentiable_attention():
         yield
 
 
+@contextlib.contextmanager
+def seeded_randomness(mode: str, seed: int, device: torch.device):
+    """Train mode: the forward's randomness (dropout masks) drawn from ``seed`` on a forked
+    generator, so every operator of a probe (autograd and FD, each FD gradient) sees the same masks
+    and training's random stream is left as it was; attention then runs in the math backend too,
+    whose dropout draws differ from the fused kernels'.  Eval mode: nothing changes."""
+    if mode != "train":
+        yield
+        return
+    devs = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devs), double_differentiable_attention():
+        torch.manual_seed(int(seed))
+        yield
+
+
 def chunk_weights(batch: Any) -> tuple[list, list[float]]:
     """The probe batch as a list of ``(inputs, targets)`` chunks and their size weights (sum 1)."""
     chunks = batch if isinstance(batch, list) else [batch]
@@ -158,8 +173,9 @@ class FiniteDifferenceHessian:
     from a saved clone after every gradient (bit-exact, never θ + εv − εv); through ``.data``, so
     a graph kept elsewhere on the same parameters stays valid.  Buffers (BatchNorm running
     statistics) are restored after every forward, as the autograd route leaves them.  In train
-    mode the random number generator is reset to ``seed`` before every forward, so each gradient
-    sees the same dropout mask (the operator stays symmetric up to the error above).
+    mode every forward draws its randomness from ``seed`` (:func:`seeded_randomness`), so each
+    gradient sees the same dropout masks as the others and as a :class:`HessianOperator` built with
+    the same seed (the operator stays symmetric up to the error above).
     ``rel_step`` fixes ε = rel_step·max(‖θ‖, 1)/‖v‖ instead (no step control).
     """
 
@@ -216,9 +232,6 @@ class FiniteDifferenceHessian:
         """The a-priori step ε₀ for a product with v: rel_step · max(‖θ‖, 1) / ‖v‖."""
         return self.rel_step * self._scale / float(torch.linalg.vector_norm(v))
 
-    def _rng(self) -> contextlib.AbstractContextManager:
-        devs = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devs) if self.mode == "train" else contextlib.nullcontext()
 
     def _gradient_at(self, delta: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """(∇L, L) at θ + delta (delta flat float64, or None for θ); θ is restored bit-exactly."""
@@ -233,9 +246,8 @@ class FiniteDifferenceHessian:
                     for p, t, d in zip(self.params, self._theta, _unflat_f64(delta, self.params)):
                         p.data.copy_((t.to(torch.float64) + d).to(p.dtype))
             for (inputs, targets), w in zip(self.chunks, self.weights):
-                with model_mode(self.model, self.mode), torch.enable_grad(), self._rng():
-                    if self.mode == "train":
-                        torch.manual_seed(self.seed)
+                with model_mode(self.model, self.mode), torch.enable_grad(), \
+                        seeded_randomness(self.mode, self.seed, self.device):
                     loss = self.loss_fn(self.model(*_as_args(inputs)), targets)
                     if loss.dim() != 0:
                         raise PhasewatchError("loss_fn must return the scalar mean loss of the batch")

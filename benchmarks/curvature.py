@@ -1,8 +1,15 @@
 """λ_max and trace: phasewatch (Lanczos, Hutchinson with a t-interval) against PyHessian (power
 iteration, Hutchinson with a relative-change stop), side by side on the same model and batch.
 
-    pip install pyhessian          # only for this benchmark
-    python benchmarks/curvature.py [--quick]
+    pip install pyhessian          # only for the side-by-side part (skipped if absent)
+    python benchmarks/curvature.py [--quick] [--no-cost]
+
+First the cost of the products themselves, measured side by side in one run (CPU time of this
+process, one thread, median of repeats; CPU time is what a loaded machine does not inflate): HVP
+time ÷ gradient time, by double backward (autograd) and by central differences (fd; its measured
+error against autograd along a random vector and along the top eigenvector), on the tanh MLP and on
+a small GPT-2 (transformers, built from a config, float32); a Lanczos iteration ÷ its HVP; HVPs to
+1e-3 / 1e-6 relative error by Lanczos and by power iteration on the same operator.
 
 Cases (float64 models, so 1e-6 relative is well above round-off):
   * eos: the tanh MLP 64-200-200-10 of examples/edge_of_stability.py after full-batch GD with
@@ -18,6 +25,7 @@ default settings.  Trace: on a smaller MLP whose exact trace is computed from P 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -91,14 +99,176 @@ def pyhessian_to_accuracy(model, loss_fn, batch, ref, target=1e-6, cap=4000):
     return hi, dt, e
 
 
+def _cpu_median(fn, reps: int = 7) -> float:
+    """Median CPU seconds of ``fn()`` over ``reps`` calls, after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        ts.append(time.process_time() - t0)
+    return float(np.median(ts))
+
+
+def _gradient_fn(model, loss_fn, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad():
+        return torch.autograd.grad(loss_fn(model(batch[0]), batch[1]), params)
+
+    return grad
+
+
+def _small_gpt2():
+    """A small GPT-2 from a config (no download) and a batch of token ids, float32; None without
+    transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=512, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, ids):
+            return self.hf(input_ids=ids).logits
+
+    def lm_loss(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    return LM(), lm_loss, (ids, ids)
+
+
+def hvp_costs(name, model, loss_fn, batch, reps=7):
+    """One line: gradient time, autograd HVP ÷ gradient, FD HVP ÷ gradient and its error, Lanczos
+    iteration ÷ its HVP (the products timed inside Lanczos, the rest is its bookkeeping)."""
+    t_grad = _cpu_median(_gradient_fn(model, loss_fn, batch), reps)
+    t0 = time.process_time()
+    op = cv.HessianOperator(model, loss_fn, batch)
+    t_setup = time.process_time() - t0
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(op.n, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    t_ag = _cpu_median(lambda: op.matvec(v), reps)
+    fd = cv.FiniteDifferenceHessian(model, loss_fn, batch)
+    t_fd = _cpu_median(lambda: fd.matvec(v), reps)
+    spent = []
+
+    def timed(x):
+        t1 = time.process_time()
+        r = op.matvec(x)
+        spent.append(time.process_time() - t1)
+        return r
+
+    per_it = []
+    for _ in range(3):
+        spent.clear()
+        t1 = time.process_time()
+        top = cv.lanczos(timed, op.n, tol=1e-6, max_iter=60, seed=1, return_vectors=True)
+        per_it.append(((time.process_time() - t1) / top.n_matvec, float(np.mean(spent))))
+    it, it_hvp = np.median(per_it, axis=0)
+    hv = op.matvec(v)
+    y = top.eigenvectors[0]
+    err_v = float((fd.matvec(v) - hv).norm()) / abs(top.lambda_max)
+    err_y = float((fd.matvec(y) - op.matvec(y)).norm()) / abs(top.lambda_max)
+    dt = str(next(model.parameters()).dtype).replace("torch.", "")
+    print(f"{name:10} {dt:8} {op.n:9d} | {t_grad * 1e3:8.2f} {t_setup / t_grad:6.2f} {t_ag / t_grad:6.2f} "
+          f"{t_fd / t_grad:6.2f} | {err_v:8.1e} {err_y:8.1e} | {it * 1e3:8.2f} {it / it_hvp:6.3f} ({top.n_matvec} HVPs)")
+    pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps)
+
+
+def pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps):
+    """PyHessian on the same model and batch (if installed): its HVP ÷ the gradient, its power
+    iteration's time per iteration ÷ its HVP, and ours ÷ its, per HVP and per iteration."""
+    try:
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+    except ImportError:
+        return
+    was = model.training
+    note = ""
+    for attempt in range(2):
+        # as PyHessian runs (fused attention: its double backward raises), then inside our math context
+        ctx = cv.double_differentiable_attention() if attempt else contextlib.nullcontext()
+        try:
+            with ctx:
+                h = hessian(model, loss_fn, data=batch, cuda=False)
+                parts = list(torch.split(v, [p.numel() for p in h.params]))
+                vs = [x.view(p.shape).to(p.dtype) for x, p in zip(parts, h.params)]
+                t_hvp = _cpu_median(lambda h=h, vs=vs: hessian_vector_product(h.gradsH, h.params, vs), reps)
+                n_it = 30
+                torch.manual_seed(1)
+                t0 = time.process_time()
+                h.eigenvalues(maxIter=n_it, tol=0.0)  # tol 0: exactly n_it power iterations
+                t_it = (time.process_time() - t0) / n_it
+            break
+        except RuntimeError as e:
+            note = f" (as shipped it fails: {str(e).splitlines()[0][:70]}; timed in the math backend)"
+        finally:
+            model.zero_grad(set_to_none=True)  # PyHessian leaves the create_graph gradient in .grad
+            model.train(was)
+    print(f"{'  PyHessian':19} {'':9} | {'':8} {'':6} {t_hvp / t_grad:6.2f} {'':6} | {'':17} | {t_it * 1e3:8.2f} "
+          f"{t_it / t_hvp:6.3f}   ours/PyHessian: HVP {t_ag / t_hvp:.2f}, iteration {it / t_it:.2f}{note}")
+
+
+def power_iteration_hvps(op, ref, target, cap=4000, seed=1):
+    """HVPs until the Rayleigh quotient vᵀHv of power iteration is within ``target`` of ``ref``."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(op.n, generator=gen, dtype=torch.float64)
+    v /= v.norm()
+    for i in range(1, cap + 1):
+        hv = op.matvec(v)
+        if abs(float(v @ hv) - ref) <= target * abs(ref):
+            return i
+        v = hv / hv.norm()
+    return None
+
+
+def cost_section(quick: bool) -> None:
+    torch.set_num_threads(1)
+    print(f"{'model':10} {'dtype':8} {'P':>9} | {'grad ms':>8} {'setup':>6} {'HVP':>6} {'FD HVP':>6} | "
+          f"{'FD err v':>8} {'FD err y':>8} | {'iter ms':>8} {'it/HVP':>6}")
+    print(f"{'':10} {'':8} {'':9} | {'':8} {'(all ÷ one gradient)':>20} | {'(÷ lambda_max)':>17} | (Lanczos)")
+    mlp64, batch64 = eos_model(0)
+    hvp_costs("tanh MLP", mlp64, mse, batch64)
+    mlp32 = eos_model(0)[0].float()
+    hvp_costs("tanh MLP", mlp32, mse, (batch64[0].float(), batch64[1].float()))
+    gpt = _small_gpt2()
+    if gpt is None:
+        print("small GPT-2: transformers is not installed (pip install phasewatch[hf]); skipped")
+    else:
+        hvp_costs("GPT-2", *gpt, reps=3)
+    model, batch = eos_model(400 if quick else 800)
+    op = cv.HessianOperator(model, mse, batch)
+    ref = cv.lanczos(op, op.n, k=2, tol=1e-12, max_iter=300, seed=7)
+    print(f"\nHVPs to a relative error of lambda_max (EoS MLP, lambda_max {ref.lambda_max:.6f}, "
+          f"l2/l1 {ref.eigenvalues[1] / ref.lambda_max:.4f}):")
+    for target in (1e-3, 1e-6):
+        n_l = ours_to_accuracy(op, ref.lambda_max, target)[0]
+        n_p = power_iteration_hvps(op, ref.lambda_max, target)
+        print(f"  {target:.0e}: Lanczos {n_l} HVPs, power iteration {n_p if n_p else '>4000'} HVPs")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer GD steps before the EoS case")
+    ap.add_argument("--no-cost", action="store_true", help="skip the per-product cost section")
     a = ap.parse_args()
+    if not a.no_cost:
+        cost_section(a.quick)
     try:
         import pyhessian  # noqa: F401
     except ImportError:
-        print("pyhessian is not installed: pip install pyhessian (only this benchmark needs it)")
+        print("pyhessian is not installed: pip install pyhessian for the side-by-side comparison; skipped")
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loss_fn = mse

@@ -24,22 +24,27 @@ from .analysis.curvature import (
 from .record.curvature import (
     CurvatureProbe,
     EigenResult,
+    FiniteDifferenceHessian,
     HessianOperator,
     NTKResult,
     TraceResult,
     adam_preconditioner,
     choose_ntk_method,
+    double_differentiable_attention,
+    hessian_operator,
     hutchinson_trace,
     lanczos,
     model_mode,
     ntk_gram,
     preconditioned_operator,
+    update_curvature,
 )
 from .record.posthoc import load_theta, posthoc
 
 __all__ = [
-    "CriticalityConstants", "CurvatureProbe", "EigenResult", "HessianOperator", "NTKResult", "Threshold",
-    "TraceResult", "adam_preconditioner", "choose_ntk_method", "criticality", "hutchinson_trace",
+    "CriticalityConstants", "CurvatureProbe", "EigenResult", "FiniteDifferenceHessian", "HessianOperator",
+    "NTKResult", "Threshold", "TraceResult", "adam_preconditioner", "choose_ntk_method", "criticality",
+    "double_differentiable_attention", "hessian_operator", "hutchinson_trace",
     "intelligence_coefficient", "lanczos", "load_theta", "model_mode", "ntk_gram", "ntk_logdet", "optimal_lr",
-    "posthoc", "preconditioned_operator", "stability_margin", "stability_threshold",
+    "posthoc", "preconditioned_operator", "stability_margin", "stability_threshold", "update_curvature",
 ]

@@ -233,11 +233,17 @@ def curvature_columns(
             of == "preconditioned", np.where(np.isfinite(hess["pre_lambda"]), "preconditioned", "unavailable"),
             "lambda_max")
         out["eta_opt"] = optimal_lr(out["lambda_max"], d)
+        # how the products were computed; runs recorded before the column were all double backward
+        out["hvp"] = np.full(n, "", dtype=object)
+        out["hvp"][np.searchsorted(steps, hs)] = _decode(hess["hvp"]) if "hvp" in hess else "autograd"
+        out["u_curvature"] = put(hs, hess["u_curvature"]) if "u_curvature" in hess else np.full(n, np.nan)
     else:
         for c in ("lr", "lambda_max", "lambda_residual", "hvps", "converged", "trace", "trace_lo", "trace_hi",
                   "pre_lambda", "loss", "threshold", "S", "eta_opt"):
             out[c] = np.full(n, np.nan)
         out["S_of"] = np.full(n, "", dtype=object)
+        out["hvp"] = np.full(n, "", dtype=object)
+        out["u_curvature"] = np.full(n, np.nan)
     if lr_steps is not None and len(lr_steps):
         miss = ~np.isfinite(out["lr"])
         out["lr"][miss] = align(steps[miss], lr_steps, lr_values)

@@ -68,7 +68,7 @@ def cmd_curvature(a: argparse.Namespace) -> int:
     if a.trace:
         trace = "adaptive" if a.trace == "adaptive" else int(a.trace)
     dst = posthoc(a.run, model, batch, _loss(a.loss) if batch is not None else None, steps=steps, out=a.out,
-                  top_k=a.topk, tol=a.tol, trace=trace, mode=a.mode, ntk_inputs=ntk, overwrite=a.overwrite,
+                  top_k=a.topk, tol=a.tol, trace=trace, mode=a.mode, ntk_inputs=ntk, overwrite=a.overwrite, hvp=a.hvp,
                   progress=lambda m: print("  " + m, flush=True))
     print(f"wrote {dst} (phasewatch analyze/plot/report on the run include it)")
     return 0
@@ -94,6 +94,9 @@ def register(sub) -> None:
     s.add_argument("--tol", type=float, default=1e-6, help="Lanczos residual tolerance, relative (1e-6)")
     s.add_argument("--trace", help="Hutchinson probes: an int, or 'adaptive' (default: no trace)")
     s.add_argument("--mode", choices=["eval", "train"], default="eval", help="model mode for the loss (eval)")
+    s.add_argument("--hvp", choices=["auto", "autograd", "fd"], default="auto",
+                   help="Hessian-vector products: double backward (autograd), central differences of "
+                        "gradients (fd), or autograd checked against fd and replaced by it if it fails (auto)")
     s.add_argument("--out", "-o", help="output run (default RUN/posthoc, or RUN.h5.posthoc for a packed run)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_curvature)

@@ -20,7 +20,11 @@ Everything here works on a *fixed probe batch* and a model as it is now (DEFINIT
   ("Adaptive gradient methods at the edge of stability", arXiv:2207.14484).
 * :func:`ntk_gram` — the empirical NTK Gram K = J Jᵀ / n on a fixed set of n inputs with
   ``torch.func``, by Jacobian contraction or by NTK-vector products (Novak et al. 2022, "Fast
-  finite width neural tangent kernel"), ``method="auto"`` timing both once and keeping the faster.
+  finite width neural tangent kernel"), ``method="auto"`` timing both once and keeping the faster
+  (in :mod:`phasewatch.record.ntk`, re-exported here).
+* Hessian-vector products by double backward (:class:`HessianOperator`) or by central differences
+  of gradients (:class:`~phasewatch.record.hvp.FiniteDifferenceHessian`), chosen per probe
+  (``hvp="auto"``); the curvature along the optimizer's update (:func:`update_curvature`).
 
 The thresholds that turn λ_max into a stability margin are in
 :mod:`phasewatch.analysis.curvature` (numpy; shared with the analyzer).
@@ -28,7 +32,7 @@ The thresholds that turn λ_max into a stability margin are in
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +44,21 @@ import torch
 from scipy import stats
 
 from ..errors import PhasewatchError
+from .hvp import (  # noqa: F401  (model_mode, double_differentiable_attention: re-exported)
+    HVP_ROUTES,
+    FiniteDifferenceHessian,
+    _as_args,
+    _flat,
+    _unflat,
+    chunk_weights,
+    double_differentiable_attention,
+    model_mode,
+    seeded_randomness,
+)
+from .ntk import NTKResult, choose_ntk_method, ntk_gram  # noqa: F401  (re-exported)
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger("phasewatch")
 
 WHICH = ("LA", "SA", "LM")
 
@@ -98,63 +115,6 @@ class TraceResult:
     convention: str = "Hutchinson, Rademacher probes, Student-t interval"
 
 
-@dataclass
-class NTKResult:
-    """Empirical NTK Gram on a fixed probe set.
-
-    gram: (m, m) float64; m = n (``outputs="trace"``: K_ij = Σ_a ⟨∂f_a(x_i), ∂f_a(x_j)⟩ / n) or
-    n·c (``outputs="full"``: one row per (input, output) pair, input-major), divided by n.
-    """
-
-    gram: np.ndarray
-    method: str
-    outputs: str
-    n_inputs: int
-    n_outputs: int
-    seconds: float
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-def _flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-                      for t, p in zip(tensors, like)])
-
-
-def _unflat(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out, o = [], 0
-    for p in like:
-        n = p.numel()
-        out.append(v[o: o + n].view(p.shape).to(p.dtype))
-        o += n
-    return out
-
-
-def _as_args(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-@contextlib.contextmanager
-def model_mode(model: torch.nn.Module, mode: str, restore_buffers: bool = True):
-    """Put ``model`` in ``"train"`` or ``"eval"`` mode for the block; restore every module's flag
-    and (unless told not to) every buffer (a train-mode forward updates BatchNorm running
-    statistics) afterwards."""
-    if mode not in ("train", "eval"):
-        raise PhasewatchError(f"mode={mode!r}: use 'train' or 'eval'")
-    flags = [(m, m.training) for m in model.modules()]
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if restore_buffers else {}
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in saved:
-                    b.copy_(saved[n])
-
-
 # ----------------------------------------------------------------------------------------------
 # the Hessian as an operator
 class HessianOperator:
@@ -168,15 +128,21 @@ class HessianOperator:
         chunks: H is then the size-weighted mean of the chunks' Hessians (each chunk's gradient
         graph is kept, so memory grows with the number of chunks).
     mode: ``"eval"`` (default: deterministic, no dropout, BatchNorm with running statistics) or
-        ``"train"`` (the loss as training optimises it; a dropout mask is drawn once and fixed for
-        every product, so the operator stays symmetric).  Stated in :attr:`mode`.
+        ``"train"`` (the loss as training optimises it; a dropout mask is drawn once, from ``seed``
+        on a forked generator (training's random stream is untouched), and fixed for every product,
+        so the operator stays symmetric).  Stated in :attr:`mode`.
 
     Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
-    eigenvalue to ~1e-6, float64 models reach ~1e-12.
+    eigenvalue to ~1e-6, float64 models reach ~1e-12.  The forward and every product run inside
+    :func:`~phasewatch.record.hvp.double_differentiable_attention` (the math SDPA backend), so
+    attention layers differentiate twice; a kernel with no double backward elsewhere fails at
+    the first product, where ``hvp="auto"`` switches to :class:`FiniteDifferenceHessian`.
     """
 
+    route = "autograd"
+
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
-                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval"):
+                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval", seed: int = 0):
         self.model = model
         self.mode = mode
         self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -184,15 +150,7 @@ class HessianOperator:
             raise PhasewatchError("HessianOperator: the model has no parameters that require grad")
         self.n = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
-        chunks = batch if isinstance(batch, list) else [batch]
-        sizes = []
-        for c in chunks:
-            if not (isinstance(c, (tuple, list)) and len(c) == 2):
-                raise PhasewatchError("batch must be (inputs, targets) or a list of such pairs")
-            x = _as_args(c[0])[0]
-            sizes.append(x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 1)
-        total = float(sum(sizes))
-        self.weights = [s / total for s in sizes]
+        chunks, self.weights = chunk_weights(batch)
         self.n_matvec = 0
         self._grads: list[tuple[torch.Tensor, ...]] = []
         loss_sum = 0.0
@@ -201,7 +159,8 @@ class HessianOperator:
         # the forward runs on copies of the buffers: a train-mode forward updates BatchNorm running
         # statistics in place, which must neither change the model nor the kept graph
         tensors = {n: p for n, p in model.named_parameters()}
-        with model_mode(model, mode, restore_buffers=False), torch.enable_grad():
+        with model_mode(model, mode, restore_buffers=False), torch.enable_grad(), \
+                double_differentiable_attention(), seeded_randomness(mode, seed, self.device):
             for (inputs, targets), w in zip(chunks, self.weights):
                 buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
                 out = functional_call(model, (tensors, buffers), _as_args(inputs))
@@ -219,16 +178,21 @@ class HessianOperator:
         """H v for a flat vector v (any float dtype, any device); returns float64 on the params'
         device."""
         vs = _unflat(v.to(self.device), self.params)
-        out = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        out = None  # the first chunk's product, accumulated in place (no P-sized temporaries)
         for g, w in zip(self._grads, self.weights):
             live = [(gi, vi, pi) for gi, vi, pi in zip(g, vs, self.params) if gi is not None and gi.requires_grad]
             if not live:
                 continue  # the gradient does not depend on θ: H = 0 on this chunk
-            hv = torch.autograd.grad([x[0] for x in live], self.params, grad_outputs=[x[1] for x in live],
-                                     retain_graph=True, allow_unused=True)
-            out += w * _flat(hv, self.params, torch.float64)
+            with double_differentiable_attention():
+                hv = torch.autograd.grad([x[0] for x in live], self.params, grad_outputs=[x[1] for x in live],
+                                         retain_graph=True, allow_unused=True)
+            flat = _flat(hv, self.params, torch.float64)
+            if out is None:
+                out = flat.mul_(w) if w != 1.0 else flat
+            else:
+                out.add_(flat, alpha=w)
         self.n_matvec += 1
-        return out
+        return out if out is not None else torch.zeros(self.n, dtype=torch.float64, device=self.device)
 
     __call__ = matvec
 
@@ -239,6 +203,37 @@ class HessianOperator:
         return (h + h.T) / 2
 
 
+def update_curvature(op: Matvec, u: torch.Tensor) -> float:
+    """The curvature of the loss along a direction, κ_u = uᵀHu / uᵀu (units of H: 1/η for a loss), by
+    one product of the operator (one HVP, or two gradients for finite differences).  For u = the
+    optimizer's last update this is the "directional sharpness" the update sees (cf. Kalra et al.
+    2026, arXiv:2601.16979); by the Rayleigh–Ritz bound λ_min ≤ κ_u ≤ λ_max.  NaN when u = 0 or is
+    not finite."""
+    u = u.detach().to(torch.float64)
+    uu = float(u @ u)
+    if not (uu > 0 and math.isfinite(uu)):
+        return float("nan")
+    hu = op(u)
+    return float(hu.to(u.device, torch.float64) @ u) / uu
+
+
+def hessian_operator(model: torch.nn.Module, loss_fn: Callable, batch: Any,
+                     params: Sequence[torch.Tensor] | None = None, mode: str = "eval", hvp: str = "autograd",
+                     seed: int = 0) -> HessianOperator | FiniteDifferenceHessian:
+    """The Hessian operator by the route ``hvp``: ``"autograd"`` (double backward,
+    :class:`HessianOperator`) or ``"fd"`` (central differences of gradients,
+    :class:`FiniteDifferenceHessian`; ``seed`` fixes the dropout masks in train mode, the same for
+    both routes).  ``"auto"``
+    is decided by :class:`CurvatureProbe` (autograd, FD when its first product fails or disagrees
+    with FD)."""
+    if hvp not in ("autograd", "fd"):
+        raise PhasewatchError(f"hvp={hvp!r}: hessian_operator takes 'autograd' or 'fd' ('auto' is the probe's "
+                              "choice between them: CurvatureProbe(hvp='auto'))")
+    if hvp == "fd":
+        return FiniteDifferenceHessian(model, loss_fn, batch, params=params, mode=mode, seed=seed)
+    return HessianOperator(model, loss_fn, batch, params=params, mode=mode, seed=seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Lanczos
 def _pick(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -247,6 +242,42 @@ def _pick(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     if which == "SA":
         return np.argsort(theta, kind="stable")[:k]
     return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def _orthogonalise(w: torch.Tensor, v: torch.Tensor, beta_prev: float) -> tuple[torch.Tensor, float, float]:
+    """The three-term recurrence w = Aq_j − α_j q_j − β_{j−1} q_{j−1}, then one classical
+    Gram–Schmidt pass w ← w − V(Vᵀw) against the whole basis V = [q_0 … q_j] (rows), and a second
+    pass only when the first cancelled more than 1/√2 of ‖w‖ (Daniel, Gragg, Kaufman & Stewart
+    1976: orthogonality to O(u) either way; "twice is enough").  After the recurrence w is
+    orthogonal to V up to rounding, so the second pass is rare; each pass reads the basis twice
+    (one GEMV each way), the cost that dominates an iteration beside the product.  The pass's
+    correction to α_j is added to it.  ``w`` is updated in place.  Returns (w, α_j, β_j = ‖w‖)."""
+    q = v[-1]
+    alpha = float(w @ q)
+    # in place: a fresh vector per operation costs more than the operation (a P-sized allocation
+    # is an mmap + page faults: 0.34 ms for w − αq at P = 55k against 0.01 ms for the dot product)
+    w.sub_(q, alpha=alpha)
+    if v.shape[0] > 1:
+        w.sub_(v[-2], alpha=beta_prev)
+    beta = float(torch.linalg.vector_norm(w))
+    for _ in range(2):
+        before = beta
+        h = torch.mv(v, w)
+        w.addmv_(v.T, h, alpha=-1)
+        alpha += float(h[-1])
+        beta = float(torch.linalg.vector_norm(w))
+        if beta >= 0.7071 * before:
+            break
+    return w, alpha, beta
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the Lanczos tridiagonal T_m (diagonal α, off-diagonal β), ascending."""
+    if len(alphas) == 1:
+        return np.asarray(alphas, dtype=float), np.ones((1, 1))
+    from scipy.linalg import eigh_tridiagonal
+
+    return eigh_tridiagonal(np.asarray(alphas, dtype=float), np.asarray(betas, dtype=float))
 
 
 def lanczos(
@@ -267,8 +298,9 @@ def lanczos(
     """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Each iteration: w = Aq_j − α_j q_j − β_{j−1} q_{j−1}, then w is orthogonalised against every
-    previous Lanczos vector twice ("twice is enough", Parlett), β_j = ‖w‖.  After every
-    iteration the tridiagonal T_m is diagonalised (m ≤ a few hundred: negligible) and the Ritz
+    Lanczos vector so far by classical Gram–Schmidt, a second pass when the first cancelled much
+    (:func:`_orthogonalise`), β_j = ‖w‖.  After every iteration the
+    tridiagonal T_m is diagonalised (O(m²), negligible) and the Ritz
     residual estimates β_m |s_{m,i}| of the wanted Ritz values θ_i are compared with tol·|θ_i|.
     Convergence to an eigenvalue error ≤ residual (Weyl) and ≤ residual²/gap (Kato–Temple).
 
@@ -292,6 +324,11 @@ def lanczos(
     q = v0.to(dev, torch.float64)
     q = q / torch.linalg.vector_norm(q)
     basis = torch.empty((m_max, n), dtype=torch.float64, device=dev)
+    basis[0] = q
+    # two work vectors, reused: the product is copied into w (the operator may return a view of its
+    # own state, and keeps its input: it gets a copy of q_j, never the basis row itself)
+    w = torch.empty(n, dtype=torch.float64, device=dev)
+    q = torch.empty(n, dtype=torch.float64, device=dev)
     alphas: list[float] = []
     betas: list[float] = []
     n_mv = 0
@@ -300,21 +337,13 @@ def lanczos(
     beta = 0.0
     m = 0
     for j in range(m_max):
-        basis[j] = q
-        w = matvec(q).to(dev, torch.float64)
+        q.copy_(basis[j])
+        w.copy_(matvec(q))
         n_mv += 1
-        a = float(w @ q)
-        w = w - a * q
-        if j:
-            w = w - betas[-1] * basis[j - 1]
-        v = basis[: j + 1]
-        for _ in range(2):
-            w = w - v.T @ (v @ w)
-        beta = float(torch.linalg.vector_norm(w))
+        w, a, beta = _orthogonalise(w, basis[: j + 1], betas[-1] if betas else 0.0)
         alphas.append(a)
         m = j + 1
-        tri = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        theta, s = np.linalg.eigh(tri)
+        theta, s = _tridiagonal_eigh(alphas, betas)
         scale = max(np.abs(theta).max(), np.finfo(float).tiny)
         invariant = beta <= 1e-13 * scale
         if m >= k:
@@ -327,7 +356,7 @@ def lanczos(
             break
         if j + 1 < m_max:
             betas.append(beta)
-            q = w / beta
+            torch.div(w, beta, out=basis[j + 1])
     idx = _pick(theta, min(k, m), which)
     vals = theta[idx]
     coeff = torch.as_tensor(s[:, idx], dtype=torch.float64, device=dev)  # (m, k)
@@ -441,138 +470,6 @@ def preconditioned_operator(op: Matvec, diag: torch.Tensor) -> Matvec:
 
 
 # ----------------------------------------------------------------------------------------------
-# NTK
-def _functional(model: torch.nn.Module, params: dict[str, torch.Tensor]):
-    from torch.func import functional_call
-
-    buffers = dict(model.named_buffers())
-
-    def f(p: dict[str, torch.Tensor], *x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), x)
-        return out.reshape(out.shape[0], -1)
-
-    return f
-
-
-def _ntk_jacobian(f, params, x, outputs: str) -> torch.Tensor:
-    from torch.func import jacrev, vmap
-
-    def single(p, *xi):
-        return f(p, *[t.unsqueeze(0) for t in xi]).squeeze(0)
-
-    jac = vmap(jacrev(single), (None, *([0] * len(x))))(params, *x)  # name -> (n, c, *shape)
-    total = None
-    for j in jac.values():
-        jj = j.reshape(j.shape[0], j.shape[1], -1)
-        term = (torch.einsum("naf,maf->nm", jj, jj) if outputs == "trace"
-                else torch.einsum("naf,mbf->namb", jj, jj))
-        total = term if total is None else total + term
-    return total
-
-
-def _ntk_vp(f, params, x, outputs: str) -> torch.Tensor:
-    from torch.func import jvp, vjp, vmap
-
-    def fx(p):
-        return f(p, *x)
-
-    out, vjp_fn = vjp(fx, params)
-    n, c = out.shape
-
-    def column(vec):  # vec (n, c) → K·vec as (n, c): J (Jᵀ vec)
-        (ct,) = vjp_fn(vec)
-        return jvp(fx, (params,), (ct,))[1]
-
-    basis = torch.eye(n * c, dtype=out.dtype, device=out.device).reshape(n * c, n, c)
-    cols = vmap(column)(basis)  # (n*c, n, c): cols[j b] = K[:, :, j, b]
-    full = cols.reshape(n, c, n, c).permute(2, 3, 0, 1)  # [i a, j b]
-    if outputs == "trace":
-        return torch.einsum("iaja->ij", full)
-    return full
-
-
-def ntk_gram(
-    model: torch.nn.Module,
-    inputs: Any,
-    *,
-    outputs: str = "trace",
-    method: str = "auto",
-    params: Sequence[str] | None = None,
-) -> NTKResult:
-    """Empirical NTK Gram K = J Jᵀ / n on a fixed probe set of n inputs (DEFINITIONS §5),
-    computed in eval mode with ``torch.func`` (buffers passed through).
-
-    outputs: ``"trace"`` (n×n, summed over output coordinates) or ``"full"`` ((n·c)×(n·c)).
-    method: ``"jacobian"`` (per-example Jacobians by vmap(jacrev), then contraction: memory n·c·P),
-        ``"ntk_vp"`` (NTK-vector products J(Jᵀv), one per basis vector: memory ~P per product),
-        or ``"auto"`` (:func:`choose_ntk_method`: timed on a few inputs, extrapolated to n; the
-        choice is reported).
-    """
-    if outputs not in ("trace", "full"):
-        raise PhasewatchError(f"outputs={outputs!r}: use 'trace' or 'full'")
-    x = tuple(t for t in _as_args(inputs))
-    names = [n for n, p in model.named_parameters() if p.requires_grad and (params is None or n in params)]
-    pdict = {n: p.detach() for n, p in model.named_parameters() if n in names}
-    f = _functional(model, pdict)
-    n = x[0].shape[0]
-    with model_mode(model, "eval"):
-        if method == "auto":
-            method = choose_ntk_method(model, x, outputs=outputs, params=params)
-        if method not in ("jacobian", "ntk_vp"):
-            raise PhasewatchError(f"method={method!r}: use 'jacobian', 'ntk_vp' or 'auto'")
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            k = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(f, pdict, x, outputs)
-        secs = time.perf_counter() - t0
-        with torch.no_grad():
-            n_out = int(f(pdict, *[t[:1] for t in x]).shape[1])
-    k = k.detach().to(torch.float64).cpu()
-    c = 1 if outputs == "trace" else k.shape[1]
-    if outputs == "full":
-        k = k.reshape(n * c, n * c)
-    g = k.numpy() / n
-    return NTKResult(gram=(g + g.T) / 2, method=method, outputs=outputs, n_inputs=n, n_outputs=n_out, seconds=secs)
-
-
-def choose_ntk_method(model: torch.nn.Module, inputs: Any, *, outputs: str = "trace",
-                      params: Sequence[str] | None = None, n_try: int = 4,
-                      jacobian_bytes: float = 2 * 2**30) -> str:
-    """The faster NTK method for all n inputs, from timing both on ``m = min(n, n_try)`` of them.
-
-    The two scale differently, so the timings are extrapolated, not compared as measured: the
-    Jacobian route costs ~n (one Jacobian per input; its n²·c²·P contraction is a GEMM, cheap
-    beside it), the NTK-vector-product route ~n² (n products, each a pass over all n inputs).
-    Compared raw on 2 inputs the ``ntk_vp`` route looks faster than it is (a probe of 64 inputs
-    took 3.0 s by ``ntk_vp`` and 1.4 s by ``jacobian``).  ``jacobian`` is ruled out when its
-    Jacobians (n·c·P floats) would exceed ``jacobian_bytes``."""
-    args = _as_args(inputs)
-    n = int(args[0].shape[0])
-    m = max(1, min(n, n_try))
-    x = tuple(t[:m] for t in args)
-    pdict = {k: p.detach() for k, p in model.named_parameters()
-             if p.requires_grad and (params is None or k in params)}
-    f = _functional(model, pdict)
-    n_par = sum(p.numel() for p in pdict.values())
-    est: dict[str, float] = {}
-    with model_mode(model, "eval"):
-        with torch.no_grad():
-            c = int(f(pdict, *[t[:1] for t in x]).reshape(1, -1).shape[1])
-        elem = next(iter(pdict.values())).element_size() if pdict else 4
-        for name, fn, power in (("jacobian", _ntk_jacobian, 1), ("ntk_vp", _ntk_vp, 2)):
-            if name == "jacobian" and n * c * n_par * elem > jacobian_bytes:
-                continue
-            try:
-                with torch.enable_grad():
-                    fn(f, pdict, x, outputs)  # warm-up
-                    t0 = time.perf_counter()
-                    fn(f, pdict, x, outputs)
-                est[name] = (time.perf_counter() - t0) * (n / m) ** power
-            except (RuntimeError, MemoryError):
-                continue
-    return min(est, key=est.get) if est else "ntk_vp"
-
-
-# ----------------------------------------------------------------------------------------------
 # the probe the recorder (and the post-hoc command) runs
 class CurvatureProbe:
     """λ_max (top-k), optional Hutchinson trace and Adam's preconditioned sharpness on a fixed probe
@@ -590,6 +487,15 @@ class CurvatureProbe:
     ntk_inputs: inputs (examples along dim 0) for the NTK Gram, or None; ``ntk_outputs``,
         ``ntk_method`` as in :func:`ntk_gram` (``auto`` is decided once, at the first probe).
     optimizer: used for the stability threshold and, for Adam-type optimizers, the preconditioner.
+    hvp: ``"autograd"`` (double backward), ``"fd"`` (central differences of two gradients, no kept
+        graph, any kernel) or ``"auto"`` (default: autograd, checked every probe against one FD
+        product along the top eigenvector (column ``hvp_check``); if its first product fails, e.g. a
+        kernel with no double backward, or the two disagree beyond FD's own error, e.g. a
+        ``once_differentiable`` kernel whose double backward silently drops terms, FD for this and
+        every later probe, said once in the log).
+        The route used is stored in every row (column ``hvp``).  On FD products Lanczos stops at
+        ``max(tol, op.noise_floor)`` (100·u^{2/3}: 2.4e-3 float32, 3.7e-9 float64), the accuracy FD
+        products can give.
     """
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], *, loss_fn: Callable | None,
@@ -597,7 +503,9 @@ class CurvatureProbe:
                  trace: int | str | None = None, trace_rtol: float = 0.02, trace_max: int = 500,
                  mode: str = "eval", ntk_inputs: Any = None, ntk_outputs: str = "trace",
                  ntk_method: str = "auto", optimizer: torch.optim.Optimizer | None = None,
-                 optimizer_meta: dict | None = None):
+                 optimizer_meta: dict | None = None, hvp: str = "auto"):
+        if hvp not in HVP_ROUTES:
+            raise PhasewatchError(f"curvature_hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
         if batch is not None and loss_fn is None:
             raise PhasewatchError("curvature_batch needs curvature_loss=callable(outputs, targets) -> mean loss")
         if mode not in ("train", "eval"):
@@ -613,6 +521,10 @@ class CurvatureProbe:
         self.ntk_outputs, self.ntk_method = ntk_outputs, ntk_method
         self.optimizer = optimizer
         self.optimizer_meta = optimizer_meta or {}
+        self.hvp = hvp
+        self._route = "autograd" if hvp == "auto" else hvp  # "auto" settles on the first failure
+        self._check_failed = False
+        self.hvp_column = True  # False when resuming a run recorded before the column existed
         self.ntk_size: int | None = None
         self._v0: torch.Tensor | None = None  # warm start: the last top Ritz vector
         if ntk_inputs is not None:
@@ -629,7 +541,7 @@ class CurvatureProbe:
         return {"top_k": self.top_k, "tol": self.tol, "max_iter": self.max_iter, "trace": self.trace,
                 "trace_rtol": self.trace_rtol if self.trace == "adaptive" else None, "mode": self.mode,
                 "hessian": self.batch is not None, "ntk_size": self.ntk_size, "ntk_outputs": self.ntk_outputs,
-                "ntk_method": self.ntk_method,
+                "ntk_method": self.ntk_method, "hvp": self.hvp,
                 "convention": "Lanczos (largest algebraic, full reorthogonalisation) to residual <= tol*|lambda|; "
                               "Hutchinson Rademacher with Student-t interval; NTK K = J J^T / n in eval mode"}
 
@@ -648,20 +560,14 @@ class CurvatureProbe:
         th = stability_threshold(name, lr, hyper, step)
         return th.value, th.quantity
 
-    def hessian_row(self, step: int, lr: float, seed: int | None = None) -> dict:
-        """One row of the ``curvature`` table at the model's current θ."""
+    def hessian_row(self, step: int, lr: float, seed: int | None = None,
+                    update: torch.Tensor | None = None) -> dict:
+        """One row of the ``curvature`` table at the model's current θ.  ``update``: the last update
+        u_t = θ_t − θ_{t−1} (flat, in the parameters' order), for the curvature along it
+        (:func:`update_curvature`, one more product; NaN without it)."""
         t0 = time.perf_counter()
-        op = HessianOperator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode)
         seed = int(step if seed is None else seed)
-        v0 = None
-        if self._v0 is not None and self._v0.numel() == op.n:
-            # warm start from the last top eigenvector, mixed with a seeded random vector so the other
-            # directions stay in the Krylov space (fewer products; the answer is fixed by the tolerance)
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
-            v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
-        eig = lanczos(op, op.n, k=min(self.top_k, op.n), tol=self.tol, max_iter=self.max_iter, seed=seed,
-                      device=op.device, v0=v0, return_vectors=True)
+        op, eig, extra, check = self._top_eigen(seed)
         if eig.eigenvectors is not None and np.isfinite(eig.eigenvalues).all():
             self._v0 = eig.eigenvectors[0].detach()
         k = self.top_k
@@ -669,7 +575,11 @@ class CurvatureProbe:
         res = np.full(k, np.nan)
         vals[: eig.eigenvalues.size] = eig.eigenvalues
         res[: eig.residuals.size] = eig.residuals
-        hvps = eig.n_matvec
+        hvps = eig.n_matvec + extra
+        u_curv = np.nan
+        if update is not None and update.numel() == op.n:
+            u_curv = update_curvature(op, update)
+            hvps += 1
         row = {"step": step, "lr": lr, "loss": op.loss, "mode": self.mode.encode(), "eigenvalues": vals,
                "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
                "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
@@ -688,7 +598,80 @@ class CurvatureProbe:
             hvps += pre.n_matvec
             row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
         row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0)
+        if self.hvp_column:
+            row.update(hvp=op.route.encode(), hvp_check=check, u_curvature=u_curv)
         return row
+
+    def _lanczos(self, op, seed: int) -> EigenResult:
+        v0 = None
+        if self._v0 is not None and self._v0.numel() == op.n:
+            # warm start from the last top eigenvector, mixed with a seeded random vector so the other
+            # directions stay in the Krylov space (fewer products; the answer is fixed by the tolerance)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            r = torch.randn(op.n, generator=gen, dtype=torch.float64).to(op.device)
+            v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
+        tol = max(self.tol, op.noise_floor) if op.route == "fd" else self.tol
+        return lanczos(op, op.n, k=min(self.top_k, op.n), tol=tol, max_iter=self.max_iter, seed=seed,
+                       device=op.device, v0=v0, return_vectors=True)
+
+    # disagreement of the two routes (relative to |λ_max|) above which autograd is judged broken: FD
+    # alone errs by ~u^{2/3} (2.4e-5 float32, 4e-11 float64; FiniteDifferenceHessian), a missing
+    # second-derivative term by O(1) of the curvature it carries
+    HVP_CHECK_RTOL = 1e-2
+
+    def _fd(self, seed: int) -> FiniteDifferenceHessian:
+        return FiniteDifferenceHessian(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
+                                       seed=seed)
+
+    def _switch_to_fd(self, why: str) -> None:
+        log.warning("phasewatch: Hessian-vector products by double backward %s; curvature probes use finite "
+                    "differences of gradients (hvp='fd') from now on", why)
+        self._route = "fd"
+
+    def _top_eigen(self, seed: int):
+        """The operator on the probe batch, its top-k eigenpairs, the HVPs spent beyond Lanczos and the
+        measured autograd-vs-FD disagreement.  Under ``hvp="auto"``: autograd, checked on every probe
+        against one central-difference product along the top Ritz vector y (2 more products),
+        ‖H_fd y − H_ag y‖ / |θ|; a failure of the first product, or a disagreement above
+        :attr:`HVP_CHECK_RTOL` and above 10× the FD product's own error estimate (a kernel whose double backward is missing, or silently incomplete as
+        ``once_differentiable`` functions are), switches this and every later probe to FD."""
+        op = hessian_operator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
+                              hvp=self._route, seed=seed)
+        try:
+            eig = self._lanczos(op, seed)
+        except RuntimeError as e:
+            if self.hvp != "auto" or self._route != "autograd" or op.n_matvec:
+                raise
+            del op
+            self._switch_to_fd(f"failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            op = self._fd(seed)
+            return op, self._lanczos(op, seed), 0, np.nan
+        if self.hvp != "auto" or op.route != "autograd" or eig.eigenvectors is None:
+            return op, eig, 0, np.nan
+        u = max(torch.finfo(p.dtype).eps / 2 for p in self.params)
+        if 100 * u ** (2 / 3) >= self.HVP_CHECK_RTOL:  # half precision: FD cannot judge autograd
+            return op, eig, 0, np.nan
+        y = eig.eigenvectors[0]
+        try:
+            fd = self._fd(seed)
+            diff = float(torch.linalg.vector_norm(fd.matvec(y) - op.matvec(y)))
+        except Exception as e:  # noqa: BLE001 - the check cannot run: the autograd row stands, unchecked
+            if not self._check_failed:
+                log.warning("phasewatch: the autograd-vs-finite-difference check of the curvature probe could not "
+                            "run (%s: %s); rows keep hvp_check = NaN", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+            self._check_failed = True
+            return op, eig, 0, np.nan
+        scale = max(abs(float(eig.eigenvalues[0])), np.finfo(float).tiny)
+        check = diff / scale
+        if not check <= max(self.HVP_CHECK_RTOL, 10 * fd.error_estimates[-1] / scale):
+            del op
+            self._switch_to_fd(f"disagree with central differences by {check:.1e} of lambda_max along the top "
+                               "eigenvector (a kernel whose double backward is missing or incomplete)")
+            op = self._fd(seed)
+            return op, self._lanczos(op, seed), 2, check
+        return op, eig, 2, check
+
 
     def ntk_row(self, step: int) -> dict:
         names = None

@@ -72,12 +72,15 @@ def posthoc(
     ntk_inputs: Any = None,
     ntk_outputs: str = "trace",
     ntk_method: str = "auto",
+    hvp: str = "auto",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Probe every stored checkpoint (or those at ``steps``) of a run; returns the path of the
     post-hoc run.  ``batch``/``loss_fn``/``ntk_inputs`` as for the recorder's curvature probes.
-    Lanczos is seeded with the checkpoint's step, as the live probe is."""
+    Lanczos is seeded with the checkpoint's step, as the live probe is.  ``hvp``: how
+    Hessian-vector products are computed (``"auto"``, ``"autograd"``, ``"fd"``; see
+    :class:`~phasewatch.record.curvature.CurvatureProbe`)."""
     if not hasattr(run, "table"):
         run = open_run(run)
     meta = run.meta
@@ -103,7 +106,7 @@ def posthoc(
     params = load_theta(model, mparams, np.asarray(ck["theta"][0]))
     probe = CurvatureProbe(model, params, loss_fn=loss_fn, batch=batch, top_k=top_k, tol=tol, max_iter=max_iter,
                            trace=trace, mode=mode, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs,
-                           ntk_method=ntk_method, optimizer=None, optimizer_meta=opt_meta)
+                           ntk_method=ntk_method, optimizer=None, optimizer_meta=opt_meta, hvp=hvp)
     tables = []
     if batch is not None:
         tables.append(fmt.curvature_table(probe.top_k))
@@ -125,7 +128,7 @@ def posthoc(
                     row["threshold"] = stability_threshold(opt_meta.get("class", ""), lr, opt_meta.get("hyper")).value
                 w.append("curvature", **rows_to_columns([row]))
                 msg = f"step {s}: lambda_max {row['eigenvalues'][0]:.6g} (residual {row['residuals'][0]:.1e}, " \
-                      f"{row['hvps']} HVPs)"
+                      f"{row['hvps']} HVPs, {row['hvp'].decode()})"
             else:
                 msg = f"step {s}"
             if probe.ntk_size:

@@ -172,7 +172,11 @@ class Recorder:
         if ``curvature_trace`` (an int budget or ``"adaptive"``), Adam's preconditioned sharpness
         for Adam-type optimizers, and the optimizer's stability threshold; with ``ntk_inputs``, the
         NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
-        ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.  A
+        ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.
+        ``curvature_hvp``: ``"auto"`` (double backward, attention through the math SDPA backend;
+        finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  Each Hessian row
+        also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
+        u_t exactly: no projected tensors, one step per update, one process).  A
         probe that fails is logged and switched off; training and the rest of the recording go on.
     controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
         measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
@@ -236,6 +240,7 @@ class Recorder:
         curvature_max_iter: int | None = None,
         curvature_trace: int | str | None = None,
         curvature_mode: str = "eval",
+        curvature_hvp: str = "auto",
         ntk_inputs: Any = None,
         ntk_outputs: str = "trace",
         ntk_method: str = "auto",
@@ -415,7 +420,7 @@ class Recorder:
                     model, self.params, loss_fn=curvature_loss, batch=_dev(curvature_batch),
                     top_k=curvature_topk, tol=curvature_tol, max_iter=curvature_max_iter,
                     trace=curvature_trace, mode=curvature_mode, ntk_inputs=_dev(ntk_inputs),
-                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer)
+                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer, hvp=curvature_hvp)
             except PhasewatchError as e:
                 raise RecorderError(str(e)) from None
         elif curvature_batch is not None or ntk_inputs is not None:
@@ -513,7 +518,9 @@ class Recorder:
                 raise RecorderError(f"{self.path}: cannot resume with curvature probes the run was recorded "
                                     "without; resume without them or record into a new path")
             if self._curv.batch is not None:
-                tables.append(fmt.curvature_table(self._curv.top_k))
+                if isinstance(old_tables, dict) and "hvp" not in old_tables["curvature"]:
+                    self._curv.hvp_column = False  # a run recorded before the column: resume in its schema
+                tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column))
             if self._curv.ntk_size:
                 tables.append(fmt.ntk_table(self._curv.ntk_size))
         # interventions: declared when controllers are given, and kept when resuming a run that has it
@@ -970,7 +977,10 @@ class Recorder:
         try:
             if c.batch is not None:
                 lr = self._cur_lr[0] if self._cur_lr else float("nan")
-                row = c.hessian_row(step, lr)
+                # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
+                exact_u = not self._folded and self.stride == 1 and self._shard is None and self._n_updates
+                upd = self._ring[(self._n_updates - 1) % self.rows] if exact_u else None
+                row = c.hessian_row(step, lr, update=upd)
                 self.writer.append("curvature", **rows_to_columns([row]))
             if c.ntk_size:
                 self.writer.append("ntk", **rows_to_columns([c.ntk_row(step)]))

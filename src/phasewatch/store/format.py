@@ -188,18 +188,25 @@ def grad_proj_table(n_max: int, d: int) -> TableSpec:
     )
 
 
-def curvature_table(top_k: int) -> TableSpec:
+def curvature_table(top_k: int, hvp: bool = True) -> TableSpec:
     """Curvature probes on the fixed probe batch (DEFINITIONS §4): one row per probe.
 
     ``eigenvalues``/``residuals``: the top-k Hessian eigenvalues (largest algebraic, descending)
     and their measured Ritz residuals ‖Hy − θy‖; ``hvps`` Hessian-vector products used by Lanczos
-    (verification included), ``converged`` 1/0.  ``trace*``: Hutchinson estimate, its Student-t
+    (verification and the ``hvp_check`` included; an FD product is two gradient evaluations), ``converged`` 1/0.  ``trace*``: Hutchinson estimate, its Student-t
     interval, standard error and probe count (NaN/0 if not asked for).  ``pre_lambda`` and
     ``pre_residual``: the preconditioned sharpness λ_max(D⁻¹H) of Adam-type optimizers (NaN
     otherwise).  ``threshold``: the optimizer's stability threshold at the probe (units 1/η) for
     the quantity named in ``threshold_of`` (``lambda_max`` or ``preconditioned``).  ``mode``:
-    the model mode the loss was evaluated in (``train``/``eval``).
+    the model mode the loss was evaluated in (``train``/``eval``).  ``hvp``: how the
+    Hessian-vector products were computed (``autograd`` double backward or ``fd`` central
+    differences of gradients); ``hvp_check``: under ``hvp="auto"``, ‖H_fd y − H_ag y‖/|λ_max| along the
+    top eigenvector, the two routes' measured disagreement (NaN when not measured).
+    ``u_curvature``: uᵀHu/uᵀu along the step's update u_t = θ_t − θ_{t−1} (NaN when the recorder
+    does not hold u_t exactly).  Runs recorded before these three columns (``hvp=False``) lack them
+    and read as autograd.
     """
+    extra = {"hvp": Column("S8"), "hvp_check": Column("f8"), "u_curvature": Column("f8")} if hvp else {}
     return TableSpec(
         "curvature",
         {
@@ -221,6 +228,7 @@ def curvature_table(top_k: int) -> TableSpec:
             "threshold": Column("f8"),
             "threshold_of": Column("S16"),
             "seconds": Column("f8"),
+            **extra,
         },
     )
 

@@ -174,41 +174,10 @@ def _decode(a) -> np.ndarray:
     return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a).ravel()])
 
 
-def curvature_columns(
-    hess: dict[str, np.ndarray] | None,
-    ntk: dict[str, np.ndarray] | None,
-    probes: dict[str, np.ndarray] | None = None,
-    tail_index: dict[str, np.ndarray] | None = None,
-    *,
-    lr_steps: np.ndarray | None = None,
-    lr_values: np.ndarray | None = None,
-    threshold_fn=None,
-    d: float = 1.0,
-    ntk_floor: float = 1e-6,
-    constants: CriticalityConstants | None = None,
-) -> dict[str, np.ndarray]:
-    """The per-probe curvature table (``Analysis.curvature``) from the stored ``curvature`` and
-    ``ntk`` tables, with C, p (gradient-noise probes) and α (tail index) taken at each probe as
-    their latest measurement at or before it.  Φ and ``all_critical`` use ``C_crit``: the training
-    batch's C_B (``C_batch`` of the probes, when the batch size is known) else the probe's own C_b.
-
-    S uses the stored optimizer threshold (against λ_max, or against the preconditioned
-    sharpness for Adam-type optimizers when it was measured); ``threshold_fn(lr)`` supplies one
-    where the table has none (post-hoc probes).
-    """
-    steps = np.union1d(np.asarray(hess["step"]) if hess and len(hess["step"]) else np.empty(0, "i8"),
-                       np.asarray(ntk["step"]) if ntk and len(ntk["step"]) else np.empty(0, "i8")).astype("i8")
+def _hessian_columns(hess, steps: np.ndarray, put, threshold_fn, d: float) -> dict[str, np.ndarray]:
+    """The Hessian-probe columns of :func:`curvature_columns` (NaN / empty where there is none)."""
     n = steps.size
-    if not n:
-        return {}
-
-    def put(src_steps, vals, fill=np.nan):
-        out = np.full((n, *np.asarray(vals).shape[1:]), fill, dtype=float)
-        idx = np.searchsorted(steps, src_steps)
-        out[idx] = vals
-        return out
-
-    out: dict[str, np.ndarray] = {"step": steps}
+    out: dict[str, np.ndarray] = {}
     if hess and len(hess["step"]):
         hs = np.asarray(hess["step"])
         eig = np.asarray(hess["eigenvalues"], dtype=float)
@@ -244,6 +213,45 @@ def curvature_columns(
         out["S_of"] = np.full(n, "", dtype=object)
         out["hvp"] = np.full(n, "", dtype=object)
         out["u_curvature"] = np.full(n, np.nan)
+    return out
+
+
+def curvature_columns(
+    hess: dict[str, np.ndarray] | None,
+    ntk: dict[str, np.ndarray] | None,
+    probes: dict[str, np.ndarray] | None = None,
+    tail_index: dict[str, np.ndarray] | None = None,
+    *,
+    lr_steps: np.ndarray | None = None,
+    lr_values: np.ndarray | None = None,
+    threshold_fn=None,
+    d: float = 1.0,
+    ntk_floor: float = 1e-6,
+    constants: CriticalityConstants | None = None,
+) -> dict[str, np.ndarray]:
+    """The per-probe curvature table (``Analysis.curvature``) from the stored ``curvature`` and
+    ``ntk`` tables, with C, p (gradient-noise probes) and α (tail index) taken at each probe as
+    their latest measurement at or before it.  Φ and ``all_critical`` use ``C_crit``: the training
+    batch's C_B (``C_batch`` of the probes, when the batch size is known) else the probe's own C_b.
+
+    S uses the stored optimizer threshold (against λ_max, or against the preconditioned
+    sharpness for Adam-type optimizers when it was measured); ``threshold_fn(lr)`` supplies one
+    where the table has none (post-hoc probes).
+    """
+    steps = np.union1d(np.asarray(hess["step"]) if hess and len(hess["step"]) else np.empty(0, "i8"),
+                       np.asarray(ntk["step"]) if ntk and len(ntk["step"]) else np.empty(0, "i8")).astype("i8")
+    n = steps.size
+    if not n:
+        return {}
+
+    def put(src_steps, vals, fill=np.nan):
+        out = np.full((n, *np.asarray(vals).shape[1:]), fill, dtype=float)
+        idx = np.searchsorted(steps, src_steps)
+        out[idx] = vals
+        return out
+
+    out: dict[str, np.ndarray] = {"step": steps}
+    out.update(_hessian_columns(hess, steps, put, threshold_fn, d))
     if lr_steps is not None and len(lr_steps):
         miss = ~np.isfinite(out["lr"])
         out["lr"][miss] = align(steps[miss], lr_steps, lr_values)

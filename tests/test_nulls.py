@@ -205,6 +205,16 @@ def test_analytic_band_false_alarm_rate_is_the_level():
     assert abs(res.above_null.mean() - 0.05) <= 4 * se, res.above_null.mean()
 
 
+def test_band_at_the_smallest_window():
+    """W = 2 has a single gap ratio: the analytic route applies to it alone (no second ratio)."""
+    rng = np.random.default_rng(0)
+    n = np.exp(rng.normal(0, 0.1, (50, 2)))
+    lam = np.sort(rng.uniform(0.5, 2.0, (50, 2)), axis=1)[:, ::-1]
+    R = np.sqrt(lam[:, 0] / lam[:, 1])
+    res = nulls.momentum_null(n, np.ones(50, dtype=int), R, np.full(50, np.nan), np.array([1.0, 0.9]), dim=1e4)
+    assert np.all(np.isfinite(res.gap_ratio_null_hi)) and np.all(res.gap_ratio_null_hi >= res.gap_ratio_null)
+
+
 def test_small_dimension_band_is_the_exact_monte_carlo_one_where_it_decides():
     """Below FIRST_ORDER_DIM, every window whose reading is near the band gets the exact Wishart band,
     so the verdicts equal the all-exact computation's (same seed, same draws)."""

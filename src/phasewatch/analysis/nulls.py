@@ -475,7 +475,8 @@ def _fill_band(hi, lam0, r0max, R, dims, finite, draws, level, seed, rel_floor) 
         for off in (-1, 0, 1):
             j = np.clip(js + off, 0, W - 2)
             local = np.minimum(local, np.take_along_axis(lr, j[:, None], axis=1)[:, 0])
-        clear = (finite & big & (local >= 1.5 * np.sqrt(2.0) * sd) & (srt[:, -1] - srt[:, -2] >= 4.0 * sd)
+        second = srt[:, -2] if W > 2 else np.full(N, -np.inf)  # (W = 2: a single ratio leads alone)
+        clear = (finite & big & (local >= 1.5 * np.sqrt(2.0) * sd) & (srt[:, -1] - second >= 4.0 * sd)
                  & (srt[:, -1] >= 6.0 * sd))
     hi[clear] = r0max[clear] * np.exp(_normal_quantile(level) * sd[clear])
     rest = np.nonzero(finite & dfin & ~clear)[0]

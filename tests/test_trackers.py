@@ -72,22 +72,35 @@ def _wandb_records(path: Path) -> list:
     return recs
 
 
-def _wandb_history(path: Path) -> tuple[dict[int, dict[str, float]], list]:
-    """``{step: {key: value}}`` of the run's history records (W&B's own keys starting with ``_``
-    left out), and all records."""
+def _wandb_rows(path: Path) -> tuple[list[tuple[int, dict]], list]:
+    """The run's history rows in logged order as ``(step, {key: value})`` (``step`` being the
+    x-axis metric the sink logs; W&B's own keys starting with ``_`` left out), and all records."""
     recs = _wandb_records(path)
-    hist: dict[int, dict[str, float]] = {}
+    rows = []
     for r in recs:
-        if r.WhichOneof("record_type") == "history":
-            row = hist.setdefault(int(r.history.step.num), {})
-            for it in r.history.item:
-                key, *sub = [it.key] if it.key else list(it.nested_key)  # media: nested (key, field)
-                if key.startswith("_"):
-                    continue
-                if sub:
-                    row.setdefault(key, {})["/".join(sub)] = json.loads(it.value_json)
-                else:
-                    row[key] = json.loads(it.value_json)
+        if r.WhichOneof("record_type") != "history":
+            continue
+        row: dict = {}
+        for it in r.history.item:
+            key, *sub = [it.key] if it.key else list(it.nested_key)  # media: nested (key, field)
+            if key.startswith("_"):
+                continue
+            if sub:
+                row.setdefault(key, {})["/".join(sub)] = json.loads(it.value_json)
+            else:
+                row[key] = json.loads(it.value_json)
+        rows.append((row.pop("step"), row))
+    return rows, recs
+
+
+def _wandb_history(path: Path) -> tuple[dict[int, dict], list]:
+    """``{step: {key: value}}``: the rows of each step merged, each (step, key) logged once."""
+    rows, recs = _wandb_rows(path)
+    hist: dict[int, dict] = {}
+    for step, row in rows:
+        h = hist.setdefault(step, {})
+        assert not set(h) & set(row), f"step {step}: {sorted(set(h) & set(row))} logged twice"
+        h.update(row)
     return hist, recs
 
 
@@ -121,8 +134,9 @@ def _check_wandb(path: Path, res) -> None:
     assert [hist[int(x)]["eval/test_acc"] for x in s] == v.tolist()
 
 
-def test_wandb_offline_export_reads_back_equal_to_the_analysis(tmp_path, capfd):
+def test_wandb_offline_export_reads_back_equal_to_the_analysis(tmp_path, capfd, monkeypatch):
     run = _run(tmp_path / "run")
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's setting: the export stays offline all the same
     env_before = os.environ.get("WANDB_MODE")
     assert main(["export", str(run), "-w", str(W), "--wandb", str(tmp_path / "wb"), "--run-name", "syn",
                  "--figures"]) == 0
@@ -136,6 +150,9 @@ def test_wandb_offline_export_reads_back_equal_to_the_analysis(tmp_path, capfd):
     recs = _wandb_records(path)
     runrec = [r.run for r in recs if r.WhichOneof("record_type") == "run"][0]
     assert runrec.display_name == "syn" and runrec.project == "phasewatch"
+    metrics = {(m.metric.name, m.metric.glob_name, m.metric.step_metric) for m in recs
+               if m.WhichOneof("record_type") == "metric"}
+    assert ("", "*", "step") in metrics  # every series drawn against the optimizer step
     config = {it.key: json.loads(it.value_json) for it in runrec.config.update}
     assert config["window"] == W and config["phasewatch_run"] == str(run)
     hist, _ = _wandb_history(path)
@@ -203,8 +220,10 @@ def test_mlflow_export_reads_back_equal_to_the_analysis(tmp_path, capfd):
     assert [a.path for a in figs] == ["figures/overview.png"] and figs[0].file_size > 10_000
     conv = json.loads(Path(client.download_artifacts(r.info.run_id, "conventions.json", str(tmp_path))).read_text())
     assert conv == res.conventions
-    grok = [e for e in res.events if e.kind == "grokking"][0]
-    assert r.data.tags[f"phasewatch.event.grokking.{grok.metric}"].startswith(f"step {grok.step}:")
+    events = {k: v for k, v in r.data.tags.items() if k.startswith("phasewatch.event.")}
+    assert len(events) == len(res.events) and any(e.kind == "grokking" for e in res.events)
+    for e in res.events:
+        assert events[f"phasewatch.event.{e.kind}.{e.metric}.{e.step}"] == f"step {e.step}: {e.value:.6g} ({e.rule})"
 
 
 def test_mlflow_params_are_flattened_and_cut_to_mlflows_limits(tmp_path):
@@ -264,6 +283,74 @@ def test_follow_a_live_run_into_wandb_and_mlflow(tmp_path):
     _check_wandb(_offline_run(tmp_path / "wb"), res)
     client, r = _mlflow_run(tmp_path / "ml", "live")
     _check_mlflow(client, r, res)
+
+
+def test_cli_follow_of_a_finished_run_and_the_python_export(tmp_path, capsys):
+    from phasewatch.outputs.export import export
+
+    run = _run(tmp_path / "run", T=60)
+    assert main(["export", str(run), "-w", str(W), "--wandb", str(tmp_path / "wb"), "--mlflow", str(tmp_path / "ml"),
+                 "--follow", "--interval", "600"]) == 0  # exits by itself: the run is closed
+    out = capsys.readouterr().out
+    assert "closed: exported" in out and "last step 60" in out
+    res = phasewatch.analyze(run, window=W)
+    _check_wandb(_offline_run(tmp_path / "wb"), res)
+    _check_mlflow(*_mlflow_run(tmp_path / "ml", "run"), res)
+    f = export(run, mlflow=tmp_path / "ml2", window=W)
+    assert f.rows_written == sum(len(t) for t in tables(res, list(LAYERS)).values())
+    _check_mlflow(*_mlflow_run(tmp_path / "ml2", "run"), res)
+
+
+def test_follow_after_a_resume_over_exported_steps(tmp_path):
+    """Both trackers keep both trajectories' points at the re-exported steps and say where the run
+    resumed (MLflow: a tag; W&B: the config)."""
+    from collections import Counter
+
+    from phasewatch.analysis.gram import band_from_updates
+    from phasewatch.outputs.trackers import MlflowSink, WandbSink
+    from test_export import SIZES, K
+
+    syn = Synthetic(100, seed=5)
+    path = tmp_path / "run"
+    with syn.writer(path) as w:
+        syn.write(w, 0, 70)
+    first = phasewatch.analyze(path, window=W)
+    follower = Follower(path, [WandbSink("phasewatch", "resumed", tmp_path / "wb", {}),
+                               MlflowSink(tmp_path / "ml", "resumed")], window=W)
+    assert follower.poll() > 0 and follower.done["steps"] == 70
+    other = Synthetic(100, seed=6)  # a different trajectory from step 51 on (as in test_export)
+    other.U[:50] = syn.U[:50]
+    other.layer_band = band_from_updates(other.U, K, SIZES)
+    rows, lags = np.arange(50, 100)[:, None, None], np.arange(K)[None, None, :]
+    other.layer_band[50:] = np.where(lags > rows - 50, np.nan, other.layer_band[50:])
+    other.band = other.layer_band.sum(axis=1)
+    with other.writer(path, resume=True) as w:
+        other.write(w, 50, 100)
+    assert follower.poll() > 0
+    follower.close()
+    res = phasewatch.analyze(path, window=W)
+    client, r = _mlflow_run(tmp_path / "ml", "resumed")
+    assert r.data.tags["phasewatch.resumed_at_step"] == "51"
+    # both trajectories' points; a point equal in both (same step, value and wall-clock stamp: the
+    # synthetic resume repeats the wall times) is one row of MLflow's metric table, so sets compare
+    old = {tag: (st, v) for tag, st, v, _ in scalar_series(tables(first, list(LAYERS)))}
+    n_both = 0
+    for tag, st, v, _ in scalar_series(tables(res, list(LAYERS))):
+        got = Counter(zip(*_history(client, r.info.run_id, tag)))
+        want = set(zip(old[tag][0].tolist(), old[tag][1].tolist())) if tag in old else set()
+        new_pts = {(s, x) for s, x in zip(st.tolist(), v.tolist()) if s >= 51}
+        n_both += len(new_pts - want)
+        assert set(got) == want | new_pts and max(got.values()) == 1, tag
+    assert n_both > 100  # the resumed trajectory's own points are there beside the first one's
+    # W&B: the first export's rows, then the resumed trajectory's from step 51, each once
+    rows, recs = _wandb_rows(_offline_run(tmp_path / "wb"))
+    rows_old, rows_new = dict(merged_rows(tables(first, list(LAYERS)))), dict(merged_rows(tables(res, list(LAYERS))))
+    want = sorted(rows_old.items()) + [(s, r) for s, r in sorted(rows_new.items()) if s >= 51]
+    assert rows == want  # one row per step and poll: the steps 51..70 twice, once per trajectory
+    resumed = [json.loads(it.value_json) for r in recs if r.WhichOneof("record_type") == "config"
+               for it in r.config.update if it.key == "phasewatch_resumed_at"]
+    assert resumed == [[51]]
+    assert any(rows_old[s] != rows_new[s] for s in range(51, 71))  # the trajectories differ there
 
 
 # ------------------------------------------------------------------------------------------------

@@ -800,10 +800,12 @@ class Follower:
 
 
 def export(run, *, tensorboard: str | os.PathLike | None = None, csv_dir: str | os.PathLike | None = None,
-           parquet: str | os.PathLike | None = None, window: int = 10, source: str = "band",
+           parquet: str | os.PathLike | None = None, wandb: str | os.PathLike | None = None,
+           mlflow: str | os.PathLike | None = None, window: int = 10, source: str = "band",
            overwrite: bool = False) -> Follower:
     """One-shot export of a run (a path or an opened :class:`~phasewatch.store.Run`) to the given
-    destinations; returns the (closed) exporter, whose ``rows_written`` says how much was written."""
+    destinations (``wandb``, ``mlflow``: directories, see :mod:`.trackers`); returns the (closed)
+    exporter, whose ``rows_written`` says how much was written."""
     sinks: list[Sink] = []
     try:
         if tensorboard is not None:
@@ -812,6 +814,14 @@ def export(run, *, tensorboard: str | os.PathLike | None = None, csv_dir: str | 
             sinks.append(CsvSink(csv_dir, overwrite=overwrite))
         if parquet is not None:
             sinks.append(ParquetSink(parquet, overwrite=overwrite))
+        if wandb is not None or mlflow is not None:
+            from . import trackers
+
+            name = Path(getattr(run, "path", run)).name
+            if wandb is not None:
+                sinks.append(trackers.WandbSink("phasewatch", name, wandb, {"window": window}))
+            if mlflow is not None:
+                sinks.append(trackers.MlflowSink(mlflow, name, {"window": window, "source": source}))
         f = Follower(getattr(run, "path", run), sinks, window=window, source=source)
         f.poll(run if hasattr(run, "table") else None)
     finally:

@@ -9,16 +9,21 @@ following), as the series of :func:`~phasewatch.outputs.export.scalar_series`: t
 
 W&B (:class:`WandbSink`): an offline run under ``DIR/wandb/offline-run-*`` (``WANDB_MODE=offline``
 is set by the sink itself: no login, no network; ``wandb sync`` uploads it later), one ``log`` per
-step with every tag of that step.  W&B needs steps that never decrease, so rows older than the last
-logged step (a resumed run) are left out, with one warning.
+step with every tag of that step and the step itself as the metric ``step``, declared the x axis
+of every series (``define_metric("*", step_metric="step")``).  W&B's own ``_step`` must increase, and
+while following a table can arrive a poll after another (the writer flushes tables one by one), so
+the optimizer step is not passed as ``_step``: a late row is a row of its own at its step, never
+dropped.  After a resume over exported steps the resumed trajectory's rows follow (config
+``phasewatch_resumed_at``), so both are there at the steps they share.
 
 MLflow (:class:`MlflowSink`): a SQLite tracking store ``sqlite:///DIR/mlflow.db`` with artifacts
 under ``DIR/artifacts`` (MLflow 3 keeps the plain-file store in maintenance mode and refuses it by
 default, so the database backend is used; it is one file and needs no server).  Metrics per step,
 timestamps the steps' wall clock; the run's metadata flattened into params (``model.class``,
 ``recorder.k`` …; keys and values cut to MLflow's limits); the conventions as ``conventions.json``
-and the events as tags.  MLflow keeps every point it was given: after a resume over exported steps
-the re-exported steps hold both points, the later timestamp being the kept trajectory.
+and the events as tags (``phasewatch.event.<kind>.<metric>.<step>``).  MLflow keeps every point it
+was given (a point equal in key, step, value and timestamp once): after a resume over exported
+steps the re-exported steps hold both trajectories' points, the later timestamps the kept one's.
 
 Figures (``--figures``): the overview figure as a PNG (an MLflow artifact ``figures/overview.png``,
 a W&B image ``figures/overview`` at the last step), drawn once from a full analysis at the end.
@@ -45,6 +50,7 @@ from .export import Sink, Table, merged_rows, scalar_series
 log = logging.getLogger("phasewatch")
 
 _EXTRA = "pip install 'phasewatch[trackers]'"
+STEP = "step"  # W&B: the metric every series is drawn against (the optimizer step)
 
 
 @contextlib.contextmanager
@@ -134,28 +140,32 @@ class WandbSink(Sink):
                                       disable_git=True, x_disable_stats=True, x_disable_machine_info=True)
             self._run = wandb.init(project=project, name=name, dir=str(directory), config=config,
                                    settings=settings)
+            # the optimizer step as every chart's x axis: a metric of its own, not W&B's ``_step``
+            # (which must increase), so a table arriving a poll late or a resumed trajectory is kept
+            self._run.define_metric(STEP)
+            self._run.define_metric("*", step_metric=STEP)
         self._wandb = wandb
         self.outdir = Path(self._run.dir).parent  # DIR/wandb/offline-run-<time>-<id>
         self._last = -1
-        self._warned = False
+        self._resumed: list[int] = []
 
     def write(self, tabs: dict[str, Table], sigma, conventions) -> None:
-        """One ``log(row, step=step)`` per step of the new rows (steps before the last are left out)."""
+        """One ``log({"step": step, **row})`` per step of the new rows, in increasing step order."""
         if conventions and "phasewatch_conventions" not in self._run.config:
             self._run.config.update({"phasewatch_conventions": dict(conventions)})
         for step, row in merged_rows(tabs):
-            if step < self._last:
-                if not self._warned:
-                    log.warning("phasewatch: W&B needs increasing steps; rows before step %d are left out",
-                                self._last)
-                    self._warned = True
-                continue
-            self._run.log(row, step=step)
-            self._last = step
+            self._run.log({STEP: step, **row})
+            self._last = max(self._last, step)
+
+    def restart(self, step: int) -> None:
+        """The run resumed at ``step`` (config ``phasewatch_resumed_at``): the resumed trajectory's
+        rows follow, and W&B keeps both at the steps they share."""
+        self._resumed.append(int(step))
+        self._run.config.update({"phasewatch_resumed_at": list(self._resumed)}, allow_val_change=True)
 
     def log_figure(self, name: str, path: Path) -> None:
         """An image (``figures/<name>``) at the last logged step."""
-        self._run.log({f"figures/{name}": self._wandb.Image(str(path))}, step=max(self._last, 0))
+        self._run.log({STEP: max(self._last, 0), f"figures/{name}": self._wandb.Image(str(path))})
 
     def close(self) -> None:
         """Finish the offline run (its transaction log is complete after this)."""
@@ -237,7 +247,7 @@ class MlflowSink(Sink):
         if "events" in tabs:
             e = tabs["events"].columns
             for i in range(len(e["step"])):
-                tags.append(self._tag(self._key(f"phasewatch.event.{e['kind'][i]}.{e['metric'][i]}"),
+                tags.append(self._tag(self._key(f"phasewatch.event.{e['kind'][i]}.{e['metric'][i]}.{int(e['step'][i])}"),
                                       f"step {int(e['step'][i])}: {float(e['value'][i]):.6g} ({e['rule'][i]})"))
         if tags:
             self.client.log_batch(self.run_id, tags=tags)

@@ -1,6 +1,7 @@
-"""``phasewatch export``: the analysis as TensorBoard event files, CSV, Parquet or an offline W&B run.
+"""``phasewatch export``: the analysis as TensorBoard event files, CSV, Parquet, an offline W&B run
+or a local MLflow store.
 
-``--follow`` keeps exporting while the run grows (TensorBoard as a live dashboard)."""
+``--follow`` keeps exporting while the run grows (TensorBoard, W&B or MLflow as a live dashboard)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ log = logging.getLogger("phasewatch")
 
 
 def _check(a: argparse.Namespace) -> None:
-    if not (a.tensorboard or a.csv or a.parquet or a.wandb):
-        raise PhasewatchError("export: say where to: --tensorboard DIR, --csv DIR, --parquet DIR and/or --wandb")
+    if not (a.tensorboard or a.csv or a.parquet or a.wandb is not None or a.mlflow):
+        raise PhasewatchError("export: say where to: --tensorboard DIR, --csv DIR, --parquet DIR, --wandb DIR "
+                              "and/or --mlflow DIR")
     if a.interval <= 0:
         raise PhasewatchError(f"--interval {a.interval:g}: must be positive seconds")
     if a.follow and a.source != "band":
@@ -27,7 +29,7 @@ def _add_sinks(a: argparse.Namespace, run, sinks: list) -> None:
     """Append the sinks the options ask for to ``sinks``.
 
     In place, so that the caller closes the sinks already made if a later one fails."""
-    from ..outputs.export import CsvSink, ParquetSink, TensorBoardSink, WandbSink
+    from ..outputs.export import CsvSink, ParquetSink, TensorBoardSink
 
     if a.tensorboard:
         sinks.append(TensorBoardSink(a.tensorboard, overwrite=a.overwrite))
@@ -35,11 +37,19 @@ def _add_sinks(a: argparse.Namespace, run, sinks: list) -> None:
         sinks.append(CsvSink(a.csv, overwrite=a.overwrite))
     if a.parquet:
         sinks.append(ParquetSink(a.parquet, overwrite=a.overwrite))
-    if a.wandb:
-        name = a.wandb_name or Path(a.run).name
+    name = a.run_name or Path(a.run).name
+    if a.wandb is not None:
+        from ..outputs.trackers import WandbSink
+
         config = {"phasewatch_run": str(a.run), "window": a.window, "model": run.meta.get("model", {}).get("class"),
                   "optimizer": run.meta.get("optimizer", {}).get("hyper"), "recorder": run.meta.get("recorder")}
-        sinks.append(WandbSink(a.wandb_project, name, a.wandb_dir, config))
+        sinks.append(WandbSink(a.wandb_project, name, a.wandb or a.wandb_dir, config))
+    if a.mlflow:
+        from ..outputs.trackers import MlflowSink
+
+        params = {"phasewatch_run": str(a.run), "window": a.window, "source": a.source,
+                  **{k: v for k, v in run.meta.items() if k != "tables"}}
+        sinks.append(MlflowSink(a.mlflow, name, params, experiment=a.mlflow_experiment))
 
 
 def _follow(a: argparse.Namespace, f) -> None:
@@ -72,6 +82,10 @@ def cmd_export(a: argparse.Namespace) -> int:
         else:
             f.poll(run)
             print(f"exported {f.rows_written} rows (last step {f.last_step})")
+        if a.figures:
+            from ..outputs.trackers import log_figures
+
+            log_figures(sinks, a.run, window=a.window, source=a.source)
     finally:
         for s in sinks:
             s.close()
@@ -91,10 +105,18 @@ def register(sub) -> None:
     s.add_argument("--tensorboard", metavar="DIR", help="write TensorBoard event files into DIR")
     s.add_argument("--csv", metavar="DIR", help="one CSV per table (window, steps, noise, tail, curvature, eval, events)")
     s.add_argument("--parquet", metavar="DIR", help="one Parquet file per table (needs pyarrow)")
-    s.add_argument("--wandb", action="store_true", help="an offline W&B run (needs wandb; upload later with wandb sync)")
+    s.add_argument("--wandb", nargs="?", const="", metavar="DIR",
+                   help="an offline W&B run under DIR/wandb (default --wandb-dir; needs phasewatch[trackers]; "
+                        "upload later with wandb sync)")
     s.add_argument("--wandb-project", default="phasewatch", help="W&B project (default phasewatch)")
-    s.add_argument("--wandb-name", help="W&B run name (default: the run directory's name)")
-    s.add_argument("--wandb-dir", default=".", help="where W&B keeps the offline run (default .)")
+    s.add_argument("--wandb-dir", default=".", help="where W&B keeps the offline run when --wandb has no DIR (default .)")
+    s.add_argument("--mlflow", metavar="DIR", help="a run in the local MLflow store sqlite:///DIR/mlflow.db "
+                   "(artifacts in DIR/artifacts; needs phasewatch[trackers])")
+    s.add_argument("--mlflow-experiment", default="phasewatch", help="MLflow experiment (default phasewatch)")
+    s.add_argument("--run-name", "--wandb-name", dest="run_name",
+                   help="W&B / MLflow run name (default: the run directory's name)")
+    s.add_argument("--figures", action="store_true",
+                   help="W&B / MLflow: also the overview figure (PNG, drawn once at the end)")
     s.add_argument("--follow", action="store_true",
                    help="keep exporting as the run grows, until Ctrl-C or the run is closed")
     s.add_argument("--interval", type=float, default=10.0, help="seconds between polls with --follow (default 10)")

@@ -1,4 +1,5 @@
-"""Exports of an analysis: TensorBoard event files, CSV, Parquet, W&B (offline); following a live run.
+"""Exports of an analysis: TensorBoard event files, CSV, Parquet (W&B and MLflow: :mod:`.trackers`);
+following a live run.
 
     phasewatch export RUN --tensorboard tb/exp1 --csv out/ [--follow --interval 10]
 
@@ -577,37 +578,6 @@ class ParquetSink(Sink):
         self._writers = {}
 
 
-class WandbSink(Sink):
-    """W&B run in offline mode (``wandb sync DIR`` uploads it later): one ``log`` per step with every
-    tag of that step.  W&B needs steps that never decrease: rows older than the last logged step
-    (a late evaluation metric, a resumed run) are left out, with one warning."""
-
-    def __init__(self, project: str, name: str, directory: str | os.PathLike, config: dict) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise PhasewatchError("--wandb needs wandb: pip install wandb (the export is offline; "
-                                  "upload it later with `wandb sync`)") from None
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project=project, name=name, dir=str(directory), mode="offline", config=config)
-        self._last = -1
-        self._warned = False
-
-    def write(self, tabs, sigma, conventions) -> None:
-        for step, row in merged_rows(tabs):
-            if step < self._last:
-                if not self._warned:
-                    log.warning("phasewatch: W&B needs increasing steps; rows before step %d are left out",
-                                self._last)
-                    self._warned = True
-                continue
-            self._run.log(row, step=step)
-            self._last = step
-
-    def close(self) -> None:
-        self._run.finish()
-
-
 # ------------------------------------------------------------------------------------------------
 # analysing the new tail of a run
 class _TailColumns(Mapping):
@@ -783,7 +753,7 @@ class Follower:
             keep = np.isin(np.asarray(res.table["step"]), new["window"].columns["step"])
             sigma = (np.asarray(res.table["step"])[keep], sigma_matrix(res)[keep])
         for sink in self.sinks:
-            if isinstance(sink, TensorBoardSink):
+            if hasattr(sink, "wall_time"):  # TensorBoard, MLflow: points stamped with the step's time
                 sink.wall_time = self._wall(run)
             if new or not self.polls:
                 sink.write(new, sigma, res.conventions)
@@ -830,10 +800,12 @@ class Follower:
 
 
 def export(run, *, tensorboard: str | os.PathLike | None = None, csv_dir: str | os.PathLike | None = None,
-           parquet: str | os.PathLike | None = None, window: int = 10, source: str = "band",
+           parquet: str | os.PathLike | None = None, wandb: str | os.PathLike | None = None,
+           mlflow: str | os.PathLike | None = None, window: int = 10, source: str = "band",
            overwrite: bool = False) -> Follower:
     """One-shot export of a run (a path or an opened :class:`~phasewatch.store.Run`) to the given
-    destinations; returns the (closed) exporter, whose ``rows_written`` says how much was written."""
+    destinations (``wandb``, ``mlflow``: directories, see :mod:`.trackers`); returns the (closed)
+    exporter, whose ``rows_written`` says how much was written."""
     sinks: list[Sink] = []
     try:
         if tensorboard is not None:
@@ -842,6 +814,14 @@ def export(run, *, tensorboard: str | os.PathLike | None = None, csv_dir: str | 
             sinks.append(CsvSink(csv_dir, overwrite=overwrite))
         if parquet is not None:
             sinks.append(ParquetSink(parquet, overwrite=overwrite))
+        if wandb is not None or mlflow is not None:
+            from . import trackers
+
+            name = Path(getattr(run, "path", run)).name
+            if wandb is not None:
+                sinks.append(trackers.WandbSink("phasewatch", name, wandb, {"window": window}))
+            if mlflow is not None:
+                sinks.append(trackers.MlflowSink(mlflow, name, {"window": window, "source": source}))
         f = Follower(getattr(run, "path", run), sinks, window=window, source=source)
         f.poll(run if hasattr(run, "table") else None)
     finally:

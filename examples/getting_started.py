@@ -3,6 +3,7 @@
     python examples/getting_started.py [--out runs/first]
 """
 
+# --8<-- [start:setup]
 import sys
 
 import torch
@@ -15,6 +16,7 @@ torch.manual_seed(0)
 x, y = torch.randn(256, 20), torch.randint(0, 4, (256,))           # a toy task: random labels
 model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+# --8<-- [end:setup]
 
 # --8<-- [start:loop]
 with phasewatch.Recorder(out, model, opt, k=16) as rec:             # 1. record

@@ -68,6 +68,18 @@ def test_tutorial_notebook_runs(tmp_path):
     assert "grokking at step" in text, "the tutorial's run did not grok (its summary has no grokking event)"
 
 
+def test_getting_started_script_runs(tmp_path):
+    """The getting-started page includes this script verbatim: it must record, analyse and plot."""
+    out = tmp_path / "first"
+    env = _kernel_env()
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "getting_started.py"), "--out", str(out)],
+                          env=dict(env, MPLBACKEND="Agg"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "k*" in proc.stdout and "null" in proc.stdout, proc.stdout
+    png = out / "overview.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_docs_build_strict(tmp_path):
     if shutil.which("mkdocs") is None and not (Path(sys.executable).parent / "mkdocs").exists():
         pytest.skip("mkdocs is not installed (pip install -e .[docs])")

@@ -1,5 +1,6 @@
 # The whole set-up on a fresh machine:  make demo   (train, record, analyse, plot)
 #                                       make test   (the test suite)
+#                                       make docs   (the documentation site, into site/)
 # Tests run with one torch thread: their models are tiny, and on a busy 2-core machine torch's
 # spinning threads made them up to 10x slower.  `make test` then runs the tests whose numbers depend
 # on reduction order (distributed, float32, BLAS-heavy) again with two threads, so no tolerance
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test test-threads test-repeat lint bench claims clean
+.PHONY: install demo test test-threads test-repeat lint bench claims docs clean
 
 # the tests whose results depend on thread count / reduction order: run under 1 and 2 threads
 THREADED_TESTS ?= tests/test_fsdp.py tests/test_distributed.py tests/test_integrations_ddp.py \
@@ -58,8 +59,12 @@ lint: install
 claims: install
 	$(BIN)/phasewatch claims --out claims-out
 
+# the site from docs/ and the docstrings; --strict: a broken reference or an unlisted page fails
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: install
 	$(BIN)/python benchmarks/recorder_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) claims-out .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) claims-out site .pytest_cache

@@ -120,6 +120,12 @@ class TraceResult:
 class HessianOperator:
     """H = ∇²_θ L(θ; batch) as a linear operator on flat float64 vectors.
 
+    Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
+    eigenvalue to ~1e-6, float64 models reach ~1e-12.  The forward and every product run inside
+    :func:`~phasewatch.record.hvp.double_differentiable_attention` (the math SDPA backend), so
+    attention layers differentiate twice; a kernel with no double backward elsewhere fails at
+    the first product, where ``hvp="auto"`` switches to :class:`FiniteDifferenceHessian`.
+
     Parameters
     ----------
     model: the network; ``params`` (default: its parameters that require grad) are the variables.
@@ -131,12 +137,6 @@ class HessianOperator:
         ``"train"`` (the loss as training optimises it; a dropout mask is drawn once, from ``seed``
         on a forked generator (training's random stream is untouched), and fixed for every product,
         so the operator stays symmetric).  Stated in :attr:`mode`.
-
-    Products are computed in the parameters' dtype; float32 limits the relative accuracy of an
-    eigenvalue to ~1e-6, float64 models reach ~1e-12.  The forward and every product run inside
-    :func:`~phasewatch.record.hvp.double_differentiable_attention` (the math SDPA backend), so
-    attention layers differentiate twice; a kernel with no double backward elsewhere fails at
-    the first product, where ``hvp="auto"`` switches to :class:`FiniteDifferenceHessian`.
     """
 
     route = "autograd"

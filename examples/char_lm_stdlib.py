@@ -183,7 +183,7 @@ def train(path: Path, optimizer: str, seed: int, cfg: dict) -> dict:
 
 
 #: claim 1's full-size configuration (see the claim script for the quick one)
-DEFAULT = {"d_model": 96, "heads": 4, "layers": 3, "context": 64, "batch": 16, "steps": 2000, "warmup": 100,
+DEFAULT = {"d_model": 64, "heads": 4, "layers": 3, "context": 64, "batch": 16, "steps": 2000, "warmup": 100,
            "adamw_lr": 2e-3, "muon_lr": 0.02, "decay_per_step": 2e-4, "stride": 100, "k": 12,
            "eval_every": 250, "val_batches": 8}
 

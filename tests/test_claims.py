@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from phasewatch.cli import main  # noqa: E402
@@ -153,3 +154,115 @@ def test_quick_mode_cli(tmp_path: Path):
         assert c["reason"] and c["setup"] and "raised" not in c["reason"]
         assert c["figure"] and (out / c["figure"]).exists()
         assert plt.imread(out / c["figure"]).shape[0] > 50
+
+
+def _char_lm():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "char_lm_stdlib.py"
+    spec = importlib.util.spec_from_file_location("phasewatch_example_char_lm_stdlib", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cached_runs_groups_record_once(tmp_path: Path):
+    """``cached_runs`` with custom groups: ``train`` gets each group's keyword arguments, once per
+    (group, seed); a second call reuses the recorded runs; the default groups keep the cache
+    directory of the configuration alone (the grokking runs' caches stay valid)."""
+    import hashlib
+
+    import torch
+
+    import phasewatch
+    from phasewatch.workflows.claims import cached_runs
+
+    calls = []
+
+    def train(path, seed, optimizer=None, weight_decay=None):
+        calls.append((path.name, seed, optimizer, weight_decay))
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(8, 3)
+        with phasewatch.Recorder(path, model, opt, k=4, strict=True) as rec:
+            for _ in range(5):
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                rec.loss(loss)
+                opt.step()
+        return {"final": float(loss.detach())}
+
+    cfg = {"seeds": [0, 1], "weight_decay": 0.5}
+    groups = {"a": {"optimizer": "sgd"}, "b": {"optimizer": "other"}}
+    out = tmp_path / "claim_01"
+    runs = cached_runs(out, "toy", cfg, train, groups=groups)
+    assert sorted(calls) == [("a-seed0", 0, "sgd", None), ("a-seed1", 1, "sgd", None),
+                             ("b-seed0", 0, "other", None), ("b-seed1", 1, "other", None)]
+    assert [(r["group"], r["seed"], r["optimizer"]) for r in runs] == [
+        ("a", 0, "sgd"), ("a", 1, "sgd"), ("b", 0, "other"), ("b", 1, "other")]
+    assert all(isinstance(r["final"], float) and (r["path"] / "meta.json").exists() for r in runs)
+    again = cached_runs(out, "toy", cfg, train, groups=groups)
+    assert len(calls) == 4 and [r["final"] for r in again] == [r["final"] for r in runs]
+    default = cached_runs(out, "toy", cfg, train)
+    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    assert {r["path"].parent.name for r in default} == {f"toy-{key}"}
+    assert [(r["group"], r["weight_decay"]) for r in default] == [("wd", 0.5), ("wd", 0.5), ("nowd", 0.0), ("nowd", 0.0)]
+    assert calls[4:] == [("wd-seed0", 0, None, 0.5), ("wd-seed1", 1, None, 0.5),
+                         ("nowd-seed0", 0, None, 0.0), ("nowd-seed1", 1, None, 0.0)]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_claim1_two_recorders_see_one_run(tmp_path: Path, optimizer: str):
+    """Claim 1 records each char-LM run twice (stride s and stride 1, one training loop): every
+    checkpoint displacement's squared norm (the stride run's band lag 0) equals ‖Σ u_i‖² of the s
+    per-step updates of its block, read off the per-step band (lags < s ≤ K−1).
+
+    Tolerance: u_i and the displacement Δ are float32 differences of float32 parameters, each rounded
+    once (relative 2⁻²⁴), so per coordinate |Δ − Σu_i| ≤ 2⁻²³ Σ|u_i| and ‖Δ − Σu_i‖ ≤ e = 2⁻²³ Σ‖u_i‖;
+    then |‖Δ‖² − ‖Σu_i‖²| ≤ e (2‖Σu_i‖ + e), plus the float64 band sums (P·2⁻⁵³ per inner product)."""
+    import phasewatch
+
+    lm = _char_lm()
+    s, steps = 4, 24
+    cfg = {"d_model": 16, "heads": 2, "layers": 1, "context": 16, "batch": 4, "steps": steps, "warmup": 5,
+           "adamw_lr": 2e-3, "muon_lr": 0.02, "decay_per_step": 2e-4, "stride": s, "k": 8,
+           "eval_every": 12, "val_batches": 1}
+    summary = lm.train(tmp_path / "run", optimizer, 0, cfg)
+    ckpt = phasewatch.open_run(tmp_path / "run")
+    per = phasewatch.open_run(lm.step_run(tmp_path / "run"))
+    assert ckpt.meta["recorder"]["stride"] == s and per.meta["recorder"]["stride"] == 1
+    assert ckpt.n_params == per.n_params == summary["recorded_params"] < summary["total_params"]
+    assert list(ckpt.band["step"]) == list(range(s, steps + 1, s))
+    assert list(per.band["step"]) == list(range(1, steps + 1))
+    b = np.asarray(per.band["band"], dtype=np.float64)
+    P = per.n_params
+    for row, t in enumerate(ckpt.band["step"]):
+        idx = [i - 1 for i in range(t - s + 1, t + 1)]  # rows of the block's per-step updates
+        sq = sum(b[i, 0] + 2 * sum(b[i, j] for j in range(1, i - idx[0] + 1)) for i in idx)
+        norms = np.sqrt([b[i, 0] for i in idx])
+        e = 2.0**-23 * norms.sum()
+        tol = e * (2 * np.sqrt(sq) + e) + P * 2.0**-53 * norms.sum() ** 2 * 2
+        assert abs(ckpt.band["band"][row, 0] - sq) <= tol, (t, ckpt.band["band"][row, 0], sq, tol)
+
+
+def test_char_lm_muon_takes_the_block_matrices():
+    """Muon gets exactly the blocks' 2-D matrices; embeddings, norms and head stay with AdamW."""
+    import torch
+
+    lm = _char_lm()
+    cfg = {"d_model": 16, "heads": 2, "layers": 2, "context": 8, "adamw_lr": 1e-3, "muon_lr": 0.02,
+           "decay_per_step": 2e-4}
+    model = lm.build_model(cfg)
+    mat, other = lm.optimizers(model, "muon", cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = sorted(names[id(p)] for g in mat.param_groups for p in g["params"])
+    assert got == sorted(f"blocks.{i}.{m}.weight" for i in range(2) for m in ("qkv", "proj", "fc", "out"))
+    assert isinstance(mat, torch.optim.Muon) and isinstance(other, torch.optim.AdamW)
+    rest = {names[id(p)] for g in other.param_groups for p in g["params"]}
+    assert rest | set(got) == set(names.values()) and not rest & set(got)
+    # equal decoupled decay per step in both arms
+    adam_mat, _ = lm.optimizers(model, "adamw", cfg)
+    assert mat.param_groups[0]["lr"] * mat.param_groups[0]["weight_decay"] == pytest.approx(
+        adam_mat.param_groups[0]["lr"] * adam_mat.param_groups[0]["weight_decay"], rel=1e-12)

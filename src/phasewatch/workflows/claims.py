@@ -177,24 +177,29 @@ GROKKING = {
 }
 
 
-def cached_runs(out_dir: str | Path, name: str, cfg: dict[str, Any], train) -> list[dict[str, Any]]:
-    """Record (or reuse) the runs of one configuration: every seed of ``cfg["seeds"]`` with weight
-    decay ``cfg["weight_decay"]`` and without.
+def cached_runs(out_dir: str | Path, name: str, cfg: dict[str, Any], train,
+                groups: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Record (or reuse) the runs of one configuration: every seed of ``cfg["seeds"]`` in every
+    group; by default two groups, with weight decay ``cfg["weight_decay"]`` and without.
 
-    Runs live in ``out_dir/../_runs/<name>-<hash of cfg>/{wd,nowd}-seed<N>``, so the claims that
+    Runs live in ``out_dir/../_runs/<name>-<hash of cfg>/<group>-seed<N>``, so the claims that
     share them record them once; a run counts as done when its ``.summary.json`` exists.
-    ``train(path, weight_decay=, seed=)`` records one and returns its summary dict.  Returns one
-    dict per run: ``path``, ``group`` (``"wd"``/``"nowd"``), ``seed``, ``weight_decay`` and the
-    summary (``grok_step``, ...).
+    ``train(path, seed=, **groups[group])`` records one and returns its summary dict (default
+    groups: ``{"wd": {"weight_decay": cfg["weight_decay"]}, "nowd": {"weight_decay": 0.0}}``).
+    Returns one dict per run: ``path``, ``group``, ``seed``, the group's keyword arguments
+    (``weight_decay``, ...) and the summary (``grok_step``, ...).
     """
     import shutil
 
-    key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    blob = cfg if groups is None else {"cfg": cfg, "groups": groups}
+    if groups is None:
+        groups = {"wd": {"weight_decay": cfg["weight_decay"]}, "nowd": {"weight_decay": 0.0}}
+    key = hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
     base = Path(out_dir).resolve().parent / "_runs" / f"{name}-{key}"
     base.mkdir(parents=True, exist_ok=True)
     (base / "config.json").write_text(json.dumps(cfg, indent=1))
     runs = []
-    for group, wd in (("wd", cfg["weight_decay"]), ("nowd", 0.0)):
+    for group, kwargs in groups.items():
         for seed in cfg["seeds"]:
             path = base / f"{group}-seed{seed}"
             done = path.with_suffix(".summary.json")
@@ -203,9 +208,9 @@ def cached_runs(out_dir: str | Path, name: str, cfg: dict[str, Any], train) -> l
             else:
                 if path.exists():
                     shutil.rmtree(path)
-                summary = train(path, weight_decay=wd, seed=seed)
+                summary = train(path, seed=seed, **kwargs)
                 done.write_text(json.dumps(summary))
-            runs.append({"path": path, "group": group, "seed": seed, "weight_decay": wd, **summary})
+            runs.append({"path": path, "group": group, "seed": seed, **kwargs, **summary})
     return runs
 
 

@@ -22,7 +22,7 @@ only through ``seed`` (an int, ``None`` for fresh OS entropy, or a ``numpy.rando
 
 from __future__ import annotations
 
-from .hill import (  # noqa: F401  (re-exported)  # noqa: F401  (private names other modules and tests import from here)
+from .hill import (  # noqa: F401  (re-exported, private names included: modules and tests import them from here)
     _CI_METHODS,
     _MIN_HILL_VALUES,
     _MIN_SELECTION_VALUES,
@@ -41,7 +41,7 @@ from .hill import (  # noqa: F401  (re-exported)  # noqa: F401  (private names o
     hill_curve,
     rolling_hill,
 )
-from .hill_k_selection import (  # noqa: F401  (private names other modules and tests import from here)
+from .hill_k_selection import (  # noqa: F401  (re-exported, private names included: modules and tests import them from here)
     _DB_CHUNK_ELEMENTS,
     _DB_EPS,
     _KS_GRID,
@@ -51,7 +51,7 @@ from .hill_k_selection import (  # noqa: F401  (private names other modules and 
     _ks_one,
     _ks_select,
 )
-from .hill_kernel import (  # noqa: F401  (re-exported)  # noqa: F401  (private names other modules and tests import from here)
+from .hill_kernel import (  # noqa: F401  (re-exported, private names included: modules and tests import them from here)
     _CONVENTIONS,
     _SORT_MAX,
     _TIE_LOOP_MAX,
@@ -71,7 +71,7 @@ from .hill_kernel import (  # noqa: F401  (re-exported)  # noqa: F401  (private 
     tied_fraction,
     top_order_statistics,
 )
-from .mcculloch import (  # noqa: F401  (re-exported)  # noqa: F401  (private names other modules and tests import from here)
+from .mcculloch import (  # noqa: F401  (re-exported, private names included: modules and tests import them from here)
     _MC_ALPHAS,
     _MC_BETAS,
     _MC_IQR,
@@ -85,7 +85,7 @@ from .mcculloch import (  # noqa: F401  (re-exported)  # noqa: F401  (private na
     _solve_monotone,
     mcculloch,
 )
-from .stable_index import (  # noqa: F401  (re-exported)  # noqa: F401  (private names other modules and tests import from here)
+from .stable_index import (  # noqa: F401  (re-exported, private names included: modules and tests import them from here)
     _MIN_STABLE_VALUES,
     StableIndexResult,
     stable_index,

@@ -7,6 +7,92 @@ framework's theory notes 000-004; Y. Xu, arXiv:2603.28964, 2026).  ``C_b = (A - 
 2018), ``p = C / (1 + C)``.  The ``langevin`` and ``levy`` variants are **not** dimensionless
 (see :func:`consolidation_ratio`), which is one reason the variants disagree by orders of
 magnitude: always label which is shown.
+
+Variants (``variant``), with ``n`` samples ``g^(i)``, each a mean over ``b`` examples, ``g_bar``
+their mean, ``A = ||g_bar||^2`` and ``T = sum_i ||g^(i) - g_bar||^2 / (n-1)`` (unbiased for
+``Tr Sigma_b``, ``Sigma_b = Sigma_1 / b``):
+
+``canonical``
+    ``C_b = (A - T/n) / T``. Since ``E[A] = ||mu||^2 + Tr(Sigma_b)/n``, the
+    numerator is unbiased for ``||mu||^2`` and ``C_b`` estimates
+    ``||mu||^2 / Tr(Sigma_b)``. If ``C_b <= 0`` it is reported as 0 and
+    flagged :data:`FLAG_UNRESOLVED`. ``C_1 = C_b / b = ||mu||^2 / Tr(Sigma_1)``
+    (per example) ``= 1 / B_simple`` (McCandlish et al. 2018).
+``naive``
+    ``A / T`` as the notes write it; biased upward by ``1/n`` relative to
+    ``canonical`` (exactly ``naive = canonical + 1/n`` before clipping).
+``langevin``
+    ``D = eta^2 sigma_bar^2 / (2B)``, ``C_L = ||g||^2 / (2 D P)``. We use
+    ``||g||^2 := A`` (the mean of the samples, i.e. the step's gradient when the
+    samples are its micro-batches) and ``sigma_bar^2 := b T / P``, the unbiased
+    estimate of the mean per-coordinate variance of *per-example* gradients
+    ``Tr(Sigma_1)/P`` (a mean of ``b`` i.i.d. examples has ``b`` times smaller
+    variance). ``P`` cancels: ``C_L = B A / (eta^2 b T)``. ``C_L`` has units of
+    ``1/eta^2`` (not dimensionless); ``D`` needs ``P`` (``n_params``, or the
+    sample width).
+``levy``
+    Over ``grad_norm_window`` (the last ``W_alpha`` recorded gradient norms,
+    note: 100, the last entry being ``||g_t||``): ``alpha`` = Hill estimate on the
+    top ``k = round(0.1 W_alpha)`` norms (``k / sum ln(x_(i)/x_(k+1))``), clipped to
+    [1.1, 1.9]; ``sigma_alpha`` = sample std (ddof=1) of the window;
+    ``D_alpha = (sigma_alpha / ||g_t||)^alpha``;
+    ``C_alpha = ||g_t||^2 / (2 D_alpha W_alpha)``. As the note does, this divides
+    by the window length ``W_alpha``, not by ``P`` (we keep that choice);
+    ``C_alpha`` carries units of ``||g||^2``.  Hill goes through the one kernel
+    (:func:`phasewatch.analysis.hill_kernel.hill_top`): a window whose top holds an atom or
+    near-ties (norms clipped by ``clip_grad_norm_``) gives ``C = NaN`` with the tied
+    fraction and likely cause in ``flags``; feed the norms before clipping.
+
+Confidence intervals (``ci``):
+
+All intervals are first built for ``tau = E[A] / E[T] = C_b + 1/n``, the
+quantity ``R = A / T`` estimates, and then mapped to the variant (canonical
+``tau - 1/n``, naive ``tau``, langevin ``tau * B/(eta^2 b)``), so the canonical
+interval is for ``C_b = ||mu||^2 / Tr(Sigma_b)`` and the naive one for its own,
+upward-biased, target.
+
+``"bootstrap"`` (default)
+    With raw ``samples``: bootstrap over the ``n`` gradients (resample rows
+    with replacement and recompute ``R* = A*/T*``; computed exactly from the
+    ``n x n`` Gram matrix, cost ``O(n_boot n^2)``). We use the *basic*
+    (pivotal) interval on the log scale, ``[R tau*/q_hi, R tau*/q_lo]``, with
+    ``q`` the bootstrap quantiles of ``R*`` and
+    ``tau* = n R/(n-1) + 1/n`` the target's value in the bootstrap world (the
+    empirical distribution has mean ``g_bar`` and covariance
+    ``(n-1)/n Sigma_hat_b``). The plain percentile interval is shifted upward
+    by about ``(1 + C_b)/n``, because resampling adds the ``T/n`` bias of ``A``
+    a second time; it covers ``C_b = 0`` only ~85% of the time at 95%. Without
+    samples the delta method below is used (``ci_method`` says which).
+    ``levy``: percentile bootstrap over the norm window.
+``"delta"``
+    First-order delta method on ``log(A/T)`` (interval
+    ``(A/T) exp(+/- z se)``, mapped to the variant: ``-1/n`` for canonical,
+    ``* B/(eta^2 b)`` for langevin). Derivation, for i.i.d. samples with mean
+    ``mu`` and covariance ``Sigma`` (``= Sigma_b``):
+    ``Var A = 4 mu^T Sigma mu / n + 2 Tr(Sigma^2) / n^2`` (+ smaller third-moment
+    terms), ``Var T = (E||g - mu||^4 - Tr(Sigma)^2)/n + 2 Tr(Sigma^2)/(n(n-1))``,
+    ``Cov(A, T) = 2 E[<g - mu, mu> ||g - mu||^2] / n``, and
+    ``Var log(A/T) = Var A/A^2 + Var T/T^2 - 2 Cov/(A T)``.
+
+    * If the moment statistics ``quad``, ``trace_sq``, ``fourth``, ``third``
+      are given (or raw samples are), the unknown moments are replaced by their
+      sample estimates (``ci_method="delta"``): no distributional assumption,
+      only ``n`` large enough for the first-order expansion.
+    * With only ``n, b, A, T``: we assume **Gaussian** sampling of the ``g^(i)``
+      (then ``g_bar`` and ``T`` are independent, ``Var T = 2 Tr(Sigma^2)/(n-1)``
+      and ``Var A = 4 mu^T Sigma mu/n + 2 Tr(Sigma^2)/n^2``) and bound the two
+      quantities these four numbers cannot identify by their worst case,
+      ``Tr(Sigma^2) <= Tr(Sigma)^2`` and ``mu^T Sigma mu <= Tr(Sigma) ||mu||^2``
+      (rank-one noise), plugging in ``T`` and ``max(A - T/n, 0)``
+      (``ci_method="delta-gaussian-bound"``). The interval is conservative for
+      Gaussian noise of any covariance (often much wider than necessary when
+      the noise is spread over many directions), but not guaranteed for
+      heavy-tailed noise. Store the moment statistics to do better.
+    * Where the standard error of log(A/T) exceeds 1 the log-scale interval is
+      replaced by the linear one, R·(1 ± z·se) clipped at 0 (the log expansion
+      fails there: its upper end reaches 1e100 when the signal is buried).
+``"none"``
+    No interval (NaN).
 """
 
 from __future__ import annotations
@@ -101,52 +187,51 @@ class ConsolidationResult:
     Scalars for a single measurement; arrays of the input shape when the
     sufficient statistics were arrays (``ci``/``p_ci`` then have a trailing axis 2).
 
-    Attributes
-    ----------
-    C
-        The variant's consolidation ratio, ``C = signal / noise`` (clipped at 0 for
-        ``canonical``).
-    ci
-        ``(..., 2)`` confidence interval ``(lo, hi)`` of ``C`` at ``level``;
-        NaN when ``ci_method == "none"``.
-    p, p_ci
-        ``p = C / (1 + C)`` and its interval (the image of ``ci`` under this
-        increasing map).
-    odds
-        ``p / (1 - p) = C``.
-    C_per_example
-        ``C_1 = C_b / b`` for ``canonical`` and ``naive``; NaN for ``langevin``
-        (which already uses the per-example variance) and ``levy``.
-    b, n
-        Examples per sample and samples per measurement (``levy``: ``b`` as
-        passed, ``n`` = window length).
-    variant
-        ``"canonical"``, ``"naive"``, ``"langevin"`` or ``"levy"``.
-    ci_method
-        ``"bootstrap"`` (over the ``n`` samples), ``"delta"`` (moment-based delta
-        method), ``"delta-gaussian-bound"`` (Gaussian, worst-case covariance;
-        conservative), ``"bootstrap-window"`` (``levy``: over the norm window) or
-        ``"none"``.
-    flags
-        Tuple of one-line warnings (unresolved signal, non-finite input, ...).
-    phase, band
-        :func:`phase` / :func:`decision_band` of ``p`` (string or string array).
-    level
-        Confidence level of the intervals.
-    signal, noise
-        Numerator and denominator of the variant (``C = signal / noise`` before
-        clipping): canonical ``||g_bar||^2 - T/n`` and ``T``; naive ``||g_bar||^2``
-        and ``T``; langevin ``||g_bar||^2`` and ``2 D P = eta^2 b T / B``; levy
-        ``||g_t||^2`` and ``2 D_alpha W_alpha``.
-    unresolved
-        Bool (array): canonical bias-corrected signal ``<= 0`` (C reported 0).
-    diffusion
-        ``langevin``: ``D = eta^2 sigma_bar^2 / (2B)`` (NaN if ``P`` unknown);
-        ``levy``: ``D_alpha``; else ``None``.
-    tail_index
-        ``levy``: the Hill estimate after clipping to [1.1, 1.9]; else ``None``.
-    tail_index_raw
-        ``levy``: the Hill estimate before clipping; else ``None``.
+    Attributes:
+        C
+            The variant's consolidation ratio, ``C = signal / noise`` (clipped at 0 for
+            ``canonical``).
+        ci
+            ``(..., 2)`` confidence interval ``(lo, hi)`` of ``C`` at ``level``;
+            NaN when ``ci_method == "none"``.
+        p, p_ci
+            ``p = C / (1 + C)`` and its interval (the image of ``ci`` under this
+            increasing map).
+        odds
+            ``p / (1 - p) = C``.
+        C_per_example
+            ``C_1 = C_b / b`` for ``canonical`` and ``naive``; NaN for ``langevin``
+            (which already uses the per-example variance) and ``levy``.
+        b, n
+            Examples per sample and samples per measurement (``levy``: ``b`` as
+            passed, ``n`` = window length).
+        variant
+            ``"canonical"``, ``"naive"``, ``"langevin"`` or ``"levy"``.
+        ci_method
+            ``"bootstrap"`` (over the ``n`` samples), ``"delta"`` (moment-based delta
+            method), ``"delta-gaussian-bound"`` (Gaussian, worst-case covariance;
+            conservative), ``"bootstrap-window"`` (``levy``: over the norm window) or
+            ``"none"``.
+        flags
+            Tuple of one-line warnings (unresolved signal, non-finite input, ...).
+        phase, band
+            :func:`phase` / :func:`decision_band` of ``p`` (string or string array).
+        level
+            Confidence level of the intervals.
+        signal, noise
+            Numerator and denominator of the variant (``C = signal / noise`` before
+            clipping): canonical ``||g_bar||^2 - T/n`` and ``T``; naive ``||g_bar||^2``
+            and ``T``; langevin ``||g_bar||^2`` and ``2 D P = eta^2 b T / B``; levy
+            ``||g_t||^2`` and ``2 D_alpha W_alpha``.
+        unresolved
+            Bool (array): canonical bias-corrected signal ``<= 0`` (C reported 0).
+        diffusion
+            ``langevin``: ``D = eta^2 sigma_bar^2 / (2B)`` (NaN if ``P`` unknown);
+            ``levy``: ``D_alpha``; else ``None``.
+        tail_index
+            ``levy``: the Hill estimate after clipping to [1.1, 1.9]; else ``None``.
+        tail_index_raw
+            ``levy``: the Hill estimate before clipping; else ``None``.
     """
 
     C: float | np.ndarray
@@ -350,124 +435,63 @@ def consolidation_ratio(
     ``T = sum_i ||g^(i) - g_bar||^2 / (n-1)`` (unbiased for ``Tr Sigma_b``,
     ``Sigma_b = Sigma_1 / b``):
 
-    ``canonical``
-        ``C_b = (A - T/n) / T``. Since ``E[A] = ||mu||^2 + Tr(Sigma_b)/n``, the
-        numerator is unbiased for ``||mu||^2`` and ``C_b`` estimates
-        ``||mu||^2 / Tr(Sigma_b)``. If ``C_b <= 0`` it is reported as 0 and
-        flagged :data:`FLAG_UNRESOLVED`. ``C_1 = C_b / b = ||mu||^2 / Tr(Sigma_1)``
-        (per example) ``= 1 / B_simple`` (McCandlish et al. 2018).
-    ``naive``
-        ``A / T`` as the notes write it; biased upward by ``1/n`` relative to
-        ``canonical`` (exactly ``naive = canonical + 1/n`` before clipping).
-    ``langevin``
-        ``D = eta^2 sigma_bar^2 / (2B)``, ``C_L = ||g||^2 / (2 D P)``. We use
-        ``||g||^2 := A`` (the mean of the samples, i.e. the step's gradient when the
-        samples are its micro-batches) and ``sigma_bar^2 := b T / P``, the unbiased
-        estimate of the mean per-coordinate variance of *per-example* gradients
-        ``Tr(Sigma_1)/P`` (a mean of ``b`` i.i.d. examples has ``b`` times smaller
-        variance). ``P`` cancels: ``C_L = B A / (eta^2 b T)``. ``C_L`` has units of
-        ``1/eta^2`` (not dimensionless); ``D`` needs ``P`` (``n_params``, or the
-        sample width).
-    ``levy``
-        Over ``grad_norm_window`` (the last ``W_alpha`` recorded gradient norms,
-        note: 100, the last entry being ``||g_t||``): ``alpha`` = Hill estimate on the
-        top ``k = round(0.1 W_alpha)`` norms (``k / sum ln(x_(i)/x_(k+1))``), clipped to
-        [1.1, 1.9]; ``sigma_alpha`` = sample std (ddof=1) of the window;
-        ``D_alpha = (sigma_alpha / ||g_t||)^alpha``;
-        ``C_alpha = ||g_t||^2 / (2 D_alpha W_alpha)``. As the note does, this divides
-        by the window length ``W_alpha``, not by ``P`` (we keep that choice);
-        ``C_alpha`` carries units of ``||g||^2``.  Hill goes through the one kernel
-        (:func:`phasewatch.analysis.hill_kernel.hill_top`): a window whose top holds an atom or
-        near-ties (norms clipped by ``clip_grad_norm_``) gives ``C = NaN`` with the tied
-        fraction and likely cause in ``flags``; feed the norms before clipping.
+    ``canonical``  ``C_b = (A - T/n) / T``, estimating ``||mu||^2 / Tr(Sigma_b)`` (reported as 0
+    and flagged :data:`FLAG_UNRESOLVED` where ``<= 0``); ``C_1 = C_b / b = 1 / B_simple``.
+    ``naive``  ``A / T`` as the notes write it (``= canonical + 1/n`` before clipping).
+    ``langevin``  ``C_L = ||g||^2 / (2 D P) = B A / (eta^2 b T)`` with ``D = eta^2 sigma_bar^2 / (2B)``,
+    ``sigma_bar^2 = b T / P`` (units ``1/eta^2``).
+    ``levy``  ``C_alpha = ||g_t||^2 / (2 D_alpha W_alpha)``, ``D_alpha = (sigma_alpha / ||g_t||)^alpha``
+    over ``grad_norm_window`` (:func:`levy_terms`; units of ``||g||^2``).
+    The variants in full (what each estimates, units, the Lévy tie rule): the module docstring.
 
     For every variant ``p = C / (1 + C)`` and ``odds = p / (1 - p) = C``.
 
-    Confidence intervals (``ci``):
+    Intervals (``ci``): ``"bootstrap"`` (default; basic bootstrap over the samples, the delta method
+    without them; ``levy``: over the norm window), ``"delta"`` (on ``log(A/T)``, distribution-free
+    with the moment statistics, a Gaussian worst-case bound without) or ``"none"``; all built for
+    ``tau = C_b + 1/n`` and mapped to the variant (derivations: the module docstring).
+    The interval of ``p`` is the image of that of ``C``; for ``canonical`` both ends are clipped at 0.
 
-    All intervals are first built for ``tau = E[A] / E[T] = C_b + 1/n``, the
-    quantity ``R = A / T`` estimates, and then mapped to the variant (canonical
-    ``tau - 1/n``, naive ``tau``, langevin ``tau * B/(eta^2 b)``), so the canonical
-    interval is for ``C_b = ||mu||^2 / Tr(Sigma_b)`` and the naive one for its own,
-    upward-biased, target.
+    Parameters:
+        samples
+            ``(n, P)`` raw gradients (rows with NaN/Inf are dropped and flagged).
+        n, b, mean_sq_norm, trace
+            Sufficient statistics (used when ``samples`` is None); broadcastable arrays
+            give one result per element (per measurement or per layer).
+        quad, trace_sq, fourth, third
+            Optional moment statistics (all four or none), see
+            :class:`SufficientStatistics`.
+        variant
+            ``"canonical"`` (default), ``"naive"``, ``"langevin"``, ``"levy"``.
+        ci, level, n_boot, seed
+            Interval method, confidence level, bootstrap replicates and the seed or
+            ``numpy.random.Generator`` of the bootstrap (``None``: fresh OS entropy).
+        lr, batch_size, n_params
+            ``eta``, ``B`` and ``P`` for ``langevin`` (``lr`` and ``batch_size``
+            required; ``n_params`` only needed for ``D`` without raw samples).
+        grad_norm_window
+            Gradient norms for ``levy`` (1-D, oldest first, last = current step).
 
-    ``"bootstrap"`` (default)
-        With raw ``samples``: bootstrap over the ``n`` gradients (resample rows
-        with replacement and recompute ``R* = A*/T*``; computed exactly from the
-        ``n x n`` Gram matrix, cost ``O(n_boot n^2)``). We use the *basic*
-        (pivotal) interval on the log scale, ``[R tau*/q_hi, R tau*/q_lo]``, with
-        ``q`` the bootstrap quantiles of ``R*`` and
-        ``tau* = n R/(n-1) + 1/n`` the target's value in the bootstrap world (the
-        empirical distribution has mean ``g_bar`` and covariance
-        ``(n-1)/n Sigma_hat_b``). The plain percentile interval is shifted upward
-        by about ``(1 + C_b)/n``, because resampling adds the ``T/n`` bias of ``A``
-        a second time; it covers ``C_b = 0`` only ~85% of the time at 95%. Without
-        samples the delta method below is used (``ci_method`` says which).
-        ``levy``: percentile bootstrap over the norm window.
-    ``"delta"``
-        First-order delta method on ``log(A/T)`` (interval
-        ``(A/T) exp(+/- z se)``, mapped to the variant: ``-1/n`` for canonical,
-        ``* B/(eta^2 b)`` for langevin). Derivation, for i.i.d. samples with mean
-        ``mu`` and covariance ``Sigma`` (``= Sigma_b``):
-        ``Var A = 4 mu^T Sigma mu / n + 2 Tr(Sigma^2) / n^2`` (+ smaller third-moment
-        terms), ``Var T = (E||g - mu||^4 - Tr(Sigma)^2)/n + 2 Tr(Sigma^2)/(n(n-1))``,
-        ``Cov(A, T) = 2 E[<g - mu, mu> ||g - mu||^2] / n``, and
-        ``Var log(A/T) = Var A/A^2 + Var T/T^2 - 2 Cov/(A T)``.
+    Returns:
+        :class:`ConsolidationResult`. Non-finite inputs give NaN results (flagged);
+        ``T = 0 < A`` gives ``C = inf``, ``p = 1`` (flagged).
 
-        * If the moment statistics ``quad``, ``trace_sq``, ``fourth``, ``third``
-          are given (or raw samples are), the unknown moments are replaced by their
-          sample estimates (``ci_method="delta"``): no distributional assumption,
-          only ``n`` large enough for the first-order expansion.
-        * With only ``n, b, A, T``: we assume **Gaussian** sampling of the ``g^(i)``
-          (then ``g_bar`` and ``T`` are independent, ``Var T = 2 Tr(Sigma^2)/(n-1)``
-          and ``Var A = 4 mu^T Sigma mu/n + 2 Tr(Sigma^2)/n^2``) and bound the two
-          quantities these four numbers cannot identify by their worst case,
-          ``Tr(Sigma^2) <= Tr(Sigma)^2`` and ``mu^T Sigma mu <= Tr(Sigma) ||mu||^2``
-          (rank-one noise), plugging in ``T`` and ``max(A - T/n, 0)``
-          (``ci_method="delta-gaussian-bound"``). The interval is conservative for
-          Gaussian noise of any covariance (often much wider than necessary when
-          the noise is spread over many directions), but not guaranteed for
-          heavy-tailed noise. Store the moment statistics to do better.
-        * Where the standard error of log(A/T) exceeds 1 the log-scale interval is
-          replaced by the linear one, R·(1 ± z·se) clipped at 0 (the log expansion
-          fails there: its upper end reaches 1e100 when the signal is buried).
-    ``"none"``
-        No interval (NaN).
+    Raises:
+        PhasewatchError
+            Bad variant/ci, ``n < 2``, ``b < 1``, missing inputs for the variant, or
+            partial moment statistics.
 
-    The interval of ``p`` is the image of the interval of ``C``. For
-    ``canonical`` both ends are clipped at 0.
+    Examples:
+        Three samples with ``g_bar = (2, 1)``: ``A = 5``, ``T = (2 + 2 + 4)/2 = 4``, so
+        ``C_b = (5 - 4/3)/4 = 11/12`` and ``p = 11/23``; naive ``A/T = 5/4``.
 
-    Parameters
-    ----------
-    samples
-        ``(n, P)`` raw gradients (rows with NaN/Inf are dropped and flagged).
-    n, b, mean_sq_norm, trace
-        Sufficient statistics (used when ``samples`` is None); broadcastable arrays
-        give one result per element (per measurement or per layer).
-    quad, trace_sq, fourth, third
-        Optional moment statistics (all four or none), see
-        :class:`SufficientStatistics`.
-    variant
-        ``"canonical"`` (default), ``"naive"``, ``"langevin"``, ``"levy"``.
-    ci, level, n_boot, seed
-        Interval method, confidence level, bootstrap replicates and the seed or
-        ``numpy.random.Generator`` of the bootstrap (``None``: fresh OS entropy).
-    lr, batch_size, n_params
-        ``eta``, ``B`` and ``P`` for ``langevin`` (``lr`` and ``batch_size``
-        required; ``n_params`` only needed for ``D`` without raw samples).
-    grad_norm_window
-        Gradient norms for ``levy`` (1-D, oldest first, last = current step).
-
-    Returns
-    -------
-    :class:`ConsolidationResult`. Non-finite inputs give NaN results (flagged);
-    ``T = 0 < A`` gives ``C = inf``, ``p = 1`` (flagged).
-
-    Raises
-    ------
-    PhasewatchError
-        Bad variant/ci, ``n < 2``, ``b < 1``, missing inputs for the variant, or
-        partial moment statistics.
+        >>> import numpy as np
+        >>> G = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])
+        >>> r = consolidation_ratio(G, ci="none")
+        >>> bool(abs(r.C - 11 / 12) < 1e-15), bool(abs(r.p - 11 / 23) < 1e-15), r.phase
+        (True, True, 'exploration')
+        >>> float(consolidation_ratio(G, variant="naive", ci="none").C)
+        1.25
     """
     if variant not in _VARIANTS:
         raise PhasewatchError(f"unknown variant {variant!r}; use one of {', '.join(_VARIANTS)}")
@@ -478,56 +502,101 @@ def consolidation_ratio(
         return _levy(grad_norm_window, b=float(_check_b(b)), ci=ci, level=level, n_boot=n_boot, seed=seed)
 
     flags: list[str] = []
-    gram: _Gram | None = None
     if samples is not None:
         if n is not None or mean_sq_norm is not None or trace is not None:
             raise PhasewatchError("give either raw samples or the sufficient statistics n, mean_sq_norm, trace, not both")
-        bf = _check_b(b)
-        G, dropped = _clean_samples(samples)
-        st, gram = _gram_stats(G, bf, dropped)
-        if dropped:
-            flags.append(f"dropped {dropped} gradient samples containing NaN/Inf")
-        n_arr = np.asarray(float(st.n))
-        b_arr = np.asarray(bf)
-        A = np.asarray(st.mean_sq_norm)
-        T = np.asarray(st.trace)
-        moments: tuple[np.ndarray, ...] | None = tuple(
-            np.asarray(x) for x in (st.quad, st.trace_sq, st.fourth, st.third)
-        )
-        P: int | None = st.n_params
+        m = _from_samples(samples, b, flags)
     else:
-        if n is None or mean_sq_norm is None or trace is None:
-            raise PhasewatchError("give raw samples, or the sufficient statistics n, mean_sq_norm and trace")
-        given = [x is not None for x in (quad, trace_sq, fourth, third)]
-        if any(given) and not all(given):
-            raise PhasewatchError("moment statistics quad, trace_sq, fourth, third must be given together")
-        n_arr = np.asarray(n, dtype=np.float64)
-        b_arr = np.asarray(b, dtype=np.float64)
-        if np.any(n_arr < 2) or np.any(n_arr != np.round(n_arr)):
-            raise PhasewatchError(f"need an integer n >= 2 gradient samples, got n={n}")
-        if np.any(~np.isfinite(b_arr) | (b_arr < 1)):
-            raise PhasewatchError(f"b (examples per gradient sample) must be >= 1, got {b}")
-        A = np.asarray(mean_sq_norm, dtype=np.float64)
-        T = np.asarray(trace, dtype=np.float64)
-        moments = None
-        if all(given):
-            moments = tuple(np.asarray(x, dtype=np.float64) for x in (quad, trace_sq, fourth, third))
-        P = None if n_params is None else int(n_params)
-        bad = ~(np.isfinite(A) & np.isfinite(T))
-        if moments is not None:
-            for m in moments:
-                bad = bad | ~np.isfinite(m)
-        if np.any(bad):
-            flags.append(f"non-finite input (NaN/Inf) in {int(np.sum(bad))} of {bad.size} measurements: result NaN")
-        neg = np.isfinite(A) & np.isfinite(T) & ((A < 0) | (T < 0))
-        if np.any(neg):
-            raise PhasewatchError("mean_sq_norm and trace are squared norms and must be >= 0")
-        if moments is not None:
-            moments = tuple(np.where(bad, np.nan, m) for m in moments)
-        A = np.where(bad, np.nan, A)
-        T = np.where(bad, np.nan, T)
+        m = _from_statistics(n, b, mean_sq_norm, trace, (quad, trace_sq, fourth, third), n_params, flags)
+    scale, shift = _linear_map(variant, m, lr, batch_size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        R = np.where((m.T == 0) & (m.A > 0), np.inf, m.A / m.T)
+    C_raw = scale * R + shift
+    R_ci, ci_method = _ratio_interval(ci, R, m, level, n_boot, seed)
+    ci_raw = scale[..., None] * R_ci + shift[..., None]
+    signal, noise, diffusion = _signal_noise(variant, m, scale, lr, batch_size)
+    shape = np.broadcast_shapes(
+        np.shape(C_raw), ci_raw.shape[:-1], np.shape(signal), np.shape(noise), m.n.shape, m.b.shape
+    )
+    C_raw, signal, noise, n_b, b_b = (np.broadcast_to(x, shape) for x in (C_raw, signal, noise, m.n, m.b))
+    ci_raw = np.broadcast_to(ci_raw, shape + (2,))
+    if diffusion is not None:
+        diffusion = np.broadcast_to(diffusion, shape)
+    return _finish(C_raw=C_raw, ci_raw=ci_raw, variant=variant, b=b_b, n=n_b.astype(np.int64), ci_method=ci_method,
+                   flags=flags, level=level, signal=signal, noise=noise, diffusion=diffusion)
 
-    # variant-specific linear map R = A/T -> C = scale * R + shift
+
+@dataclass(frozen=True, eq=False)
+class _Measurement:
+    """The inputs of :func:`consolidation_ratio` as float64 arrays (NaN where an input is not finite)."""
+
+    n: np.ndarray  # samples per measurement
+    b: np.ndarray  # examples per sample
+    A: np.ndarray  # ||g_bar||^2
+    T: np.ndarray  # unbiased trace of the sample covariance
+    moments: tuple[np.ndarray, ...] | None  # (quad, trace_sq, fourth, third) or None
+    P: int | None  # number of parameters, if known
+    gram: _Gram | None  # centred Gram quantities, with raw samples only (the bootstrap needs them)
+
+
+def _from_samples(samples: ArrayLike, b: float | ArrayLike, flags: list[str]) -> _Measurement:
+    """A :class:`_Measurement` of ``(n, P)`` raw samples (rows with NaN/Inf dropped and flagged)."""
+    bf = _check_b(b)
+    G, dropped = _clean_samples(samples)
+    st, gram = _gram_stats(G, bf, dropped)
+    if dropped:
+        flags.append(f"dropped {dropped} gradient samples containing NaN/Inf")
+    return _Measurement(
+        n=np.asarray(float(st.n)),
+        b=np.asarray(bf),
+        A=np.asarray(st.mean_sq_norm),
+        T=np.asarray(st.trace),
+        moments=tuple(np.asarray(x) for x in (st.quad, st.trace_sq, st.fourth, st.third)),
+        P=st.n_params,
+        gram=gram,
+    )
+
+
+def _from_statistics(n: int | ArrayLike | None, b: float | ArrayLike, mean_sq_norm: float | ArrayLike | None,
+                     trace: float | ArrayLike | None, moment_stats: tuple[float | ArrayLike | None, ...],
+                     n_params: int | None, flags: list[str]) -> _Measurement:
+    """A :class:`_Measurement` of sufficient statistics; non-finite entries become NaN (flagged)."""
+    if n is None or mean_sq_norm is None or trace is None:
+        raise PhasewatchError("give raw samples, or the sufficient statistics n, mean_sq_norm and trace")
+    given = [x is not None for x in moment_stats]
+    if any(given) and not all(given):
+        raise PhasewatchError("moment statistics quad, trace_sq, fourth, third must be given together")
+    n_arr = np.asarray(n, dtype=np.float64)
+    b_arr = np.asarray(b, dtype=np.float64)
+    if np.any(n_arr < 2) or np.any(n_arr != np.round(n_arr)):
+        raise PhasewatchError(f"need an integer n >= 2 gradient samples, got n={n}")
+    if np.any(~np.isfinite(b_arr) | (b_arr < 1)):
+        raise PhasewatchError(f"b (examples per gradient sample) must be >= 1, got {b}")
+    A = np.asarray(mean_sq_norm, dtype=np.float64)
+    T = np.asarray(trace, dtype=np.float64)
+    moments = None
+    if all(given):
+        moments = tuple(np.asarray(x, dtype=np.float64) for x in moment_stats)
+    bad = ~(np.isfinite(A) & np.isfinite(T))
+    if moments is not None:
+        for mom in moments:
+            bad = bad | ~np.isfinite(mom)
+    if np.any(bad):
+        flags.append(f"non-finite input (NaN/Inf) in {int(np.sum(bad))} of {bad.size} measurements: result NaN")
+    neg = np.isfinite(A) & np.isfinite(T) & ((A < 0) | (T < 0))
+    if np.any(neg):
+        raise PhasewatchError("mean_sq_norm and trace are squared norms and must be >= 0")
+    if moments is not None:
+        moments = tuple(np.where(bad, np.nan, mom) for mom in moments)
+    return _Measurement(
+        n=n_arr, b=b_arr, A=np.where(bad, np.nan, A), T=np.where(bad, np.nan, T), moments=moments,
+        P=None if n_params is None else int(n_params), gram=None,
+    )
+
+
+def _linear_map(variant: str, m: _Measurement, lr: float | ArrayLike | None,
+                batch_size: float | ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)`` of the variant's map ``R = A/T -> C = scale * R + shift``."""
     if variant == "langevin":
         if lr is None or batch_size is None:
             raise PhasewatchError("variant 'langevin' needs lr (eta) and batch_size (B)")
@@ -535,40 +604,36 @@ def consolidation_ratio(
         B = np.asarray(batch_size, dtype=np.float64)
         if np.any(~(eta > 0)) or np.any(~(B > 0)):
             raise PhasewatchError("langevin: lr and batch_size must be > 0")
-        scale = B / (eta**2 * b_arr)
-        shift = np.zeros_like(scale)
-    elif variant == "canonical":
-        scale = np.ones_like(n_arr)
-        shift = -1.0 / n_arr
-    else:  # naive
-        scale = np.ones_like(n_arr)
-        shift = np.zeros_like(n_arr)
+        scale = B / (eta**2 * m.b)
+        return scale, np.zeros_like(scale)
+    if variant == "canonical":
+        return np.ones_like(m.n), -1.0 / m.n
+    return np.ones_like(m.n), np.zeros_like(m.n)  # naive
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        R = np.where((T == 0) & (A > 0), np.inf, A / T)
-    C_raw = scale * R + shift
 
-    # confidence interval on R = A / T, then mapped
+def _ratio_interval(ci: str, R: np.ndarray, m: _Measurement, level: float, n_boot: int,
+                    seed: int | np.random.Generator | None) -> tuple[np.ndarray, str]:
+    """``(interval of R = A/T with a trailing axis of 2, ci_method)``: the basic bootstrap on the log
+    scale with raw samples, else the delta method (module docstring), or NaN for ``"none"``."""
     ci_method = ci
-    R_ci: np.ndarray
-    if ci == "bootstrap" and gram is None:
+    if ci == "bootstrap" and m.gram is None:
         ci_method = "delta"
     if ci_method == "bootstrap":
-        assert gram is not None
+        assert m.gram is not None
         rng = _rng(seed)
-        Rb = _bootstrap_ratio(gram, _check_n_boot(n_boot), rng)
+        Rb = _bootstrap_ratio(m.gram, _check_n_boot(n_boot), rng)
         q_lo, q_hi = _percentile_ci(Rb, level)
         # basic (pivotal) bootstrap on the log scale around the bootstrap-world target
-        n0 = float(n_arr)
+        n0 = float(m.n)
         tau_star = n0 * R / (n0 - 1.0) + 1.0 / n0
         with np.errstate(divide="ignore", invalid="ignore"):
-            R_ci = np.array([R * tau_star / q_hi, R * tau_star / q_lo], dtype=np.float64)
-    elif ci_method == "delta":
+            return np.array([R * tau_star / q_hi, R * tau_star / q_lo], dtype=np.float64), ci_method
+    if ci_method == "delta":
         z = float(stats.norm.ppf(0.5 + level / 2.0))
-        if moments is not None:
-            var_log = _delta_var_log_ratio_moments(n_arr, A, T, *moments)
+        if m.moments is not None:
+            var_log = _delta_var_log_ratio_moments(m.n, m.A, m.T, *m.moments)
         else:
-            var_log = _delta_var_log_ratio_gaussian_bound(n_arr, A, T)
+            var_log = _delta_var_log_ratio_gaussian_bound(m.n, m.A, m.T)
             ci_method = "delta-gaussian-bound"
         se = np.sqrt(var_log)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -580,43 +645,27 @@ def consolidation_ratio(
             if wide.any():
                 lin = np.stack([np.maximum(R * (1 - z * se), 0.0), R * (1 + z * se)], axis=-1)
                 R_ci = np.where(wide[..., None], lin, R_ci)
-    else:
-        R_ci = np.full(np.shape(R) + (2,), np.nan)
-    ci_raw = scale[..., None] * R_ci + shift[..., None]
+        return R_ci, ci_method
+    return np.full(np.shape(R) + (2,), np.nan), ci_method
 
+
+def _signal_noise(variant: str, m: _Measurement, scale: np.ndarray, lr: float | ArrayLike | None,
+                  batch_size: float | ArrayLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(signal, noise, diffusion)`` with ``C = signal / noise``; ``diffusion`` D only for langevin."""
     if variant == "canonical":
-        signal, noise = A - T / n_arr, T
+        signal, noise = m.A - m.T / m.n, m.T
     elif variant == "naive":
-        signal, noise = A, T
+        signal, noise = m.A, m.T
     else:
-        signal, noise = A, T / scale
+        signal, noise = m.A, m.T / scale
     diffusion = None
     if variant == "langevin":
         # D = eta^2 sigma_bar^2 / (2B), sigma_bar^2 = b T / P
-        Pn = np.nan if P is None else float(P)
-        diffusion = np.asarray(lr, dtype=np.float64) ** 2 * (b_arr * T / Pn) / (
+        Pn = np.nan if m.P is None else float(m.P)
+        diffusion = np.asarray(lr, dtype=np.float64) ** 2 * (m.b * m.T / Pn) / (
             2.0 * np.asarray(batch_size, dtype=np.float64)
         )
-    shape = np.broadcast_shapes(
-        np.shape(C_raw), ci_raw.shape[:-1], np.shape(signal), np.shape(noise), n_arr.shape, b_arr.shape
-    )
-    C_raw, signal, noise, n_b, b_b = (np.broadcast_to(x, shape) for x in (C_raw, signal, noise, n_arr, b_arr))
-    ci_raw = np.broadcast_to(ci_raw, shape + (2,))
-    if diffusion is not None:
-        diffusion = np.broadcast_to(diffusion, shape)
-    return _finish(
-        C_raw=C_raw,
-        ci_raw=ci_raw,
-        variant=variant,
-        b=b_b,
-        n=n_b.astype(np.int64),
-        ci_method=ci_method,
-        flags=flags,
-        level=level,
-        signal=signal,
-        noise=noise,
-        diffusion=diffusion,
-    )
+    return signal, noise, diffusion
 
 
 def _bootstrap_ratio(gram: _Gram, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -85,29 +85,28 @@ class SufficientStatistics:
 
     With ``d_i = g^(i) - g_bar`` (``g_bar`` the mean of the samples):
 
-    Attributes
-    ----------
-    n, b
-        Number of samples and examples per sample.
-    mean_sq_norm
-        ``A = ||g_bar||^2``.
-    trace
-        ``T = sum_i ||d_i||^2 / (n-1) = Tr(Sigma_hat_b)``.
-    quad
-        ``g_bar^T Sigma_hat_b g_bar = sum_i <d_i, g_bar>^2 / (n-1)``.
-    trace_sq
-        ``||Sigma_hat_b||_F^2 = sum_{i,j} <d_i, d_j>^2 / (n-1)^2``.
-    fourth
-        ``mean_i ||d_i||^4``.
-    third
-        ``mean_i <d_i, g_bar> ||d_i||^2``.
-    n_params
-        ``P``.
-    n_dropped
-        Samples dropped because they contained NaN/Inf.
+    Attributes:
+        n, b
+            Number of samples and examples per sample.
+        mean_sq_norm
+            ``A = ||g_bar||^2``.
+        trace
+            ``T = sum_i ||d_i||^2 / (n-1) = Tr(Sigma_hat_b)``.
+        quad
+            ``g_bar^T Sigma_hat_b g_bar = sum_i <d_i, g_bar>^2 / (n-1)``.
+        trace_sq
+            ``||Sigma_hat_b||_F^2 = sum_{i,j} <d_i, d_j>^2 / (n-1)^2``.
+        fourth
+            ``mean_i ||d_i||^4``.
+        third
+            ``mean_i <d_i, g_bar> ||d_i||^2``.
+        n_params
+            ``P``.
+        n_dropped
+            Samples dropped because they contained NaN/Inf.
 
-    All are scalars computable from the ``n x n`` Gram matrix of the samples, so a
-    recorder can store them per measurement (and per layer) at ``O(n^2 P)`` cost.
+        All are scalars computable from the ``n x n`` Gram matrix of the samples, so a
+        recorder can store them per measurement (and per layer) at ``O(n^2 P)`` cost.
     """
 
     n: int
@@ -170,23 +169,20 @@ def sufficient_statistics(samples: ArrayLike, b: float = 1) -> SufficientStatist
     :func:`consolidation_ratio`. Computed from the centred ``n x n`` Gram matrix
     ``K = D D^T`` in float64 (cost ``O(n^2 P)``, memory ``O(nP + n^2)``).
 
-    Parameters
-    ----------
-    samples
-        ``(n, P)`` gradients, one per row, each the mean over ``b`` examples. Rows
-        with NaN/Inf are dropped (counted in ``n_dropped``).
-    b
-        Examples per sample (``>= 1``).
+    Parameters:
+        samples
+            ``(n, P)`` gradients, one per row, each the mean over ``b`` examples. Rows
+            with NaN/Inf are dropped (counted in ``n_dropped``).
+        b
+            Examples per sample (``>= 1``).
 
-    Returns
-    -------
-    :class:`SufficientStatistics` (units: (loss/parameter)^2, ^4 for ``fourth``,
-    ``trace_sq``, ^3 for ``third``).
+    Returns:
+        :class:`SufficientStatistics` (units: (loss/parameter)^2, ^4 for ``fourth``,
+        ``trace_sq``, ^3 for ``third``).
 
-    Raises
-    ------
-    PhasewatchError
-        If fewer than 2 finite samples remain or ``samples`` is not 2-D.
+    Raises:
+        PhasewatchError
+            If fewer than 2 finite samples remain or ``samples`` is not 2-D.
     """
     bf = _check_b(b)
     G, dropped = _clean_samples(samples)

@@ -72,55 +72,54 @@ _MIN_SELECTION_VALUES = 20
 class HillResult:
     """Hill estimate of the tail index (DEFINITIONS §3, "Hill").
 
-    Attributes
-    ----------
-    estimate
-        ``alpha_hat`` in the requested ``convention``.
-    ci
-        ``(lo, hi)`` confidence interval for ``alpha`` at ``level``.
-    k
-        Number of upper order statistics used.
-    n
-        Number of finite input values (after dropping ``n_dropped`` non-finite ones).
-    threshold
-        ``|x|_(k+1)``, the largest value *not* in the tail (the Pareto ``x_min``).
-    rule
-        ``"fraction"``, ``"sqrt"``, ``"double_bootstrap"``, ``"ks"``, or ``"fixed"``
-        (``k`` given by the caller).
-    convention
-        ``"mle"`` (``k / S``) or ``"unbiased"`` (``(k - 1) / S``).
-    ci_method
-        ``"exact"`` (chi^2) or ``"asymptotic"`` (normal).
-    input_description
-        What was fed in, as stated by the caller.
-    stability
-        ``(max - min) / alpha_hat`` of ``alpha_hat_j`` over ``j in [max(2, k // 2),
-        min(2k, n_pos - 1)]`` (same convention); ``> 0.5`` is flagged unstable.
-    flags
-        Human-readable warnings (see the ``FLAG_*`` constants); ``"dropped N
-        non-finite values"`` when inputs were dropped.
-    level
-        Confidence level of ``ci``.
-    std_error
-        ``alpha_hat / sqrt(k)``.
-    log_sum
-        ``S = sum_{i<=k} ln(|x|_(i) / |x|_(k+1))``.
-    ks_distance
-        Kolmogorov–Smirnov distance between the ``k`` tail values and the fitted
-        Pareto (MLE ``alpha``, ``x_min = threshold``).
-    n_dropped
-        Number of non-finite inputs dropped.
-    selection
-        Read-only diagnostics of the ``k`` rule (e.g. ``n1``, ``k1``, ``k2``, ``rho``
-        for the double bootstrap; the number of candidates for ``ks``).
-    degenerate
-        The tail was refused: an atom or near-ties in it (see :func:`hill_top`); then
-        ``estimate``, ``ci``, ``std_error``, ``stability`` are NaN and ``reason`` says why.
-    tied_fraction
-        Fraction of the ``n`` values in the atom (0 when not degenerate).
-    reason
-        One line naming the tied fraction and the likely cause (also the last flag); ``""``
-        when not degenerate.
+    Attributes:
+        estimate
+            ``alpha_hat`` in the requested ``convention``.
+        ci
+            ``(lo, hi)`` confidence interval for ``alpha`` at ``level``.
+        k
+            Number of upper order statistics used.
+        n
+            Number of finite input values (after dropping ``n_dropped`` non-finite ones).
+        threshold
+            ``|x|_(k+1)``, the largest value *not* in the tail (the Pareto ``x_min``).
+        rule
+            ``"fraction"``, ``"sqrt"``, ``"double_bootstrap"``, ``"ks"``, or ``"fixed"``
+            (``k`` given by the caller).
+        convention
+            ``"mle"`` (``k / S``) or ``"unbiased"`` (``(k - 1) / S``).
+        ci_method
+            ``"exact"`` (chi^2) or ``"asymptotic"`` (normal).
+        input_description
+            What was fed in, as stated by the caller.
+        stability
+            ``(max - min) / alpha_hat`` of ``alpha_hat_j`` over ``j in [max(2, k // 2),
+            min(2k, n_pos - 1)]`` (same convention); ``> 0.5`` is flagged unstable.
+        flags
+            Human-readable warnings (see the ``FLAG_*`` constants); ``"dropped N
+            non-finite values"`` when inputs were dropped.
+        level
+            Confidence level of ``ci``.
+        std_error
+            ``alpha_hat / sqrt(k)``.
+        log_sum
+            ``S = sum_{i<=k} ln(|x|_(i) / |x|_(k+1))``.
+        ks_distance
+            Kolmogorov–Smirnov distance between the ``k`` tail values and the fitted
+            Pareto (MLE ``alpha``, ``x_min = threshold``).
+        n_dropped
+            Number of non-finite inputs dropped.
+        selection
+            Read-only diagnostics of the ``k`` rule (e.g. ``n1``, ``k1``, ``k2``, ``rho``
+            for the double bootstrap; the number of candidates for ``ks``).
+        degenerate
+            The tail was refused: an atom or near-ties in it (see :func:`hill_top`); then
+            ``estimate``, ``ci``, ``std_error``, ``stability`` are NaN and ``reason`` says why.
+        tied_fraction
+            Fraction of the ``n`` values in the atom (0 when not degenerate).
+        reason
+            One line naming the tied fraction and the likely cause (also the last flag); ``""``
+            when not degenerate.
     """
 
     estimate: float
@@ -149,21 +148,20 @@ class HillResult:
 class HillCurve:
     """``alpha_hat_k`` for many ``k`` (a Hill plot).
 
-    Attributes
-    ----------
-    k
-        int64 ``(m,)`` the requested ``k``.
-    alpha
-        float64 ``(m,)`` ``alpha_hat_k`` (``inf`` where the ``k`` top values all equal
-        the threshold).
-    threshold
-        float64 ``(m,)`` ``|x|_(k+1)``.
-    n
-        Number of finite values used; ``n_dropped`` non-finite values were dropped.
-    convention
-        ``"mle"`` or ``"unbiased"``.
-    flags
-        ``("dropped N non-finite values",)`` or empty.
+    Attributes:
+        k
+            int64 ``(m,)`` the requested ``k``.
+        alpha
+            float64 ``(m,)`` ``alpha_hat_k`` (``inf`` where the ``k`` top values all equal
+            the threshold).
+        threshold
+            float64 ``(m,)`` ``|x|_(k+1)``.
+        n
+            Number of finite values used; ``n_dropped`` non-finite values were dropped.
+        convention
+            ``"mle"`` or ``"unbiased"``.
+        flags
+            ``("dropped N non-finite values",)`` or empty.
     """
 
     k: np.ndarray
@@ -184,25 +182,22 @@ def hill_curve(x: Any, ks: Any = None, convention: HillConvention = "mle") -> Hi
     sorted logs, ``S_k = C_k - k ln|x|_(k+1)``: ``O(n log n)`` for the sort plus
     ``O(n + len(ks))``.
 
-    Parameters
-    ----------
-    x
-        Any array; ``|x|`` of the finite entries is used (non-finite entries are
-        dropped and counted in ``flags``; zeros are kept but never enter a tail).
-    ks
-        Integer ``k`` values in ``[1, n_pos - 1]`` (``n_pos`` the number of non-zero
-        finite values); default all of them.
-    convention
-        ``"mle"`` or ``"unbiased"``.
+    Parameters:
+        x
+            Any array; ``|x|`` of the finite entries is used (non-finite entries are
+            dropped and counted in ``flags``; zeros are kept but never enter a tail).
+        ks
+            Integer ``k`` values in ``[1, n_pos - 1]`` (``n_pos`` the number of non-zero
+            finite values); default all of them.
+        convention
+            ``"mle"`` or ``"unbiased"``.
 
-    Returns
-    -------
-    :class:`HillCurve` with ``alpha`` aligned to ``k``.
+    Returns:
+        :class:`HillCurve` with ``alpha`` aligned to ``k``.
 
-    Raises
-    ------
-    PhasewatchError
-        Fewer than 2 finite non-zero values, or a ``k`` out of range.
+    Raises:
+        PhasewatchError
+            Fewer than 2 finite non-zero values, or a ``k`` out of range.
     """
     check_choice("convention", convention, _CONVENTIONS)
     a, n_drop = _finite_abs(x)
@@ -304,41 +299,38 @@ def hill(
     Stability diagnostic: ``(max - min) / alpha_hat`` of ``alpha_hat_j`` over
     ``j in [max(2, k // 2), min(2k, n_pos - 1)]``.
 
-    Parameters
-    ----------
-    x
-        Any array (e.g. gradient norms over steps); ``|x|`` is used. Non-finite entries
-        are dropped and counted in ``flags``.
-    k, rule, fraction, convention, ci, level
-        As above.
-    seed
-        Seed or Generator for the double bootstrap (the only random rule).
-    input_description
-        What ``x`` is (DEFINITIONS §3 asks that it be stated), copied to the result.
-    n_bootstrap
-        Resamples per stage of the double bootstrap.
-    ks_max_fraction
-        Largest ``k / n`` considered by the ``ks`` rule, in ``(0, 1]``.
+    Parameters:
+        x
+            Any array (e.g. gradient norms over steps); ``|x|`` is used. Non-finite entries
+            are dropped and counted in ``flags``.
+        k, rule, fraction, convention, ci, level
+            As above.
+        seed
+            Seed or Generator for the double bootstrap (the only random rule).
+        input_description
+            What ``x`` is (DEFINITIONS §3 asks that it be stated), copied to the result.
+        n_bootstrap
+            Resamples per stage of the double bootstrap.
+        ks_max_fraction
+            Largest ``k / n`` considered by the ``ks`` rule, in ``(0, 1]``.
 
-    Returns
-    -------
-    :class:`HillResult` with ``estimate``, ``ci``, ``k``, ``n``, ``threshold =
-    |x|_(k+1)``, ``rule``, ``convention``, ``ci_method``, ``stability`` and
-    ``flags`` (``"alpha > 2: no evidence of a stable heavy tail"``, ``"hill plot
-    unstable"``, ``"k < 10: too few tail samples"``, ``"dropped N non-finite
-    values"``, clipping of ``k``).
+    Returns:
+        :class:`HillResult` with ``estimate``, ``ci``, ``k``, ``n``, ``threshold =
+        |x|_(k+1)``, ``rule``, ``convention``, ``ci_method``, ``stability`` and
+        ``flags`` (``"alpha > 2: no evidence of a stable heavy tail"``, ``"hill plot
+        unstable"``, ``"k < 10: too few tail samples"``, ``"dropped N non-finite
+        values"``, clipping of ``k``).
 
-    Raises
-    ------
-    PhasewatchError
-        Fewer than 3 finite non-zero values (20 for the ``ks`` and
-        ``double_bootstrap`` rules), an explicit ``k`` out of range, or every
-        non-zero value equal (within :data:`TIE_RTOL`): a constant has no tail.
-        A tail with an atom or near-ties is not an error: it gives ``estimate = NaN``,
-        ``degenerate = True`` and the ``reason`` (:func:`hill_top`).
-    ValueError
-        Unknown ``rule``/``convention``/``ci``, ``level`` or ``fraction`` outside
-        ``(0, 1)``, ``k < 2``.
+    Raises:
+        PhasewatchError
+            Fewer than 3 finite non-zero values (20 for the ``ks`` and
+            ``double_bootstrap`` rules), an explicit ``k`` out of range, or every
+            non-zero value equal (within :data:`TIE_RTOL`): a constant has no tail.
+            A tail with an atom or near-ties is not an error: it gives ``estimate = NaN``,
+            ``degenerate = True`` and the ``reason`` (:func:`hill_top`).
+        ValueError
+            Unknown ``rule``/``convention``/``ci``, ``level`` or ``fraction`` outside
+            ``(0, 1)``, ``k < 2``.
     """
     level = _check_hill_args(k, rule, convention, ci, level, fraction, ks_max_fraction, n_bootstrap)
     need = _MIN_SELECTION_VALUES if (k is None and rule in ("ks", "double_bootstrap")) else _MIN_HILL_VALUES

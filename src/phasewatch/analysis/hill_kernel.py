@@ -98,25 +98,24 @@ _SORT_MAX: int = 256
 class HillTop:
     """What :func:`hill_top` returns for a batch of tails (arrays of the batch shape).
 
-    Attributes
-    ----------
-    alpha
-        ``alpha_hat`` in ``convention``; NaN where the tail is degenerate (``degenerate``) or
-        the estimate is undefined (a non-finite or non-positive order statistic).
-    log_sum
-        ``S = sum_{i<=k} ln(x_(i) / x_(k+1))``.
-    threshold
-        ``x_(k+1)``.
-    tied
-        Size of the largest group of the ``k + 1`` order statistics lying within
-        :data:`TIE_RTOL` (log-distance) of the group's largest member (1: no ties).
-    tie_value
-        That group's largest member (NaN when ``tied < 2``).
-    tie_at_top
-        The group holds ``x_(1)`` (what clipping or a cap produces).
-    degenerate
-        The tail was refused (see :func:`hill_top`); always False with ``check_ties=False``.
-    k, convention
+    Attributes:
+        alpha
+            ``alpha_hat`` in ``convention``; NaN where the tail is degenerate (``degenerate``) or
+            the estimate is undefined (a non-finite or non-positive order statistic).
+        log_sum
+            ``S = sum_{i<=k} ln(x_(i) / x_(k+1))``.
+        threshold
+            ``x_(k+1)``.
+        tied
+            Size of the largest group of the ``k + 1`` order statistics lying within
+            :data:`TIE_RTOL` (log-distance) of the group's largest member (1: no ties).
+        tie_value
+            That group's largest member (NaN when ``tied < 2``).
+        tie_at_top
+            The group holds ``x_(1)`` (what clipping or a cap produces).
+        degenerate
+            The tail was refused (see :func:`hill_top`); always False with ``check_ties=False``.
+        k, convention
     """
 
     alpha: np.ndarray

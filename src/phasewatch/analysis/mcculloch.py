@@ -29,28 +29,27 @@ _MIN_MCCULLOCH_VALUES = 20
 class McCullochResult:
     """McCulloch (1986) quantile estimate of a stable law.
 
-    Attributes
-    ----------
-    alpha
-        Stable index, clipped to ``[0.6, 2]``.
-    beta
-        Skewness, in ``[-1, 1]`` (undetermined, reported 0, when ``alpha = 2``).
-    scale
-        ``gamma`` (for ``alpha = 2`` the law is ``N(loc, 2 gamma^2)``).
-    location
-        ``delta`` in Nolan's ``S0`` parameterisation (continuous in ``alpha``; equals
-        the ``S1`` location when ``beta = 0``).
-    nu_alpha, nu_beta
-        The sample statistics ``(q95 - q05) / (q75 - q25)`` and
-        ``(q95 + q05 - 2 q50) / (q95 - q05)``.
-    n
-        Number of finite values used.
-    parameterization
-        ``"S0"``.
-    flags
-        Warnings (clipping, dropped values).
-    input_description
-        What was fed in, as stated by the caller.
+    Attributes:
+        alpha
+            Stable index, clipped to ``[0.6, 2]``.
+        beta
+            Skewness, in ``[-1, 1]`` (undetermined, reported 0, when ``alpha = 2``).
+        scale
+            ``gamma`` (for ``alpha = 2`` the law is ``N(loc, 2 gamma^2)``).
+        location
+            ``delta`` in Nolan's ``S0`` parameterisation (continuous in ``alpha``; equals
+            the ``S1`` location when ``beta = 0``).
+        nu_alpha, nu_beta
+            The sample statistics ``(q95 - q05) / (q75 - q25)`` and
+            ``(q95 + q05 - 2 q50) / (q95 - q05)``.
+        n
+            Number of finite values used.
+        parameterization
+            ``"S0"``.
+        flags
+            Warnings (clipping, dropped values).
+        input_description
+            What was fed in, as stated by the caller.
     """
 
     alpha: float
@@ -302,22 +301,19 @@ def mcculloch(x: Any, *, input_description: str = "unspecified") -> McCullochRes
     undetermined and reported as 0. Symmetric data (``beta = 0``) is the well-tested
     case; the estimator's standard deviation is about ``1/sqrt(n)`` times a few.
 
-    Parameters
-    ----------
-    x
-        Any array (flattened); non-finite values are dropped and counted in ``flags``.
-    input_description
-        What ``x`` is, copied to the result.
+    Parameters:
+        x
+            Any array (flattened); non-finite values are dropped and counted in ``flags``.
+        input_description
+            What ``x`` is, copied to the result.
 
-    Returns
-    -------
-    :class:`McCullochResult` (``alpha``, ``beta``, ``scale``, ``location``, ``nu_alpha``,
-    ``nu_beta``, ``n``, ``flags``).
+    Returns:
+        :class:`McCullochResult` (``alpha``, ``beta``, ``scale``, ``location``, ``nu_alpha``,
+        ``nu_beta``, ``n``, ``flags``).
 
-    Raises
-    ------
-    PhasewatchError
-        Fewer than 20 finite values, or ``q75 == q25`` (degenerate sample).
+    Raises:
+        PhasewatchError
+            Fewer than 20 finite values, or ``q75 == q25`` (degenerate sample).
     """
     v = np.asarray(x, dtype=np.float64).ravel()
     ok = np.isfinite(v)

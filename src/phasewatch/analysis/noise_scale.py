@@ -25,19 +25,18 @@ from .gradient_stats import _as_out, _check_n_boot, _percentile_ci
 class NoiseScaleResult:
     """Simple gradient noise scale ``B_simple = Tr(Sigma_1) / ||mu||^2`` (in examples).
 
-    Attributes
-    ----------
-    B_simple
-        ``1 / C_1`` (``inf`` when the signal is not resolved).
-    ci
-        ``(2,)`` (or ``(..., 2)``) interval, the image of the ``C_1`` interval under
-        ``1/x`` (an upper end of ``inf`` when ``C_1``'s lower end is 0).
-    C_per_example
-        ``C_1 = C_b / b`` (canonical).
-    b, n, ci_method, level, flags
-        As in :class:`ConsolidationResult`.
-    variant
-        ``"simple"``.
+    Attributes:
+        B_simple
+            ``1 / C_1`` (``inf`` when the signal is not resolved).
+        ci
+            ``(2,)`` (or ``(..., 2)``) interval, the image of the ``C_1`` interval under
+            ``1/x`` (an upper end of ``inf`` when ``C_1``'s lower end is 0).
+        C_per_example
+            ``C_1 = C_b / b`` (canonical).
+        b, n, ci_method, level, flags
+            As in :class:`ConsolidationResult`.
+        variant
+            ``"simple"``.
     """
 
     B_simple: float | np.ndarray
@@ -86,9 +85,8 @@ def noise_scale(
     Units: examples (a batch size). ``inf`` when the bias-corrected signal is
     ``<= 0`` (flagged).
 
-    Returns
-    -------
-    :class:`NoiseScaleResult`.
+    Returns:
+        :class:`NoiseScaleResult`.
     """
     r = consolidation_ratio(
         samples,
@@ -126,21 +124,20 @@ def noise_scale(
 class TwoBatchNoiseScale:
     """Two-batch-size estimate of ``B_simple`` (McCandlish et al. 2018, App. A.1).
 
-    Attributes
-    ----------
-    B_simple
-        ``mean(S) / mean(|G|^2)`` over measurements (examples).
-    ci
-        ``(2,)`` percentile-bootstrap interval over measurements (NaN for one
-        measurement).
-    grad_sq, trace
-        The averaged estimates of ``|G|^2 = ||mu||^2`` and ``S = Tr(Sigma_1)``.
-    grad_sq_each, trace_each
-        Per-measurement estimates.
-    b_small, b_big, n_measurements, level, flags
-        Inputs and warnings.
-    ci_method, variant
-        ``"bootstrap"`` (or ``"none"``) and ``"two_batch"``.
+    Attributes:
+        B_simple
+            ``mean(S) / mean(|G|^2)`` over measurements (examples).
+        ci
+            ``(2,)`` percentile-bootstrap interval over measurements (NaN for one
+            measurement).
+        grad_sq, trace
+            The averaged estimates of ``|G|^2 = ||mu||^2`` and ``S = Tr(Sigma_1)``.
+        grad_sq_each, trace_each
+            Per-measurement estimates.
+        b_small, b_big, n_measurements, level, flags
+            Inputs and warnings.
+        ci_method, variant
+            ``"bootstrap"`` (or ``"none"``) and ``"two_batch"``.
     """
 
     B_simple: float
@@ -183,17 +180,15 @@ def noise_scale_two_batch(
     measurements (resampling the ``(small, big)`` pairs), assuming independent
     measurements. Non-finite pairs are dropped (flagged).
 
-    Parameters
-    ----------
-    g_small_sq, g_big_sq
-        ``||g_small||^2`` and ``||g_big||^2`` per measurement (same shape).
-    b_small, b_big
-        The two batch sizes, ``0 < b_small < b_big``.
+    Parameters:
+        g_small_sq, g_big_sq
+            ``||g_small||^2`` and ``||g_big||^2`` per measurement (same shape).
+        b_small, b_big
+            The two batch sizes, ``0 < b_small < b_big``.
 
-    Returns
-    -------
-    :class:`TwoBatchNoiseScale`; ``B_simple = inf`` (flagged) when the averaged
-    ``|G|^2 <= 0``.
+    Returns:
+        :class:`TwoBatchNoiseScale`; ``B_simple = inf`` (flagged) when the averaged
+        ``|G|^2 <= 0``.
     """
     level = _check_level(level)
     gs = np.asarray(g_small_sq, dtype=np.float64).ravel()

@@ -40,16 +40,14 @@ def phases(p: ArrayLike, p_ci: ArrayLike | None = None) -> np.ndarray:
     ``p > 0.5``, ``"transition"`` for ``p == 0.5``; ``"undefined"`` where ``p`` is
     NaN. A NaN interval is ignored (``p`` alone decides). DEFINITIONS §2.
 
-    Parameters
-    ----------
-    p
-        Array of probabilities.
-    p_ci
-        ``p.shape + (2,)`` intervals, or None.
+    Parameters:
+        p
+            Array of probabilities.
+        p_ci
+            ``p.shape + (2,)`` intervals, or None.
 
-    Returns
-    -------
-    ndarray of str, shape of ``p``.
+    Returns:
+        ndarray of str, shape of ``p``.
     """
     pa = np.asarray(p, dtype=np.float64)
     out = np.full(pa.shape, _UNDEFINED, dtype=object)
@@ -75,9 +73,8 @@ def phase(p: float, p_ci: Sequence[float] | np.ndarray | None = None) -> str:
     takes precedence), and for ``p == 0.5`` exactly. ``"undefined"`` for NaN ``p``.
     Framework notes, as summarised in DEFINITIONS.md.
 
-    Returns
-    -------
-    str, one of :data:`PHASE_LABELS` or ``"undefined"``.
+    Returns:
+        str, one of :data:`PHASE_LABELS` or ``"undefined"``.
     """
     return str(phases(np.asarray(p, dtype=np.float64), None if p_ci is None else np.asarray(p_ci, float)))
 
@@ -89,9 +86,8 @@ def decision_bands(p: ArrayLike) -> np.ndarray:
     critical; ``0.60 <= p <= 0.75`` learning; ``p > 0.75`` strong; NaN undefined.
     DEFINITIONS §2 (framework notes).
 
-    Returns
-    -------
-    ndarray of str, shape of ``p``.
+    Returns:
+        ndarray of str, shape of ``p``.
     """
     pa = np.asarray(p, dtype=np.float64)
     idx = np.searchsorted(np.array([0.40, 0.50, 0.60]), pa, side="right")
@@ -109,9 +105,8 @@ def decision_band(p: float) -> str:
     ``[0.50, 0.60)`` ``"critical"``; ``[0.60, 0.75]`` ``"learning"``;
     ``p > 0.75`` ``"strong"``; NaN ``"undefined"``.
 
-    Returns
-    -------
-    str.
+    Returns:
+        str.
     """
     return str(decision_bands(np.asarray(p, dtype=np.float64)))
 
@@ -132,25 +127,24 @@ def _first(mask: np.ndarray) -> int | None:
 class EarlyStoppingFlags:
     """Early-stopping flags per measurement (DEFINITIONS §6; notes 000/004).
 
-    Attributes
-    ----------
-    low_p
-        ``p < p_threshold`` at this and the preceding measurements, ``>= p_run`` in
-        a row.
-    c_falling
-        ``C`` strictly below its predecessor at ``>= c_run`` consecutive
-        measurements ending here (``c_run`` decreases, i.e. ``c_run + 1`` values).
-    ci_below
-        Upper end of the ``p`` interval ``< ci_threshold``.
-    i_negative
-        ``I < 0`` (all False if ``I`` was not given).
-    any
-        OR of the four.
-    first
-        First index at which each flag fires (keys ``low_p``, ``c_falling``,
-        ``ci_below``, ``i_negative``, ``any``), ``None`` if never.
-    p_threshold, p_run, c_run, ci_threshold
-        The rule constants used.
+    Attributes:
+        low_p
+            ``p < p_threshold`` at this and the preceding measurements, ``>= p_run`` in
+            a row.
+        c_falling
+            ``C`` strictly below its predecessor at ``>= c_run`` consecutive
+            measurements ending here (``c_run`` decreases, i.e. ``c_run + 1`` values).
+        ci_below
+            Upper end of the ``p`` interval ``< ci_threshold``.
+        i_negative
+            ``I < 0`` (all False if ``I`` was not given).
+        any
+            OR of the four.
+        first
+            First index at which each flag fires (keys ``low_p``, ``c_falling``,
+            ``ci_below``, ``i_negative``, ``any``), ``None`` if never.
+        p_threshold, p_run, c_run, ci_threshold
+            The rule constants used.
     """
 
     low_p: np.ndarray
@@ -190,16 +184,14 @@ def early_stopping_flags(
     NaN entries never satisfy a condition and therefore break runs. These are the
     framework's heuristics; they flag, they do not decide.
 
-    Parameters
-    ----------
-    p, C, p_ci_hi
-        1-D arrays of length ``N`` (``p_ci_hi``: upper end of the ``p`` interval).
-    I
-        Optional 1-D array of length ``N``.
+    Parameters:
+        p, C, p_ci_hi
+            1-D arrays of length ``N`` (``p_ci_hi``: upper end of the ``p`` interval).
+        I
+            Optional 1-D array of length ``N``.
 
-    Returns
-    -------
-    :class:`EarlyStoppingFlags` of boolean ``(N,)`` arrays and first indices.
+    Returns:
+        :class:`EarlyStoppingFlags` of boolean ``(N,)`` arrays and first indices.
     """
     pa = np.asarray(p, dtype=np.float64).ravel()
     Ca = np.asarray(C, dtype=np.float64).ravel()
@@ -249,27 +241,26 @@ def early_stopping_flags(
 class LogisticForecast:
     """Least-squares logistic fit ``p(t) = 1 / (1 + exp(-k (t - t0)))``.
 
-    Attributes
-    ----------
-    t0, k
-        Midpoint (units of ``t``, e.g. steps) and rate (1 / units of ``t``).
-    t0_ci, k_ci
-        ``(2,)`` Wald intervals from the fit covariance (see
-        :func:`logistic_forecast`); NaN if unavailable.
-    se_t0, se_k
-        Their standard errors.
-    level
-        Confidence level.
-    converged
-        Whether the optimiser converged with a finite covariance.
-    n
-        Number of finite points used.
-    residual_std
-        RMS residual ``sqrt(SSR / (n - 2))``.
-    flags
-        One-line warnings (no convergence, ``t0`` outside the data range, ...).
-    method
-        ``"least_squares"`` (``scipy.optimize.curve_fit``).
+    Attributes:
+        t0, k
+            Midpoint (units of ``t``, e.g. steps) and rate (1 / units of ``t``).
+        t0_ci, k_ci
+            ``(2,)`` Wald intervals from the fit covariance (see
+            :func:`logistic_forecast`); NaN if unavailable.
+        se_t0, se_k
+            Their standard errors.
+        level
+            Confidence level.
+        converged
+            Whether the optimiser converged with a finite covariance.
+        n
+            Number of finite points used.
+        residual_std
+            RMS residual ``sqrt(SSR / (n - 2))``.
+        flags
+            One-line warnings (no convergence, ``t0`` outside the data range, ...).
+        method
+            ``"least_squares"`` (``scipy.optimize.curve_fit``).
     """
 
     t0: float
@@ -311,23 +302,20 @@ def logistic_forecast(t: ArrayLike, p: ArrayLike, level: float = 0.95) -> Logist
     an interval of ``k`` containing 0 (no resolved transition), and ``t0`` outside ``[min t, max t]`` (an extrapolation, not an
     interpolation). NaN points are dropped.
 
-    Parameters
-    ----------
-    t
-        Times (steps) of the measurements.
-    p
-        ``p`` at those times (in [0, 1]).
-    level
-        Confidence level of the intervals.
+    Parameters:
+        t
+            Times (steps) of the measurements.
+        p
+            ``p`` at those times (in [0, 1]).
+        level
+            Confidence level of the intervals.
 
-    Returns
-    -------
-    :class:`LogisticForecast`.
+    Returns:
+        :class:`LogisticForecast`.
 
-    Raises
-    ------
-    PhasewatchError
-        Fewer than 3 finite points or mismatched lengths.
+    Raises:
+        PhasewatchError
+            Fewer than 3 finite points or mismatched lengths.
     """
     level = _check_level(level)
     ta = np.asarray(t, dtype=np.float64).ravel()

@@ -28,31 +28,30 @@ _MIN_STABLE_VALUES = 16
 class StableIndexResult:
     """Block-sum estimate of the stable index (DEFINITIONS §3, "Stable index").
 
-    Attributes
-    ----------
-    estimate
-        ``alpha_hat`` clipped to ``(0, 2]`` (a flag says when it was clipped).
-    ci
-        ``(lo, hi)`` percentile block-bootstrap interval for ``alpha`` at ``level``,
-        clipped to ``(0, 2]``; ``(nan, nan)`` when ``block_bootstrap == 0``.
-    m
-        Block length (number of pooled values summed into each ``Y``).
-    n
-        Number of samples (rows) used.
-    d
-        Number of coordinates used (columns; 1 for 1-D input).
-    standardized
-        Whether each coordinate was divided by its median ``|x|`` before pooling.
-    flags
-        Warnings (clipping, dropped values, zero-scale coordinates, ...).
-    inv_alpha
-        The raw, unclipped ``1 / alpha_hat``.
-    n_blocks
-        Number ``K`` of block sums ``Y``.
-    level
-        Confidence level of ``ci``.
-    input_description
-        What was fed in, as stated by the caller.
+    Attributes:
+        estimate
+            ``alpha_hat`` clipped to ``(0, 2]`` (a flag says when it was clipped).
+        ci
+            ``(lo, hi)`` percentile block-bootstrap interval for ``alpha`` at ``level``,
+            clipped to ``(0, 2]``; ``(nan, nan)`` when ``block_bootstrap == 0``.
+        m
+            Block length (number of pooled values summed into each ``Y``).
+        n
+            Number of samples (rows) used.
+        d
+            Number of coordinates used (columns; 1 for 1-D input).
+        standardized
+            Whether each coordinate was divided by its median ``|x|`` before pooling.
+        flags
+            Warnings (clipping, dropped values, zero-scale coordinates, ...).
+        inv_alpha
+            The raw, unclipped ``1 / alpha_hat``.
+        n_blocks
+            Number ``K`` of block sums ``Y``.
+        level
+            Confidence level of ``ci``.
+        input_description
+            What was fed in, as stated by the caller.
     """
 
     estimate: float
@@ -112,36 +111,33 @@ def stable_index(
     The estimate and the interval are clipped to ``(0, 2]``; when ``1/alpha_hat < 1/2``
     (no heavier than Gaussian, or negative) ``alpha_hat = 2`` with a flag.
 
-    Parameters
-    ----------
-    samples
-        ``(n, d)`` or ``(n,)`` array. Samples (rows) with a non-finite value are
-        dropped and counted in ``flags``. Exact zeros are left out of ``mean ln|X|``
-        (flagged).
-    m
-        Block length, ``2 <= m <= N/2``; default ``max(2, round(sqrt(N)))``.
-    standardize
-        Divide each coordinate by its median ``|x|`` before pooling.
-    block_bootstrap
-        Number of bootstrap resamples (0: no interval).
-    level
-        Confidence level.
-    seed
-        Seed or Generator for the bootstrap.
-    input_description
-        What the samples are, copied to the result.
+    Parameters:
+        samples
+            ``(n, d)`` or ``(n,)`` array. Samples (rows) with a non-finite value are
+            dropped and counted in ``flags``. Exact zeros are left out of ``mean ln|X|``
+            (flagged).
+        m
+            Block length, ``2 <= m <= N/2``; default ``max(2, round(sqrt(N)))``.
+        standardize
+            Divide each coordinate by its median ``|x|`` before pooling.
+        block_bootstrap
+            Number of bootstrap resamples (0: no interval).
+        level
+            Confidence level.
+        seed
+            Seed or Generator for the bootstrap.
+        input_description
+            What the samples are, copied to the result.
 
-    Returns
-    -------
-    :class:`StableIndexResult` (``estimate``, ``ci``, ``m``, ``n``, ``d``,
-    ``standardized``, ``flags``, ``inv_alpha``, ...).
+    Returns:
+        :class:`StableIndexResult` (``estimate``, ``ci``, ``m``, ``n``, ``d``,
+        ``standardized``, ``flags``, ``inv_alpha``, ...).
 
-    Raises
-    ------
-    PhasewatchError
-        Fewer than 16 usable pooled values, ``m > N/2``, or all block sums zero.
-    ValueError
-        ``samples`` not 1-D/2-D, ``m < 2``, negative ``block_bootstrap``, bad ``level``.
+    Raises:
+        PhasewatchError
+            Fewer than 16 usable pooled values, ``m > N/2``, or all block sums zero.
+        ValueError
+            ``samples`` not 1-D/2-D, ``m < 2``, negative ``block_bootstrap``, bad ``level``.
     """
     level = check_level(level)
     if int(block_bootstrap) < 0:

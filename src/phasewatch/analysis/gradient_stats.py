@@ -12,11 +12,6 @@ optionally with the four moment statistics of :class:`SufficientStatistics` (``q
 ``mean_sq_norm`` and ``trace`` are additive over layers; the moment statistics are not.
 Units: ``||g||^2`` and ``T`` in (loss / parameter)^2.
 
->>> import numpy as np
->>> G = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])  # g_bar = (2, 1), d = (-1,-1), (1,-1), (0,2)
->>> st = sufficient_statistics(G)
->>> st.n, st.mean_sq_norm, st.trace  # ||g_bar||^2 = 5, T = (2 + 2 + 4) / 2 = 4
-(3, 5.0, 4.0)
 """
 
 from __future__ import annotations
@@ -183,6 +178,13 @@ def sufficient_statistics(samples: ArrayLike, b: float = 1) -> SufficientStatist
     Raises:
         PhasewatchError
             If fewer than 2 finite samples remain or ``samples`` is not 2-D.
+
+    Examples:
+        >>> import numpy as np
+        >>> G = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]])  # g_bar = (2, 1), d = (-1,-1), (1,-1), (0,2)
+        >>> st = sufficient_statistics(G)
+        >>> st.n, st.mean_sq_norm, st.trace  # ||g_bar||^2 = 5, T = (2 + 2 + 4) / 2 = 4
+        (3, 5.0, 4.0)
     """
     bf = _check_b(b)
     G, dropped = _clean_samples(samples)

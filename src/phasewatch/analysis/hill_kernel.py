@@ -211,6 +211,22 @@ def hill_top(
 
     Returns :class:`HillTop` (NaN ``alpha`` also where an order statistic is not finite or the
     threshold is not positive).
+
+    Examples:
+        On exact Pareto quantiles ``x_(i) = (i / (n + 1))^(-1/alpha)`` the log-spacings are exact:
+        ``S = sum_{i<=k} ln((k + 1) / i) / alpha``, so ``alpha_hat = alpha k / sum_{i<=k} ln((k+1)/i)``
+        (1.5051 for ``alpha = 1.5``, ``k = 1000``; the excess is ``~ ln(2 pi k) / (2k)``).  The
+        tolerance: ``k`` logs of values up to ``e^6``, each off by ``<= 6u``, move ``S ~ 664`` by
+        ``<= 7e-13``, a relative ``1e-15``; ``1e-12`` leaves room.
+
+        >>> import math
+        >>> import numpy as np
+        >>> n, k, alpha = 10_000, 1000, 1.5
+        >>> x = (np.arange(1, n + 1) / (n + 1)) ** (-1 / alpha)
+        >>> h = hill_top(top_order_statistics(x, k))
+        >>> exact = alpha * k / sum(math.log((k + 1) / i) for i in range(1, k + 1))
+        >>> bool(abs(float(h.alpha) - exact) < 1e-12 * exact), bool(h.degenerate)
+        (True, False)
     """
     t = np.asarray(top, dtype=np.float64)
     if t.ndim == 0 or t.shape[-1] < 2:

@@ -314,6 +314,15 @@ def mcculloch(x: Any, *, input_description: str = "unspecified") -> McCullochRes
     Raises:
         PhasewatchError
             Fewer than 20 finite values, or ``q75 == q25`` (degenerate sample).
+
+    Examples:
+        Cauchy: ``alpha = 1``, ``beta = 0``, scale 1, location 0 (sampling standard deviations
+        about 0.01 at ``n = 10^5``: the tolerance is 5 of them).
+
+        >>> import numpy as np
+        >>> r = mcculloch(np.random.default_rng(0).standard_cauchy(100_000))
+        >>> [bool(abs(v - t) < 0.05) for v, t in ((r.alpha, 1), (r.beta, 0), (r.scale, 1), (r.location, 0))]
+        [True, True, True, True]
     """
     v = np.asarray(x, dtype=np.float64).ravel()
     ok = np.isfinite(v)

@@ -87,6 +87,15 @@ def noise_scale(
 
     Returns:
         :class:`NoiseScaleResult`.
+
+    Examples:
+        The three samples of :func:`~phasewatch.analysis.consolidation.consolidation_ratio`'s example:
+        ``C_1 = 11/12`` (``b = 1``), so ``B_simple = 12/11``.
+
+        >>> import numpy as np
+        >>> r = noise_scale(np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 3.0]]), ci="none")
+        >>> bool(abs(r.B_simple - 12 / 11) < 1e-15)
+        True
     """
     r = consolidation_ratio(
         samples,
@@ -189,6 +198,13 @@ def noise_scale_two_batch(
     Returns:
         :class:`TwoBatchNoiseScale`; ``B_simple = inf`` (flagged) when the averaged
         ``|G|^2 <= 0``.
+
+    Examples:
+        ``|G|^2 = 1``, ``S = 8``: ``E||g_B||^2 = 1 + 8/B`` is 5 at ``B = 2`` and 2 at ``B = 8``.
+
+        >>> r = noise_scale_two_batch([5.0], [2.0], 2, 8)
+        >>> r.grad_sq, r.trace, r.B_simple, r.flags
+        (1.0, 8.0, 8.0, ('one measurement: no interval',))
     """
     level = _check_level(level)
     gs = np.asarray(g_small_sq, dtype=np.float64).ravel()

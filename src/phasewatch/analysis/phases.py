@@ -316,6 +316,15 @@ def logistic_forecast(t: ArrayLike, p: ArrayLike, level: float = 0.95) -> Logist
     Raises:
         PhasewatchError
             Fewer than 3 finite points or mismatched lengths.
+
+    Examples:
+        An exact logistic ``p(t) = 1 / (1 + exp(-0.05 (t - 120)))`` is recovered.
+
+        >>> import numpy as np
+        >>> t = np.arange(200.0)
+        >>> f = logistic_forecast(t, 1 / (1 + np.exp(-0.05 * (t - 120))))
+        >>> bool(abs(f.t0 - 120) < 1e-6), bool(abs(f.k - 0.05) < 1e-9), f.converged
+        (True, True, True)
     """
     level = _check_level(level)
     ta = np.asarray(t, dtype=np.float64).ravel()

@@ -51,6 +51,7 @@ HillRule = Literal["fraction", "sqrt", "double_bootstrap", "ks"]
 HillCI = Literal["exact", "asymptotic"]
 _RULES = ("fraction", "sqrt", "double_bootstrap", "ks")
 _CI_METHODS = ("exact", "asymptotic")
+
 #: Flag raised when a Hill estimate exceeds 2 (DEFINITIONS §3, "Known bias").
 FLAG_NO_HEAVY_TAIL: str = "alpha > 2: no evidence of a stable heavy tail"
 #: Flag raised when the Hill plot spread over ``[k/2, 2k]`` exceeds :data:`UNSTABLE_SPREAD`.
@@ -59,6 +60,8 @@ FLAG_HILL_UNSTABLE: str = "hill plot unstable"
 FLAG_FEW_TAIL_SAMPLES: str = "k < 10: too few tail samples"
 #: Relative Hill-plot spread ``(max - min) / alpha_hat`` above which the plot is unstable.
 UNSTABLE_SPREAD: float = 0.5
+
+# fewest finite non-zero values for hill (any k) and for the data-driven rules
 _MIN_HILL_VALUES = 3
 _MIN_SELECTION_VALUES = 20
 

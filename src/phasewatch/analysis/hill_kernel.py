@@ -33,6 +33,7 @@ _CONVENTIONS = ("mle", "unbiased")
 #: Minimum ``k`` below which :data:`phasewatch.analysis.hill.FLAG_FEW_TAIL_SAMPLES` is raised.
 MIN_TAIL_SAMPLES: int = 10
 
+
 def _finite_abs(x: Any) -> tuple[np.ndarray, int]:
     """``|x|`` of the finite entries of ``x`` (flattened) and the number dropped."""
     a = np.asarray(x, dtype=np.float64).ravel()

@@ -335,7 +335,7 @@ def levy_rolling(grad_norm: ArrayLike, window: int = 100, chunk: int = 1 << 15) 
     the top k, k/Σ_{i≤k} ln(x_(i)/x_(k+1)), clipped to [1.1, 1.9]; σ_α the sample standard
     deviation (ddof 1) of the window; D_α = (σ_α/‖g_t‖)^α̂; C_α = ‖g_t‖²/(2 D_α W) (divided by the
     window length, not P, as the note does).  Vectorised over windows (the same
-    :func:`~phasewatch.analysis.noise.levy_terms` and Hill kernel as the scalar variant, in chunks of
+    :func:`~phasewatch.analysis.consolidation.levy_terms` and Hill kernel as the scalar variant, in chunks of
     ``chunk`` windows; a window whose top holds an atom or near-ties is NaN); a window holding a
     non-finite norm goes through :func:`~phasewatch.analysis.noise.consolidation_ratio` (which
     drops them), and a window whose last norm is not finite and > 0 gives NaN.

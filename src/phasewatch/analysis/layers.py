@@ -32,7 +32,7 @@ from ..errors import PhasewatchError
 
 log = logging.getLogger("phasewatch")
 
-__all__ = ["LOCK_IN_WINDOWS", "group_dims", "layer_tables", "layer_summary", "layers_to_csv",
+__all__ = ["LOCK_IN_WINDOWS", "group_dims", "layer_lines", "layer_tables", "layer_summary", "layers_to_csv",
            "run_layer_tables"]
 
 #: consecutive windows above the null's band that count as a group "locking in"
@@ -174,6 +174,31 @@ def layer_summary(layers: dict[str, dict[str, np.ndarray]], n: int = LOCK_IN_WIN
     first = min(locked.values()) if locked else None
     return {"groups": groups, "lock_in_windows": n, "first_lock_in_step": first,
             "first_lock_in": [g for g, s in locked.items() if s == first]}
+
+
+def layer_lines(summary: dict[str, Any]) -> list[str]:
+    """Markdown lines of :func:`layer_summary`: per group the fraction of windows above the null's
+    band, the lock-in step, the median gap excess and rotation; then the first group to lock in."""
+    n = summary["lock_in_windows"]
+    lines = []
+    for g, d in summary["groups"].items():
+        if "above_null_fraction" not in d:
+            lines.append(f"- {g}: {d['valid_windows']} valid windows of {d['windows']}; no null reading")
+            continue
+        lock = d.get("lock_in_step")
+        ex, rot = d.get("gap_excess_median"), d.get("rotation_median")
+        lines.append(f"- {g}: {100 * d['above_null_fraction']:.0f}% of {d['valid_windows']} valid windows above the "
+                     f"momentum null's band; " + (f"locks in at step {lock}" if lock is not None else
+                                                   f"never {n} consecutive windows above it")
+                     + (f"; median gap excess x{ex:.3g}" if ex is not None else "")
+                     + (f"; median rotation {rot:.3g} rad" if rot is not None else ""))
+    first = summary.get("first_lock_in") or []
+    if first:
+        lines.append(f"- first group to lock in: {', '.join(first)} (step {summary['first_lock_in_step']}; the gap "
+                     f"ratio above the null's band for {n} consecutive windows)")
+    else:
+        lines.append(f"- no group locks in (no group's gap ratio is above the null's band for {n} consecutive windows)")
+    return lines
 
 
 def layers_to_csv(layers: dict[str, dict[str, np.ndarray]], path: str | Path, header: str = "") -> Path:

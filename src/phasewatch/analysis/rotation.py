@@ -22,10 +22,11 @@ in an orthonormal basis of span(X'): with G' = A' Λ' A'ᵀ and X' = A' Σ' V'�
 
     C₁ = V'ᵀ V₁ = Σ' A'ᵀ [A₁; 0] Σ₁⁻¹,   C₂ = Σ' A'ᵀ [0; A₂] Σ₂⁻¹     ((W+1) × k each)
 
-(V'ᵀ X₁ᵀ = Σ' A'ᵀ E₁ᵀ with E₁ the first W rows; no inverse of the small σ' is needed), and the
-angles come from them as in Björck & Golub (1973) / ``scipy.linalg.subspace_angles``: Q_i = qr(C_i),
-cos from svd(Q₁ᵀQ₂), sin from svd(Q₂ − Q₁Q₁ᵀQ₂); θ_max = arcsin(sin_max) when cos_min² ≥ ½,
-else arccos(cos_min).
+(V'ᵀ X₁ᵀ = Σ' A'ᵀ E₁ᵀ with E₁ the first W rows, so only the top-k σ of each window are inverted),
+and the angles come from them as in Björck & Golub (1973) / ``scipy.linalg.subspace_angles``:
+Q_i = qr(C_i), cos θ the singular values of Q₁ᵀQ₂, sin θ those of D = Q₂ − Q₁Q₁ᵀQ₂ (the part of
+V₂ outside V₁; as √eigenvalues of DᵀD, D formed first, so small sines keep their relative accuracy); θ_max = arcsin(sin_max) when cos_min² ≥ ½, else arccos(cos_min).  Cost: one
+(W+1) and one W eigensolve per window (a window's G₂ is the next one's G₁), ~25 µs at W = 10.
 
 Undefined (NaN): K < W+1 (the lag-W inner products were not recorded), the first window of a
 trajectory (no window before it), a window or its predecessor not finite, k* undefined, or the
@@ -78,30 +79,35 @@ def window_rotation(band: np.ndarray, kstar: np.ndarray, ends: np.ndarray, windo
     if not ok.any():
         return theta, sin
     sel = np.nonzero(ok)[0]
-    Gp = big[pos[sel]]  # (n, W+1, W+1)
-    lam_p, vec_p = np.linalg.eigh(Gp)
-    lam1, vec1 = np.linalg.eigh(Gp[:, :W, :W])
-    lam2, vec2 = np.linalg.eigh(Gp[:, 1:, 1:])
-    # descending order
-    lam1, vec1, lam2, vec2 = lam1[:, ::-1], vec1[:, :, ::-1], lam2[:, ::-1], vec2[:, :, ::-1]
+    lam_p, vec_p = np.linalg.eigh(big[pos[sel]])  # G' = A' Λ' A'ᵀ, (n, W+1, W+1)
+    # the W-row windows: window r's G₂ is window r+1's G₁, so each is solved once
+    need = np.unique(np.concatenate([ends[sel] - 1, ends[sel]]))
+    small, small_ends = gram.window_grams(b[need.min() - W + 1: need.max() + 1], W)
+    small = small[np.searchsorted(small_ends + need.min() - W + 1, need)]
+    lam_w, vec_w = np.linalg.eigh(small)
+    lam_w, vec_w = lam_w[:, ::-1], vec_w[:, :, ::-1]  # descending
+    s_w = np.sqrt(np.maximum(lam_w, 0.0))
+    i1, i2 = np.searchsorted(need, ends[sel] - 1), np.searchsorted(need, ends[sel])
     s_p = np.sqrt(np.maximum(lam_p, 0.0))
-    s1, s2 = np.sqrt(np.maximum(lam1, 0.0)), np.sqrt(np.maximum(lam2, 0.0))
+    at = vec_p.transpose(0, 2, 1)  # A'ᵀ
     ks = kstar[sel]
     for k in np.unique(ks):  # one batch per subspace dimension (at most W−1 of them)
         m = np.nonzero(ks == k)[0]
-        d1, d2 = s1[m, :k], s2[m, :k]
-        defined = (d1[:, -1] > rel_floor * s1[m, 0]) & (d2[:, -1] > rel_floor * s2[m, 0])
-        m, d1, d2 = m[defined], d1[defined], d2[defined]
+        a1, a2 = i1[m], i2[m]
+        m = m[(s_w[a1, k - 1] > rel_floor * s_w[a1, 0]) & (s_w[a2, k - 1] > rel_floor * s_w[a2, 0])]
         if not m.size:
             continue
-        at = vec_p[m].transpose(0, 2, 1)  # A'ᵀ
-        c1 = s_p[m][:, :, None] * (at[:, :, :W] @ vec1[m][:, :, :k]) / d1[:, None, :]
-        c2 = s_p[m][:, :, None] * (at[:, :, 1:] @ vec2[m][:, :, :k]) / d2[:, None, :]
-        q1 = np.linalg.qr(c1)[0]
-        q2 = np.linalg.qr(c2)[0]
+        a1, a2 = i1[m], i2[m]
+        # C₁ = Σ'A'ᵀ[A₁; 0]Σ₁⁻¹ and C₂ = Σ'A'ᵀ[0; A₂]Σ₂⁻¹: V₁ and V₂ in the orthonormal basis V'
+        c1 = s_p[m][:, :, None] * (at[m][:, :, :W] @ vec_w[a1][:, :, :k]) / s_w[a1][:, None, :k]
+        c2 = s_p[m][:, :, None] * (at[m][:, :, 1:] @ vec_w[a2][:, :, :k]) / s_w[a2][:, None, :k]
+        q1, q2 = np.linalg.qr(c1)[0], np.linalg.qr(c2)[0]
         ov = q1.transpose(0, 2, 1) @ q2
-        cos_min = np.linalg.svd(ov, compute_uv=False)[:, -1]
-        sin_max = np.linalg.svd(q2 - q1 @ ov, compute_uv=False)[:, 0]
+        d = q2 - q1 @ ov  # the part of V₂ outside V₁: its singular values are sin θ, each to ~ε
+        # squared singular values as eigenvalues of the k × k Grams (relative accuracy kept: d is
+        # formed before squaring; cos is used only when cos² < ½, where squaring costs nothing)
+        cos_min = np.sqrt(np.maximum(np.linalg.eigvalsh(ov.transpose(0, 2, 1) @ ov)[:, 0], 0.0))
+        sin_max = np.sqrt(np.maximum(np.linalg.eigvalsh(d.transpose(0, 2, 1) @ d)[:, -1], 0.0))
         th = np.where(cos_min ** 2 >= 0.5, np.arcsin(np.minimum(sin_max, 1.0)),
                       np.arccos(np.clip(cos_min, 0.0, 1.0)))
         theta[sel[m]] = th

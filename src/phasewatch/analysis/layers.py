@@ -101,7 +101,7 @@ def _blocks(read_layers, steps, K, window, names, dims, chunk_windows, inner_win
         for g, name in enumerate(names):
             band_g = lb[:, g, :]
             dim = dims[g]
-            t = table_fn(lambda lo, hi, _b=band_g: (_b[lo:hi], lr[lo:hi]), steps[s:b], K, window,
+            t = table_fn(lambda lo, hi, _b=band_g, _lr=lr: (_b[lo:hi], _lr[lo:hi]), steps[s:b], K, window,
                          chunk_windows=min(b - s, inner_windows), n_params=int(dim) if math.isfinite(dim) else None,
                          null_dim=dim, **opts)
             pieces[name].append({k: v[drop:] for k, v in t.items()} if drop else t)

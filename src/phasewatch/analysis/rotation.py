@@ -5,8 +5,9 @@ For the window ending at row r, X₂ = [u_{r−W+1}; …; u_r], and the one befo
 [u_{r−W}; …; u_{r−1}], the largest principal angle θ_max between the top-k right singular
 subspaces V₁ = span of the first k right singular vectors of X₁ and V₂ (those of X₂), with
 k = k*_r the gap position of the *later* window (both subspaces of the same dimension: the
-subspace that window calls dominant, and where it was one step before; the rotation A_dk bounds:
-sin θ ≲ A_dk by Davis–Kahan).
+subspace that window calls dominant, and where it was one step before; the rotation that A_dk
+bounds: sin θ ≲ A_dk by Davis–Kahan).  With k*_{r−1} ≠ k*_r the earlier window's top-k*_r subspace
+is still compared, so a change of k* does not show as a jump to π/2 by itself.
 
 Derivation.  With X = A Σ Vᵀ (thin SVD), the eigenvectors a_j of XXᵀ = G are the left singular
 vectors, and the right singular vectors are v_j = Xᵀ a_j / σ_j.  So the overlap of the two
@@ -25,8 +26,9 @@ in an orthonormal basis of span(X'): with G' = A' Λ' A'ᵀ and X' = A' Σ' V'�
 (V'ᵀ X₁ᵀ = Σ' A'ᵀ E₁ᵀ with E₁ the first W rows, so only the top-k σ of each window are inverted),
 and the angles come from them as in Björck & Golub (1973) / ``scipy.linalg.subspace_angles``:
 Q_i = qr(C_i), cos θ the singular values of Q₁ᵀQ₂, sin θ those of D = Q₂ − Q₁Q₁ᵀQ₂ (the part of
-V₂ outside V₁; as √eigenvalues of DᵀD, D formed first, so small sines keep their relative accuracy); θ_max = arcsin(sin_max) when cos_min² ≥ ½, else arccos(cos_min).  Cost: one
-(W+1) and one W eigensolve per window (a window's G₂ is the next one's G₁), ~25 µs at W = 10.
+V₂ outside V₁; as √eigenvalues of DᵀD, D formed first, so small sines keep their relative
+accuracy); θ_max = arcsin(sin_max) when cos_min² ≥ ½, else arccos(cos_min).  Cost: one (W+1) and
+one W eigensolve per window (a window's G₂ is the next one's G₁), ~30 µs a window at W = 10.
 
 Undefined (NaN): K < W+1 (the lag-W inner products were not recorded), the first window of a
 trajectory (no window before it), a window or its predecessor not finite, k* undefined, or the
@@ -47,16 +49,13 @@ def window_rotation(band: np.ndarray, kstar: np.ndarray, ends: np.ndarray, windo
     """Largest principal angle (radians) between the top-k right singular subspaces of each window
     and the window one row before it, k = ``kstar`` of the later window (see the module docstring).
 
-    Parameters
-    ----------
+    Parameters:
     band: ``(T, K)`` global band (float64); K ≥ W+1 for any finite result.
     kstar: ``(N,)`` 1-indexed gap positions of the windows ending at ``ends`` (0: undefined).
     ends: ``(N,)`` band rows at which the windows end.
     window: W.
 
-    Returns
-    -------
-    (rotation, rotation_sin): float64 ``(N,)`` each, θ_max in [0, π/2] and sin θ_max; NaN where
+    Returns (rotation, rotation_sin): float64 ``(N,)`` each, θ_max in [0, π/2] and sin θ_max; NaN where
     undefined.
     """
     b = np.asarray(band, dtype=np.float64)

@@ -221,6 +221,11 @@ def test_rotation_from_the_band_equals_principal_angles_of_raw_updates(recorded,
             tight += tol < 1e-6
         assert tight >= 0.5 * have.sum(), name  # the comparison is not vacuous
         assert 0 < np.nanmedian(rot) < math.pi / 2
+        # the measured rotation obeys the bound A_dk stands for: sin θ ≤ 2‖ΔC‖_F/(λ_k* − λ_k*+1)
+        # (Yu, Wang & Samworth 2015, the later window as reference; both columns from the same band)
+        both = have & np.isfinite(t["A_dk"])
+        assert both.sum() > 0.8 * have.sum()
+        assert np.all(t["rotation_sin"][both] <= 2 * t["A_dk"][both] * (1 + 1e-9)), name
 
 
 def test_rotation_is_nan_without_the_lag_w_products(recorded):

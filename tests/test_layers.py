@@ -390,3 +390,14 @@ def test_figure_and_report(recorded, many_groups, res, tmp_path):
     # without layers the report has no such section (the other sections unchanged)
     keys = [s["key"] for s in build_report(open_run(recorded, lazy=False), window=W)["sections"]]
     assert "layers" not in keys
+
+
+def test_rotation_can_be_skipped(recorded, res):
+    off = phasewatch.analyze(open_run(recorded, lazy=False), window=W, layers=True, rotation=False)
+    for a, b in [(res.table, off.table), *((res.layers[n], off.layers[n]) for n in res.layers)]:
+        assert list(a) == list(b)
+        assert np.isnan(b["rotation"]).all() and np.isnan(b["rotation_sin"]).all()
+        for c in a:
+            if c not in ("rotation", "rotation_sin"):
+                assert np.array_equal(a[c], b[c], equal_nan=True), c
+    assert "rotation=False" in off.conventions["rotation"]

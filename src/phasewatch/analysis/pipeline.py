@@ -25,8 +25,9 @@ import numpy as np
 from ..errors import PhasewatchError, RunTooShortError
 from ..store.format import posthoc_path
 from . import adiabatic as adia
-from . import gradcov, gram, nulls, rotation, tails
+from . import gradcov, gram, nulls, tails
 from . import noise as nz
+from . import rotation as rotating
 from .events import Event, first_crossing, jumps
 from .null_stage import null_dimension, null_reading, null_summary, run_null, window_null_columns  # noqa: F401
 
@@ -429,6 +430,7 @@ def band_table_chunked(
     regimes: str = "A_dk",
     dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
     dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
+    rotation: bool = True,
 ) -> dict[str, np.ndarray]:
     """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
 
@@ -498,7 +500,8 @@ def band_table_chunked(
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
         else:
             s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
-        rot, rot_sin = rotation.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor)
+        rot, rot_sin = (rotating.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor) if rotation
+                        else (np.full(len(spec.ends), np.nan),) * 2)
         local = spec.ends[keep]
         part = {
             "step": steps[local + lo].astype("i8"),
@@ -559,6 +562,7 @@ def analyze(
     dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
     dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
     layers: bool = False,
+    rotation: bool = True,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -595,6 +599,9 @@ def analyze(
         vacuous) or on the paper's ``A`` (``regimes="A"``; ``plateau_below``, ``forgetting_above``).
     layers: also the per-window table of every layer group (``Analysis.layers``), from the recorded
         per-layer band, streamed like the global band (:mod:`~phasewatch.analysis.layers`).
+    rotation: compute the ``rotation`` column (:mod:`~phasewatch.analysis.rotation`; two small
+        eigensolves a window, ~25 µs at W = 10, which is most of the cost of the table when the null is
+        analytic); ``False``: the column is NaN.
     """
     from ..store import open_run
 
@@ -614,7 +621,7 @@ def analyze(
         dim_why = f"{null_dim:g} (given)"
     nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
                  null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
-                 dk_forgetting_above=dk_forgetting_above)
+                 dk_forgetting_above=dk_forgetting_above, rotation=rotation)
     if source == "band":
         bt = run.band
         if not len(bt["step"]):
@@ -740,7 +747,8 @@ def analyze(
                    else "null itself (no finite-dimension band)"),
         "rotation": "largest principal angle (radians; rotation_sin its sine) between the top-k* right singular "
                     "subspaces of the window and the one a row before it, k* of the later window, from the band's "
-                    "cross inner products (needs K >= W+1: NaN otherwise, and in the first window of a trajectory)",
+                    "cross inner products (needs K >= W+1: NaN otherwise, and in the first window of a trajectory)"
+                    + ("" if rotation else "; not computed here (rotation=False): NaN"),
         **({"layers": "per layer group: the same table from the group's own recorded band, P and d_eff of the null = "
                       "the group's recorded dim; lock-in: the first step starting "
                       "5 consecutive valid windows above the null's band"} if layers else {}),

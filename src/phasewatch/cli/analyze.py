@@ -20,7 +20,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
         except ValueError:
             raise PhasewatchError(f"--null {a.null!r}: use momentum, none or a beta in [0, 1)") from None
     res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps, null=null,
-                  layers=a.layers)
+                  layers=a.layers, rotation=not a.no_rotation)
     print(res.summary())
     if a.layers:
         from ..analysis.layers import layer_lines, layer_summary
@@ -54,6 +54,8 @@ def register(sub) -> None:
                         "streamed only when the band exceeds 1 GiB")
     s.add_argument("--layers", action="store_true",
                    help="also the per-window table of every layer group (analysis-layers.csv, a group column)")
+    s.add_argument("--no-rotation", action="store_true",
+                   help="skip the subspace-rotation column (two small eigensolves a window; NaN instead)")
     s.add_argument("--format", nargs="+", default=["csv", "json"], help="csv and/or json (default both)")
     s.add_argument("--null", default="momentum", metavar="momentum|none|BETA",
                    help="momentum null of k* and the gap ratio: from the recorded optimizer (default), none "

@@ -108,8 +108,11 @@ def synthetic_analysis(n: int = 2000, window: int = 8, *, probe_every: int | Non
               "hvps": np.full(len(cs), 40), "threshold": thr, "S": S, "eta_opt": 2 * 0.01 / lam,
               "trace": 5 * lam, "trace_lo": 4 * lam, "trace_hi": 6 * lam, "ntk_rho": rho, "ntk_rate": rate,
               "phi": phi, "all_critical": crit, "I": Cc / (1 + Cc) * S / 2}
+    # three layer groups: the planted gap in all, locked in at different depths of the gap
+    lay = {f"block{i}": {**table, "gap_excess": table["gap_ratio"] / (1.5 + i), "above_null": table["gap_ratio"] > 3 + i}
+           for i in range(3)}
     return Analysis(source="synthetic", window=window, n_params=1000, table=table, scalars=scalars,
-                    metrics=metrics, events=events, probes=pr, tail_index=ti, curvature=cv)
+                    metrics=metrics, events=events, probes=pr, tail_index=ti, curvature=cv, layers=lay)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def layout_problems(fig) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sample():
-    return phasewatch.analyze(SAMPLE, window=10)
+    return phasewatch.analyze(SAMPLE, window=10, layers=True)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from ..store.format import posthoc_path
 from . import adiabatic as adia
 from . import gradcov, gram, nulls, tails
 from . import noise as nz
+from . import rotation as rotating
 from .events import Event, first_crossing, jumps
 from .null_stage import null_dimension, null_reading, null_summary, run_null, window_null_columns  # noqa: F401
 
@@ -47,6 +48,8 @@ class Analysis:
         ``A_dk`` (dimensionless), ``regime`` (on A_dk by default), ``regime_A`` (on A), the momentum
         null's ``kstar_null``, ``gap_ratio_null``, ``gap_excess``, ``gap_ratio_null_hi``,
         ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess`` (see ``null``),
+        ``rotation`` / ``rotation_sin`` (largest principal angle, radians, between the top-k* right
+        singular subspaces of the window and the one before it; :mod:`~phasewatch.analysis.rotation`),
         ``valid``, ``sigma`` (N, W) for the singular values and ``stability`` (N, W) for the
         per-mode stability coefficients s_j = 1 − ‖ΔC‖_F²/gap_j² (the paper's "α"; Davis–Kahan).
     scalars: the per-step table of the run (loss, lr, gradient and update norms, flags).
@@ -69,6 +72,8 @@ class Analysis:
     null: the momentum null used (``kind``, ``beta``, ``rho1``, ``dim``, ``draws``, ``level``, ``source``);
         its per-window columns are in ``table`` (``kstar_null``, ``gap_ratio_null``, ``gap_excess``,
         ``gap_ratio_null_hi``, ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess``).
+    layers: with ``analyze(layers=True)``, per layer group (``meta["model"]["groups"]``) the same
+        per-window table as ``table``, from that group's band (:mod:`~phasewatch.analysis.layers`).
     """
 
     source: str
@@ -85,6 +90,7 @@ class Analysis:
     curvature: dict[str, np.ndarray] = field(default_factory=dict)
     interventions: dict[str, np.ndarray] = field(default_factory=dict)
     null: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -119,6 +125,13 @@ class Analysis:
                     for i, x in enumerate(row)) + "\n")
         return path
 
+    def layers_to_csv(self, path: str | Path) -> Path:
+        """The per-layer tables as one CSV with a ``group`` column (:func:`~phasewatch.analysis.layers.layers_to_csv`)."""
+        from .layers import layers_to_csv
+
+        return layers_to_csv(self.layers, path, "; ".join(f"{k}: {self.conventions[k]}" for k in
+                                                          ("layers", "rotation") if k in self.conventions))
+
     def to_dict(self) -> dict[str, Any]:
         def clean(a: np.ndarray) -> list:
             a = np.asarray(a)
@@ -135,6 +148,7 @@ class Analysis:
             "warnings": self.warnings,
             "summary": self.summary_dict(),
             "table": {k: clean(v) for k, v in self.columns().items()},
+            **({"layers": _layer_summary(self.layers)} if self.layers else {}),
             "probes": {k: (clean(v) if np.asarray(v).dtype.kind in "fiub" else [str(x) for x in v])
                        for k, v in self.probes.items() if np.asarray(v).ndim == 1},
         }
@@ -276,6 +290,12 @@ class Analysis:
         return "\n".join(lines)
 
 
+def _layer_summary(layers) -> dict[str, Any]:
+    from .layers import layer_summary
+
+    return layer_summary(layers)
+
+
 def _fmt_cell(x) -> str:
     if isinstance(x, (bytes, np.bytes_)):
         return x.decode()
@@ -410,6 +430,7 @@ def band_table_chunked(
     regimes: str = "A_dk",
     dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
     dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
+    rotation: bool = True,
 ) -> dict[str, np.ndarray]:
     """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
 
@@ -479,6 +500,8 @@ def band_table_chunked(
             s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
         else:
             s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
+        rot, rot_sin = (rotating.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor) if rotation
+                        else (np.full(len(spec.ends), np.nan),) * 2)
         local = spec.ends[keep]
         part = {
             "step": steps[local + lo].astype("i8"),
@@ -494,6 +517,8 @@ def band_table_chunked(
             "A": a_can.A[keep],
             "A_eigen": a_eig.A[keep],
             "A_dk": a_dk.A_dk[keep],
+            "rotation": rot[keep],
+            "rotation_sin": rot_sin[keep],
             "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
             "regime_A": a_can.regime[keep].astype("i8"),
             "valid": spec.valid[keep],
@@ -536,6 +561,8 @@ def analyze(
     regimes: str = "A_dk",
     dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
     dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
+    layers: bool = False,
+    rotation: bool = True,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -570,6 +597,11 @@ def analyze(
     regimes, dk_plateau_below, dk_forgetting_above: the ``regime`` column is classified on ``A_dk``
         (default; 0.1 and 1: sin θ of the top-k* subspace ≤ 0.1 per step, and the Davis–Kahan bound
         vacuous) or on the paper's ``A`` (``regimes="A"``; ``plateau_below``, ``forgetting_above``).
+    layers: also the per-window table of every layer group (``Analysis.layers``), from the recorded
+        per-layer band, streamed like the global band (:mod:`~phasewatch.analysis.layers`).
+    rotation: compute the ``rotation`` column (:mod:`~phasewatch.analysis.rotation`; two small
+        eigensolves a window, ~25 µs at W = 10, which is most of the cost of the table when the null is
+        analytic); ``False``: the column is NaN.
     """
     from ..store import open_run
 
@@ -589,7 +621,7 @@ def analyze(
         dim_why = f"{null_dim:g} (given)"
     nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
                  null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
-                 dk_forgetting_above=dk_forgetting_above)
+                 dk_forgetting_above=dk_forgetting_above, rotation=rotation)
     if source == "band":
         bt = run.band
         if not len(bt["step"]):
@@ -626,6 +658,14 @@ def analyze(
         conv_src = f"stored {run.meta.get('recorder', {}).get('snapshot_kind', 'raw')} update snapshots"
     else:
         raise PhasewatchError(f"source={source!r}: use 'band' or 'snapshots'")
+    layer_tabs: dict[str, dict[str, np.ndarray]] = {}
+    if layers:
+        from .layers import run_layer_tables
+
+        lopts = dict(rel_floor=rel_floor, plateau_below=plateau_below, forgetting_above=forgetting_above,
+                     where=where, **nopts)
+        layer_tabs = run_layer_tables(run, run.band, window, chunk_steps, memory_budget, table_fn=band_table_chunked,
+                                      chunk_default=CHUNK_WINDOWS, **lopts)
 
     flags = run.steps.get("flags")
     if flags is not None and np.any(flags):
@@ -705,6 +745,13 @@ def analyze(
                    f"fails and the reading is within x{nulls.EXACT_NEAR:g} of the band), d_eff = {dim_why}"
                    if null_draws > 0 and (callable(null_dim) or math.isfinite(null_dim))
                    else "null itself (no finite-dimension band)"),
+        "rotation": "largest principal angle (radians; rotation_sin its sine) between the top-k* right singular "
+                    "subspaces of the window and the one a row before it, k* of the later window, from the band's "
+                    "cross inner products (needs K >= W+1: NaN otherwise, and in the first window of a trajectory)"
+                    + ("" if rotation else "; not computed here (rotation=False): NaN"),
+        **({"layers": "per layer group: the same table from the group's own recorded band, P and d_eff of the null = "
+                      "the group's recorded dim; lock-in: the first step starting "
+                      "5 consecutive valid windows above the null's band"} if layers else {}),
         "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
         "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
              "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",
@@ -728,7 +775,8 @@ def analyze(
                  "level": float(null_level), "source": mnull.source}
     return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
                     metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index, curvature=curvature, interventions=interventions, null=null_info)
+                    tail_index=tail_index, curvature=curvature, interventions=interventions, null=null_info,
+                    layers=layer_tabs)
 
 
 def _band_width(run, bt) -> int:

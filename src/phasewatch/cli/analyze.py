@@ -19,8 +19,13 @@ def cmd_analyze(a: argparse.Namespace) -> int:
             null = float(null)
         except ValueError:
             raise PhasewatchError(f"--null {a.null!r}: use momentum, none or a beta in [0, 1)") from None
-    res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps, null=null)
+    res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps, null=null,
+                  layers=a.layers, rotation=not a.no_rotation)
     print(res.summary())
+    if a.layers:
+        from ..analysis.layers import layer_lines, layer_summary
+
+        print("\n".join(layer_lines(layer_summary(res.layers))))
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -29,6 +34,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
                 print(f"wrote {res.to_csv(out / 'analysis.csv')}")
                 if res.probes:
                     print(f"wrote {res.probes_to_csv(out / 'gradient_noise.csv')}")
+                if res.layers:
+                    print(f"wrote {res.layers_to_csv(out / 'analysis-layers.csv')}")
             elif f == "json":
                 print(f"wrote {res.to_json(out / 'analysis.json')}")
             else:
@@ -45,6 +52,10 @@ def register(sub) -> None:
     s.add_argument("--chunk-steps", type=int, default=None, metavar="N",
                    help="stream the band N windows at a time (bounded memory; same result). Default: "
                         "streamed only when the band exceeds 1 GiB")
+    s.add_argument("--layers", action="store_true",
+                   help="also the per-window table of every layer group (analysis-layers.csv, a group column)")
+    s.add_argument("--no-rotation", action="store_true",
+                   help="skip the subspace-rotation column (two small eigensolves a window; NaN instead)")
     s.add_argument("--format", nargs="+", default=["csv", "json"], help="csv and/or json (default both)")
     s.add_argument("--null", default="momentum", metavar="momentum|none|BETA",
                    help="momentum null of k* and the gap ratio: from the recorded optimizer (default), none "

@@ -27,7 +27,11 @@ def cmd_plot(a: argparse.Namespace) -> int:
             raise PhasewatchError(f"--format {f}: use pdf, png or svg")
     if not 10 <= a.dpi <= 2400:
         raise PhasewatchError(f"--dpi {a.dpi:g}: use 10 to 2400 (PNG resolution; 300 for print)")
-    res = analyze(a.run, window=a.window, source=a.source)
+    from ..store import open_run
+
+    run = open_run(a.run)
+    res = analyze(run, window=a.window, source=a.source,
+                  layers="layers" in names and "layer_band" in run.band and len(run.layer_names) > 0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib.pyplot as plt
@@ -57,7 +61,7 @@ def register(sub) -> None:
     s.add_argument("run")
     add_window(s)
     s.add_argument("--figure", default="all",
-                   help="overview, noise, spectrum, hill, sharpness, ntk, criticality, or all (default; "
+                   help="overview, noise, spectrum, hill, sharpness, ntk, criticality, layers, or all (default; "
                         "skips figures whose data the run lacks)")
     s.add_argument("--format", nargs="+", default=["pdf", "png"], help="pdf, png, svg (default pdf png)")
     s.add_argument("--width", choices=["column", "text", "full"], default="text",

@@ -12,7 +12,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     """Run ``phasewatch report`` with the parsed arguments; return the exit status."""
     from ..outputs.report import build_report, report_markdown, write_report
 
-    rep = build_report(a.run, window=a.window, level=a.level)
+    rep = build_report(a.run, window=a.window, level=a.level, layers=a.layers)
     if a.out:
         for p in write_report(rep, Path(a.out), formats(a.format)):
             print(f"wrote {p}")
@@ -27,6 +27,7 @@ def register(sub) -> None:
     s.add_argument("run", help="run directory or packed .h5 file")
     s.add_argument("--window", "-w", type=int, default=10, help="Gram window W (default 10)")
     s.add_argument("--level", type=float, default=0.95, help="confidence level of intervals (default 0.95)")
+    s.add_argument("--layers", action="store_true", help="add the per-layer section (first group to lock in)")
     s.add_argument("--out", "-o", help="directory for report.md / report.json (default: markdown to stdout)")
     s.add_argument("--format", nargs="+", default=["md", "json"], help="md and/or json (default both)")
     s.set_defaults(func=cmd_report)

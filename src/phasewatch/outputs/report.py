@@ -386,15 +386,17 @@ def build_report(
     plateau_range: float = 0.01,
     kstar_min_len: int = 10,
     max_rows: int = 12,
+    layers: bool = False,
 ) -> dict[str, Any]:
     """The report of one run (path or :class:`~phasewatch.store.Run`) as a JSON-safe dict.
 
-    ``analysis`` may be passed to reuse an :class:`~phasewatch.analysis.pipeline.Analysis`."""
+    ``analysis`` may be passed to reuse an :class:`~phasewatch.analysis.pipeline.Analysis`; with
+    ``layers=True`` (or an analysis that has per-layer tables) the "Per-layer readings" section."""
     from ..analysis.pipeline import analyze
     from ..store import open_run
 
     r = open_run(run) if not hasattr(run, "meta") else run
-    a = analysis if analysis is not None else analyze(r, window=window)
+    a = analysis if analysis is not None else analyze(r, window=window, layers=layers)
     meta = r.meta
     steps = r.steps.get("step", np.zeros(0))
     opt = meta.get("optimizer", {})
@@ -423,10 +425,24 @@ def build_report(
         _margin(a),
         _forecast(a, level),
     ]
+    if layers or getattr(a, "layers", None):
+        sections.append(_layers(a))
     if (meta.get("recorder") or {}).get("controllers") or getattr(a, "interventions", None):
         sections.append(_interventions(a, meta, max_rows))  # only runs recorded with controllers
     return {"format": "phasewatch-report", "version": 1, "run": head, "conventions": dict(a.conventions),
             "sections": sections}
+
+
+def _layers(a) -> dict[str, Any]:
+    """Per layer group: the fraction of windows above the momentum null's band and the step its gap
+    first stays above the band for 5 consecutive windows; the first group to lock in."""
+    from ..analysis.layers import layer_lines, layer_summary
+
+    if not getattr(a, "layers", None):
+        return _missing("layers", "Per-layer readings", "No per-layer tables: analyse with layers=True (--layers).")
+    summ = layer_summary(a.layers)
+    conv = a.conventions.get("layers", "") + "; null: " + a.conventions.get("null", "").split(";")[0]
+    return _section("layers", "Per-layer readings", conv, True, layer_lines(summ), summ)
 
 
 def _interventions(a, meta: dict, max_rows: int) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from .probes import (
     per_example_gradients,
     training_batchnorm,
 )
-from .projection import fold_signs, fold_sum
+from .projection import fold_chunk_rows, fold_float64, fold_signs, fold_sum
 from .schedule import Schedule
 
 log = logging.getLogger("phasewatch")
@@ -189,6 +189,10 @@ class Recorder:
         controller fired.  Not under DDP (the change would reach rank 0 only).
     batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
     """
+
+    # projected mode folds θ_t (one read of θ a step); False: the fold of u_t = θ_t − θ_{t−stride} as
+    # FSDP does (a copy of θ, a full-size difference), kept for benchmarks/recorder_overhead.py --ufold
+    _FOLD_THETA = True
 
     def __init__(
         self,
@@ -432,17 +436,36 @@ class Recorder:
             self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
             self._exact = [i for i, pr in enumerate(projected) if not pr]
             self._folded = [i for i, pr in enumerate(projected) if pr]
-            # θ_{t-stride} of every recorded tensor, in its own dtype (u_t is computed in it)
-            self._prev = {i: fsdp.local(p.detach()).clone() for i, p in enumerate(self.params)}
             self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
                                          self.params[i].dtype, dev) for i in self._folded}
+            # Folded tensors (one process): the fold of θ_t itself, in float64, one read of θ a step;
+            # the ring row is fold(θ_t) − fold(θ_{t−stride}) (projection.fold_float64: error bound).
+            # Under FSDP the fold of the local update u_t as before (record/fsdp.py reads the scratch).
+            self._fold_theta = self._shard is None and self._FOLD_THETA
+            # θ_{t-stride} in its own dtype (u_t is computed in it): exact tensors; folded ones only
+            # where u_t itself is needed (raw snapshots, copied on the steps before a snapshot)
+            self._raw_snaps = snapshot_every is not None and snapshot_kind == "raw"
+            keep_prev = [i for i in range(len(self.params)) if i in self._exact or not self._fold_theta
+                         or self._raw_snaps]
+            self._prev = {i: fsdp.local(self.params[i].detach()).clone() for i in keep_prev}
+            self._prev_fresh = True  # the folded tensors' θ_prev is θ_{t−stride} of the coming update
             if self._shard is not None:  # the signs of this rank's coordinates of each tensor
                 self._signs = {i: self._shard.local_signs(i, s) for i, s in self._signs.items()}
             # preallocated scratch: no allocation (and no page faults) on the per-step path
-            self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
-                             for i in self._folded}
-            self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
-                self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
+            self._scratch, self._fold_out, self._theta_fold = {}, {}, {}
+            if self._fold_theta and self._folded:
+                self._fold_buf = torch.empty(fold_chunk_rows(self.proj_dim, dev) + 1, self.proj_dim,
+                                             dtype=torch.float64, device=dev)
+                for i in self._folded:  # two buffers each: fold(θ_{t−stride}) and fold(θ_t), swapped
+                    self._theta_fold[i] = [fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim,
+                                                        torch.empty(self.proj_dim, dtype=torch.float64, device=dev),
+                                                        self._fold_buf),
+                                           torch.empty(self.proj_dim, dtype=torch.float64, device=dev)]
+            elif self._folded:
+                self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
+                                 for i in self._folded}
+                self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
+                    self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
             # per ring slot: views of that row for each parameter (exact: shaped like the param)
             self._slot_views = []
             for r in range(self.rows):
@@ -829,31 +852,54 @@ class Recorder:
                 p = p.to_local()
             torch.sub(p, prev, out=views[i])
             prev.copy_(p)
-        for i in self._folded:
-            p, prev, u = self.params[i], self._prev[i], self._scratch[i]
-            if self._shard is not None:
-                p = p.to_local()
-            torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
-            prev.copy_(p)
-            u.mul_(self._signs[i])
-            if self._shard is None:
-                views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
-            else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
-                self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]), views[i])
+        if self._fold_theta:
+            for i in self._folded:  # the ring row: fold(θ_t) − fold(θ_{t−stride}), both in float64
+                old, new = self._theta_fold[i]
+                fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim, new, self._fold_buf)
+                torch.sub(new, old, out=views[i])
+                self._theta_fold[i] = [new, old]
+        else:
+            for i in self._folded:
+                p, prev, u = self.params[i], self._prev[i], self._scratch[i]
+                if self._shard is not None:
+                    p = p.to_local()
+                torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
+                prev.copy_(p)
+                u.mul_(self._signs[i])
+                if self._shard is None:
+                    views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
+                else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
+                    self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]),
+                                           views[i])
         self._n_updates += 1
         self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
         if self.snapshots(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
             self._snapshot(step, slot)
+        if self._fold_theta and self._raw_snaps and self._folded:
+            # θ_prev of the folded tensors is needed (for u_t) only when the next update is a snapshot
+            self._prev_fresh = self.snapshots(step + self.stride)
+            if self._prev_fresh:
+                for i in self._folded:
+                    self._prev[i].copy_(self.params[i].detach())
 
     @torch.no_grad()
     def _snapshot(self, step: int, slot: int) -> None:
         if self.snapshot_kind == "projected" or not self._folded:
             data = self._ring[slot]  # exact tensors: the raw update in layout order
         else:
-            # projected tensors keep their signed update u·s in the scratch buffer: s² = 1
             views = self._slot_views[slot]
-            data = torch.cat([(self._scratch[i] * self._signs[i]).to(torch.float64) if i in self._signs
-                              else views[i].reshape(-1) for i in range(len(self.params))])
+            parts = []
+            for i in range(len(self.params)):
+                if i not in self._signs:
+                    parts.append(views[i].reshape(-1))
+                elif not self._fold_theta:  # the signed update u·s kept in the scratch buffer: s² = 1
+                    parts.append((self._scratch[i] * self._signs[i]).to(torch.float64))
+                elif self._prev_fresh:  # u_t = θ_t − θ_{t−stride} in the parameters' dtype
+                    parts.append(torch.sub(self.params[i].detach(), self._prev[i]).reshape(-1).to(torch.float64))
+                else:  # θ_{t−stride} was not kept (a schedule that changed its answer): unknown
+                    parts.append(torch.full((self.params[i].numel(),), float("nan"), dtype=torch.float64,
+                                            device=self.device))
+            data = torch.cat(parts)
         arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
         self.writer.append("snapshots", step=np.array([step]), update=arr)
 

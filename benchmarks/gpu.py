@@ -153,12 +153,15 @@ def recorder_bytes(rec) -> dict:
     """Bytes the recorder's per-step code reads + writes, counted from its code (record/recorder.py):
     gradient norms read every gradient once; an exact tensor of n elements of s bytes costs
     u = θ − θ_prev (read 2ns, write 8n into the float64 ring) and θ_prev ← θ (2ns); a folded one
-    u = θ − θ_prev into scratch (3ns), θ_prev ← θ (2ns), u ⊙ signs (3ns) and the fold's sum (ns);
-    once per block of B the GEMM reads the ring (R × dim × 8 bytes), amortised over B steps."""
+    the fold of θ_t (projection.fold_float64: read θ and the signs, 2ns; its float64 chunk scratch
+    stays in cache), or with the fold of u_t (FSDP, --ufold) u = θ − θ_prev into scratch (3ns),
+    θ_prev ← θ (2ns), u ⊙ signs (3ns) and the sum (ns); once per block of B the GEMM reads the ring
+    (R × dim × 8 bytes), amortised over B steps."""
     grad = sum(p.numel() * p.element_size() for p in rec.params)
     exact = sum(4 * rec.params[i].numel() * rec.params[i].element_size() + 8 * rec.params[i].numel()
                 for i in rec._exact)
-    folded = sum(9 * rec.params[i].numel() * rec.params[i].element_size() for i in rec._folded)
+    per = 2 if getattr(rec, "_fold_theta", False) else 9
+    folded = sum(per * rec.params[i].numel() * rec.params[i].element_size() for i in rec._folded)
     gemm = rec.rows * rec.dim * 8 / rec.block
     theta = sum(p.numel() * p.element_size() for p in rec.params)
     return {"total": grad + exact + folded + gemm, "grad": grad, "exact": exact, "folded": folded,

@@ -179,10 +179,11 @@ def _mlp(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
 
 
-def _run(tmp_path, *, steps=40, loss_after=False, micro=1, clip=True, **kw):
-    """Train the MLP for ``steps`` steps with a recorder, counting its host syncs per step."""
+def _run(tmp_path, *, steps=40, loss_after=False, micro=1, clip=True, lr_tensor=False, **kw):
+    """Train the MLP for ``steps`` steps with a recorder, counting its host syncs per step.  With
+    ``lr_tensor`` the learning rate is a tensor, changed in place every step (lr_s = 0.05/(1 + s/8))."""
     model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05) if lr_tensor else 0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(64, 12, generator=gen)
     ys = torch.randint(0, 5, (64,), generator=gen)
@@ -201,6 +202,8 @@ def _run(tmp_path, *, steps=40, loss_after=False, micro=1, clip=True, **kw):
                     rec.loss(loss)
             if clip:
                 rec.unclipped_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            if lr_tensor:
+                opt.param_groups[0]["lr"].fill_(0.05 / (1 + s / 8))
             opt.step()
             if loss_after:
                 rec.loss(loss)
@@ -248,6 +251,17 @@ def test_plain_recorder_one_transfer_per_block(tmp_path, mode):
     assert list(run.steps["step"]) == list(range(1, steps + 1))
     assert np.all(np.isfinite(run.steps["loss"])) and np.all(np.isfinite(run.steps["grad_norm_unclipped"]))
     assert len(run.band["step"]) == steps
+
+
+def test_tensor_learning_rate_read_with_the_block(tmp_path):
+    """A tensor lr (changed in place each step, as a scheduler does) is kept per step and read with
+    the block's one transfer: the steps and band tables hold each step's own value."""
+    steps = 32
+    c, rec, run = _run(tmp_path, steps=steps, lr_tensor=True)
+    _check(c, rec, steps, {})
+    want = np.array([np.float32(0.05 / (1 + s / 8)) for s in range(1, steps + 1)], dtype=np.float64)
+    np.testing.assert_array_equal(run.steps["lr"][:, 0], want)
+    np.testing.assert_array_equal(run.band["lr"], want)
 
 
 def test_loss_after_step_and_stride(tmp_path):

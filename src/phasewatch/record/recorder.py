@@ -486,7 +486,7 @@ class Recorder:
         self._unclipped: dict[int, float | torch.Tensor] = {}  # step -> norm before clipping
         self._unclipped_late = False  # values arrive after their step (HF's logged grad_norm)
         self._cur_grad: torch.Tensor | None = None
-        self._cur_lr: list[float] = []
+        self._cur_lr: list[float | torch.Tensor] = []
         self._param_group = param_group_idx
         self._warned_nonfinite = False
         self._update_norms: dict[int, float] = {}
@@ -807,7 +807,10 @@ class Recorder:
                     norms = torch.stack([fsdp.local(p.grad).detach().norm() if p.grad is not None
                                          else torch.zeros((), device=p.device) for p in self.params])
                 self._cur_grad = norms
-            self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
+            # a tensor lr (capturable optimizers, schedulers under torch.compile) is kept on its
+            # device and read with the block (float() here would be a host sync every step)
+            self._cur_lr = [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
+                            for g in optimizer.param_groups]
             if self._mb is not None and self._mb.armed and self._shard is None:  # (FSDP: in the shard's hook)
                 self._micro_batch_samples(self.step + 1)
         except Exception as e:  # noqa: BLE001
@@ -949,12 +952,15 @@ class Recorder:
         elif out:
             grad_at = {a: len(tensors) + j for j, a in enumerate(a for a, g in enumerate(grads) if g is not None)}
             tensors += [g for g in grads if g is not None]
+        pend_lr = [_slot(lr, tensors) for _, lr in pend]
+        row_lr = [[_slot(v, tensors) for v in r["lr"]] for r in out]
         losses = self._take(self._losses, steps, tensors)
         unclipped = self._take(self._unclipped, steps, tensors, single=True) if self._unclipped_col else None
         host = _to_host(tensors)
         # -- on the host -----------------------------------------------------------------------
         if pend:
-            self._band_rows(pend, reduced if band_at is None else host[band_at])
+            self._band_rows([(s, _read(lr, host)) for (s, _), lr in zip(pend, pend_lr)],
+                            reduced if band_at is None else host[band_at])
         if not out:
             return
         n = len(out)
@@ -965,6 +971,8 @@ class Recorder:
             for a, j in grad_at.items():
                 gn[a] = host[j]
         loss, loss_given = _values(losses, host)
+        for r, lrs in zip(out, row_lr):
+            r["lr"] = [_read(v, host) for v in lrs]
         self._steps_rows(out, steps, gn, loss, loss_given,
                          None if unclipped is None else _values(unclipped, host)[0])
 
@@ -999,11 +1007,7 @@ class Recorder:
             vals = store.pop(s, None)
             vals = [] if vals is None else ([vals] if single else list(vals))
             for a, v in enumerate(vals):
-                if isinstance(v, torch.Tensor):
-                    vals[a] = _At(len(tensors))
-                    tensors.append(v)
-                else:
-                    vals[a] = float(v)
+                vals[a] = _slot(v, tensors)
             taken.append(vals)
         if len(steps):
             for s in [s for s in store if s < int(steps[0])]:
@@ -1046,7 +1050,7 @@ class Recorder:
         c = self._curv
         try:
             if c.batch is not None:
-                lr = self._cur_lr[0] if self._cur_lr else float("nan")
+                lr = float(self._cur_lr[0]) if self._cur_lr else float("nan")
                 # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
                 exact_u = not self._folded and self.stride == 1 and self._shard is None and self._n_updates
                 upd = self._ring[(self._n_updates - 1) % self.rows] if exact_u else None
@@ -1264,6 +1268,20 @@ class _At(int):
     """Where a value sits in the list handed to :func:`_to_host` (a number stays a float)."""
 
 
+def _slot(v: Any, tensors: list[torch.Tensor]) -> Any:
+    """A tensor goes to ``tensors`` (for :func:`_to_host`) and becomes its :class:`_At` index; a
+    number becomes a float."""
+    if isinstance(v, torch.Tensor):
+        tensors.append(v)
+        return _At(len(tensors) - 1)
+    return float(v)
+
+
+def _read(v: Any, host: list[np.ndarray]) -> float:
+    """The value of a :func:`_slot` entry once ``host`` holds the transferred tensors."""
+    return float(host[v].item()) if isinstance(v, _At) else v
+
+
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     """Copy tensors to the host as float64 arrays of their shapes in one transfer per device: they
     are flattened, cast and concatenated on their device, then read with a single ``.cpu()`` (the
@@ -1291,7 +1309,7 @@ def _values(taken: list[list], host: list[np.ndarray]) -> tuple[np.ndarray, np.n
     for a, vals in enumerate(taken):
         if vals:
             given[a] = True
-            arr[a] = float(np.mean([host[v].item() if isinstance(v, _At) else v for v in vals]))
+            arr[a] = float(np.mean([_read(v, host) for v in vals]))
     return arr, given
 
 

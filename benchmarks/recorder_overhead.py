@@ -88,13 +88,13 @@ def make_demo(seed: int):
     return model, opt, step
 
 
-def make_mlp(seed: int, batch: int = 128, pool: int = 64):
+def make_mlp(seed: int, batch: int = 128, pool: int = 64, d_in: int = 784):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+    model = nn.Sequential(nn.Linear(d_in, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
                           nn.Linear(2048, 10))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1234)
-    xs = torch.randn(pool, batch, 784, generator=g)  # a pool of batches: no data cost in the loop
+    xs = torch.randn(pool, batch, d_in, generator=g)  # a pool of batches: no data cost in the loop
     ys = torch.randint(0, 10, (pool, batch), generator=g)
     it = [0]
 
@@ -111,7 +111,22 @@ def make_mlp(seed: int, batch: int = 128, pool: int = 64):
     return model, opt, step
 
 
-WORKLOADS = {"demo": make_demo, "mlp": make_mlp}
+BATCH = {"mlp": 128}  # --batch
+
+
+def make_mlp10(seed: int):
+    """Issue 21's 3072-2048-2048-10 MLP (10.5M parameters), batch --batch."""
+    return make_mlp(seed, batch=BATCH["mlp"], d_in=3072)
+
+
+WORKLOADS = {"demo": make_demo, "mlp": lambda seed: make_mlp(seed, batch=BATCH["mlp"]), "mlp10": make_mlp10}
+
+
+class UFoldRecorder(phasewatch.Recorder):
+    """The recorder with projected mode's previous route: the fold of u_t = θ_t − θ_{t−1} (a copy
+    of θ, a full-size difference and sign product a step), for --ufold side-by-side comparisons."""
+
+    _FOLD_THETA = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +148,10 @@ class Config:
         if self.rec_kwargs is None:
             return
         self.rec_path = self.tmp / f"{self.workload}-{self.label}{suffix}"
+        kw = dict(self.rec_kwargs)
+        cls = kw.pop("_cls", phasewatch.Recorder)
         t0 = time.perf_counter()
-        self.rec = phasewatch.Recorder(self.rec_path, self.model, self.opt, strict=True, **self.rec_kwargs)
+        self.rec = cls(self.rec_path, self.model, self.opt, strict=True, **kw)
         self.init_seconds = time.perf_counter() - t0
 
     def run(self, n: int) -> float:
@@ -154,7 +171,9 @@ class Config:
             return {"mode": "-", "ring": 0, "state": 0, "dim": 0}
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         state = (nbytes([r._ring]) + nbytes(r._prev.values()) + nbytes(r._signs.values())
-                 + nbytes(getattr(r, "_scratch", {}).values()) + nbytes(getattr(r, "_fold_out", {}).values()))
+                 + nbytes(getattr(r, "_scratch", {}).values()) + nbytes(getattr(r, "_fold_out", {}).values())
+                 + nbytes([t for pair in getattr(r, "_theta_fold", {}).values() for t in pair])
+                 + (nbytes([r._fold_buf]) if getattr(r, "_fold_buf", None) is not None else 0))
         return {"mode": r.mode, "ring": nbytes([r._ring]), "state": state, "dim": r.dim,
                 "rows": r.rows, "enabled": r.enabled}
 
@@ -269,12 +288,14 @@ WRAPPED = [
     (pw_recorder.Recorder, "loss"),
     (pw_writer.RunWriter, "append"),
     (pw_writer.RunWriter, "flush"),
-    (pw_recorder, "fold"),  # the projection, looked up as a module global by _record_update
+    (pw_recorder, "fold_float64"),  # the projection (of θ_t), looked up as a module global by _record_update
+    (pw_recorder, "fold_sum"),  # the projection of u_t (--ufold, FSDP)
 ]
-LABEL = {"fold": "fold (projection)", "append": "writer.append", "flush": "writer.flush (HDF5)",
+LABEL = {"fold_float64": "fold of θ_t (float64)", "fold_sum": "fold of u_t (sum)", "append": "writer.append", "flush": "writer.flush (HDF5)",
          "loss": "rec.loss()"}
 # who is called inside whom (for exclusive times)
-PARENT = {"_record_update": "_post_hook", "_drain": "_post_hook", "fold": "_record_update",
+PARENT = {"_record_update": "_post_hook", "_drain": "_post_hook", "fold_float64": "_record_update",
+          "fold_sum": "_record_update",
           "append": "_drain", "flush": "append"}
 
 
@@ -363,13 +384,15 @@ def print_profile(c: Config, prof: dict, base_ms: float) -> None:
     for k, v in incl.items():
         if k in PARENT:
             children[PARENT[k]] += v
-    order = ["_pre_hook", "_post_hook", "_record_update", "fold", "_drain", "append", "flush", "loss"]
+    order = ["_pre_hook", "_post_hook", "_record_update", "fold_float64", "fold_sum", "_drain", "append", "flush",
+             "loss"]
     for k in order:
         if k not in acc:
             continue
         excl = incl[k] - children.get(k, 0.0)
         name = LABEL.get(k, k)
-        indent = {"_record_update": 2, "_drain": 2, "fold": 4, "append": 4, "flush": 6}.get(k, 0)
+        indent = {"_record_update": 2, "_drain": 2, "fold_float64": 4, "fold_sum": 4, "append": 4,
+                  "flush": 6}.get(k, 0)
         print(f"    {' ' * indent + name:<22}{acc[k][1] / n:>11.3f}{incl[k]:>14.3f}{excl:>14.3f}"
               f"{100 * excl / base_ms:>10.1f}%")
     total = incl.get("_pre_hook", 0) + incl.get("_post_hook", 0) + incl.get("loss", 0)
@@ -387,7 +410,10 @@ def main(argv=None) -> int:
                     "(rounded up to a multiple of 16; default 32, quick 16)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, quick 5)")
     ap.add_argument("--quick", action="store_true", help="fast variant (< 60 s)")
-    ap.add_argument("--workloads", default="demo,mlp", help="comma list of: demo, mlp")
+    ap.add_argument("--workloads", default="demo,mlp", help="comma list of: demo, mlp, mlp10 (10.5M)")
+    ap.add_argument("--batch", type=int, default=128, help="batch size of the mlp workloads (128)")
+    ap.add_argument("--ufold", action="store_true", help="mlp workloads: also projected mode's previous route "
+                    "(fold of u_t, UFoldRecorder), side by side with the current one (fold of θ_t)")
     ap.add_argument("--no-exact", action="store_true", help="skip mode='exact' on the mlp (2.2 GB ring)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-method profile")
     ap.add_argument("--ops", action="store_true", help="add a torch.profiler op breakdown to the profile (its record_function scopes add a "
@@ -399,6 +425,7 @@ def main(argv=None) -> int:
                     "used at least this many cpus, if enough quiet rounds remain (default 0.25)")
     args = ap.parse_args(argv)
 
+    BATCH["mlp"] = args.batch
     steps = args.steps or (16 if args.quick else 32)
     steps = max(BLOCK, -(-steps // BLOCK) * BLOCK)
     rounds = args.rounds or (5 if args.quick else 15)
@@ -428,11 +455,10 @@ def main(argv=None) -> int:
               "ratios noisier; prefer the paired ratios")
     t_start = time.perf_counter()
 
-    plan = {
-        "demo": [("no recorder", None), ("recorder (auto)", {})],
-        "mlp": [("no recorder", None), ("recorder (auto)", {})]
-        + ([] if args.no_exact else [("recorder (exact)", {"mode": "exact"})]),
-    }
+    mlp_plan = ([("no recorder", None), ("recorder (auto)", {})]
+                + ([("auto, fold of u_t", {"_cls": UFoldRecorder})] if args.ufold else [])
+                + ([] if args.no_exact else [("recorder (exact)", {"mode": "exact"})]))
+    plan = {"demo": [("no recorder", None), ("recorder (auto)", {})], "mlp": mlp_plan, "mlp10": mlp_plan}
     results = []
     with tempfile.TemporaryDirectory(prefix="phasewatch-bench-") as tmpdir:
         tmp = Path(tmpdir)

@@ -58,7 +58,7 @@ from .probes import (
     per_example_gradients,
     training_batchnorm,
 )
-from .projection import fold_signs, fold_sum
+from .projection import fold_chunk_rows, fold_float64, fold_signs, fold_sum
 from .schedule import Schedule
 
 log = logging.getLogger("phasewatch")
@@ -189,6 +189,10 @@ class Recorder:
         controller fired.  Not under DDP (the change would reach rank 0 only).
     batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
     """
+
+    # projected mode folds θ_t (one read of θ a step); False: the fold of u_t = θ_t − θ_{t−stride} as
+    # FSDP does (a copy of θ, a full-size difference), kept for benchmarks/recorder_overhead.py --ufold
+    _FOLD_THETA = True
 
     def __init__(
         self,
@@ -432,17 +436,36 @@ class Recorder:
             self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
             self._exact = [i for i, pr in enumerate(projected) if not pr]
             self._folded = [i for i, pr in enumerate(projected) if pr]
-            # θ_{t-stride} of every recorded tensor, in its own dtype (u_t is computed in it)
-            self._prev = {i: fsdp.local(p.detach()).clone() for i, p in enumerate(self.params)}
             self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
                                          self.params[i].dtype, dev) for i in self._folded}
+            # Folded tensors (one process): the fold of θ_t itself, in float64, one read of θ a step;
+            # the ring row is fold(θ_t) − fold(θ_{t−stride}) (projection.fold_float64: error bound).
+            # Under FSDP the fold of the local update u_t as before (record/fsdp.py reads the scratch).
+            self._fold_theta = self._shard is None and self._FOLD_THETA
+            # θ_{t-stride} in its own dtype (u_t is computed in it): exact tensors; folded ones only
+            # where u_t itself is needed (raw snapshots, copied on the steps before a snapshot)
+            self._raw_snaps = snapshot_every is not None and snapshot_kind == "raw"
+            keep_prev = [i for i in range(len(self.params)) if i in self._exact or not self._fold_theta
+                         or self._raw_snaps]
+            self._prev = {i: fsdp.local(self.params[i].detach()).clone() for i in keep_prev}
+            self._prev_fresh = True  # the folded tensors' θ_prev is θ_{t−stride} of the coming update
             if self._shard is not None:  # the signs of this rank's coordinates of each tensor
                 self._signs = {i: self._shard.local_signs(i, s) for i, s in self._signs.items()}
             # preallocated scratch: no allocation (and no page faults) on the per-step path
-            self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
-                             for i in self._folded}
-            self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
-                self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
+            self._scratch, self._fold_out, self._theta_fold = {}, {}, {}
+            if self._fold_theta and self._folded:
+                self._fold_buf = torch.empty(fold_chunk_rows(self.proj_dim, dev) + 1, self.proj_dim,
+                                             dtype=torch.float64, device=dev)
+                for i in self._folded:  # two buffers each: fold(θ_{t−stride}) and fold(θ_t), swapped
+                    self._theta_fold[i] = [fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim,
+                                                        torch.empty(self.proj_dim, dtype=torch.float64, device=dev),
+                                                        self._fold_buf),
+                                           torch.empty(self.proj_dim, dtype=torch.float64, device=dev)]
+            elif self._folded:
+                self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
+                                 for i in self._folded}
+                self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
+                    self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
             # per ring slot: views of that row for each parameter (exact: shaped like the param)
             self._slot_views = []
             for r in range(self.rows):
@@ -463,7 +486,7 @@ class Recorder:
         self._unclipped: dict[int, float | torch.Tensor] = {}  # step -> norm before clipping
         self._unclipped_late = False  # values arrive after their step (HF's logged grad_norm)
         self._cur_grad: torch.Tensor | None = None
-        self._cur_lr: list[float] = []
+        self._cur_lr: list[float | torch.Tensor] = []
         self._param_group = param_group_idx
         self._warned_nonfinite = False
         self._update_norms: dict[int, float] = {}
@@ -784,7 +807,10 @@ class Recorder:
                     norms = torch.stack([fsdp.local(p.grad).detach().norm() if p.grad is not None
                                          else torch.zeros((), device=p.device) for p in self.params])
                 self._cur_grad = norms
-            self._cur_lr = [float(g["lr"]) for g in optimizer.param_groups]
+            # a tensor lr (capturable optimizers, schedulers under torch.compile) is kept on its
+            # device and read with the block (float() here would be a host sync every step)
+            self._cur_lr = [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
+                            for g in optimizer.param_groups]
             if self._mb is not None and self._mb.armed and self._shard is None:  # (FSDP: in the shard's hook)
                 self._micro_batch_samples(self.step + 1)
         except Exception as e:  # noqa: BLE001
@@ -829,31 +855,54 @@ class Recorder:
                 p = p.to_local()
             torch.sub(p, prev, out=views[i])
             prev.copy_(p)
-        for i in self._folded:
-            p, prev, u = self.params[i], self._prev[i], self._scratch[i]
-            if self._shard is not None:
-                p = p.to_local()
-            torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
-            prev.copy_(p)
-            u.mul_(self._signs[i])
-            if self._shard is None:
-                views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
-            else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
-                self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]), views[i])
+        if self._fold_theta:
+            for i in self._folded:  # the ring row: fold(θ_t) − fold(θ_{t−stride}), both in float64
+                old, new = self._theta_fold[i]
+                fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim, new, self._fold_buf)
+                torch.sub(new, old, out=views[i])
+                self._theta_fold[i] = [new, old]
+        else:
+            for i in self._folded:
+                p, prev, u = self.params[i], self._prev[i], self._scratch[i]
+                if self._shard is not None:
+                    p = p.to_local()
+                torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
+                prev.copy_(p)
+                u.mul_(self._signs[i])
+                if self._shard is None:
+                    views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
+                else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
+                    self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]),
+                                           views[i])
         self._n_updates += 1
         self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
         if self.snapshots(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
             self._snapshot(step, slot)
+        if self._fold_theta and self._raw_snaps and self._folded:
+            # θ_prev of the folded tensors is needed (for u_t) only when the next update is a snapshot
+            self._prev_fresh = self.snapshots(step + self.stride)
+            if self._prev_fresh:
+                for i in self._folded:
+                    self._prev[i].copy_(self.params[i].detach())
 
     @torch.no_grad()
     def _snapshot(self, step: int, slot: int) -> None:
         if self.snapshot_kind == "projected" or not self._folded:
             data = self._ring[slot]  # exact tensors: the raw update in layout order
         else:
-            # projected tensors keep their signed update u·s in the scratch buffer: s² = 1
             views = self._slot_views[slot]
-            data = torch.cat([(self._scratch[i] * self._signs[i]).to(torch.float64) if i in self._signs
-                              else views[i].reshape(-1) for i in range(len(self.params))])
+            parts = []
+            for i in range(len(self.params)):
+                if i not in self._signs:
+                    parts.append(views[i].reshape(-1))
+                elif not self._fold_theta:  # the signed update u·s kept in the scratch buffer: s² = 1
+                    parts.append((self._scratch[i] * self._signs[i]).to(torch.float64))
+                elif self._prev_fresh:  # u_t = θ_t − θ_{t−stride} in the parameters' dtype
+                    parts.append(torch.sub(self.params[i].detach(), self._prev[i]).reshape(-1).to(torch.float64))
+                else:  # θ_{t−stride} was not kept (a schedule that changed its answer): unknown
+                    parts.append(torch.full((self.params[i].numel(),), float("nan"), dtype=torch.float64,
+                                            device=self.device))
+            data = torch.cat(parts)
         arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
         self.writer.append("snapshots", step=np.array([step]), update=arr)
 
@@ -864,75 +913,116 @@ class Recorder:
 
     @torch.no_grad()
     def _drain(self, final: bool) -> None:
-        """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer."""
+        """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer.
+
+        Everything the host needs from the block (the band products, the steps' gradient norms,
+        their losses and pre-clip norms when given as tensors) reaches it in one device→host
+        transfer per device (:func:`_to_host`): the one host synchronisation of a block."""
         reduced = None
         if self._shard is not None:  # FSDP: one all-reduce of every rank's local contributions
             reduced = self._shard.reduce(self)
             if reduced is None:  # a rank other than 0 (it writes nothing), or recording stopped
                 return
         pend = self._pending_update_steps
-        if pend:
+        rows = self._step_rows
+        # with losses given after optimizer.step(), the newest step's loss may still come
+        keep = 1 if ((self._loss_mode == "after" or self._unclipped_late) and not final) else 0
+        out, self._step_rows = rows[: len(rows) - keep], rows[len(rows) - keep:]
+        # -- gather on the device ------------------------------------------------------------
+        tensors: list[torch.Tensor] = []
+        band_at = grad_at = None
+        if pend and reduced is None:
             n1 = self._n_updates
             n0 = n1 - len(pend)
             first = n0 % self.rows
             wraps = first + (n1 - n0) > self.rows  # only after a flush between block boundaries
-            slots_dev = (torch.arange(n0, n1) % self.rows).to(self.device) if wraps else None
-            if reduced is None:
-                per_group = []
-                for sl in self._group_slices:
-                    block = self._ring[:, sl]
-                    new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
-                    per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster)
-                m = torch.stack(per_group).cpu().numpy()  # (G, R, nb)
-            else:
-                m = reduced  # (G, R, nb), summed over the ranks
-            i = np.arange(n0, n1)[:, None]
-            j = np.arange(self.k)[None, :]
-            src = i - j  # (nb, K)
-            valid = src >= 0
-            src_slot = np.where(valid, src, 0) % self.rows
-            cols = np.broadcast_to(np.arange(n1 - n0)[:, None], src.shape)
-            layer = m[:, src_slot, cols]  # (G, nb, K)
-            layer = np.where(valid[None], layer, np.nan).transpose(1, 0, 2)
-            band = layer.sum(axis=1)
-            steps = np.array([s for s, _ in pend], dtype="i8")
-            lrs = np.array([lr for _, lr in pend], dtype="f8")
-            self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
-            # kept until their steps rows are written (a row may be held back for a late loss)
-            # (NaN/Inf stay NaN/Inf: that is how a non-finite update is flagged below)
-            self._update_norms.update(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
-            self._pending_update_steps = []
-
-        rows = self._step_rows
-        if not rows:
-            return
-        # with losses given after optimizer.step(), the newest step's loss may still come
-        keep = 1 if ((self._loss_mode == "after" or self._unclipped_late) and not final) else 0
-        out, self._step_rows = rows[: len(rows) - keep], rows[len(rows) - keep:]
+            slots_dev = torch.arange(n0, n1, device=self.device) % self.rows if wraps else None
+            per_group = []
+            for sl in self._group_slices:
+                block = self._ring[:, sl]
+                new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
+                per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster)
+            band_at = len(tensors)
+            tensors.append(torch.stack(per_group))  # (G, R, nb)
+        steps = np.array([r["step"] for r in out], dtype="i8")
+        grads = [r["grad"] for r in out]
+        if out and all(g is not None for g in grads):
+            grad_at = len(tensors)
+            tensors.append(torch.stack(grads))  # (n, n_params)
+        elif out:
+            grad_at = {a: len(tensors) + j for j, a in enumerate(a for a, g in enumerate(grads) if g is not None)}
+            tensors += [g for g in grads if g is not None]
+        pend_lr = [_slot(lr, tensors) for _, lr in pend]
+        row_lr = [[_slot(v, tensors) for v in r["lr"]] for r in out]
+        losses = self._take(self._losses, steps, tensors)
+        unclipped = self._take(self._unclipped, steps, tensors, single=True) if self._unclipped_col else None
+        host = _to_host(tensors)
+        # -- on the host -----------------------------------------------------------------------
+        if pend:
+            self._band_rows([(s, _read(lr, host)) for (s, _), lr in zip(pend, pend_lr)],
+                            reduced if band_at is None else host[band_at])
         if not out:
             return
         n = len(out)
-        steps = np.array([r["step"] for r in out], dtype="i8")
-        grads = [r["grad"] for r in out]
-        if all(g is not None for g in grads):
-            gn = torch.stack(grads).to(torch.float64).cpu().numpy()  # (n, n_params)
+        if isinstance(grad_at, int):
+            gn = host[grad_at]
         else:
             gn = np.full((n, len(self.params)), np.nan)
-            for a, g in enumerate(grads):
-                if g is not None:
-                    gn[a] = g.to(torch.float64).cpu().numpy()
+            for a, j in grad_at.items():
+                gn[a] = host[j]
+        loss, loss_given = _values(losses, host)
+        for r, lrs in zip(out, row_lr):
+            r["lr"] = [_read(v, host) for v in lrs]
+        self._steps_rows(out, steps, gn, loss, loss_given,
+                         None if unclipped is None else _values(unclipped, host)[0])
+
+    def _band_rows(self, pend: list[tuple[int, float]], m: np.ndarray) -> None:
+        """Band rows of the pending updates from their Gram blocks ``m`` (G, R, nb), to the writer."""
+        n1 = self._n_updates
+        n0 = n1 - len(pend)
+        i = np.arange(n0, n1)[:, None]
+        j = np.arange(self.k)[None, :]
+        src = i - j  # (nb, K)
+        valid = src >= 0
+        src_slot = np.where(valid, src, 0) % self.rows
+        cols = np.broadcast_to(np.arange(n1 - n0)[:, None], src.shape)
+        layer = m[:, src_slot, cols]  # (G, nb, K)
+        layer = np.where(valid[None], layer, np.nan).transpose(1, 0, 2)
+        band = layer.sum(axis=1)
+        steps = np.array([s for s, _ in pend], dtype="i8")
+        lrs = np.array([lr for _, lr in pend], dtype="f8")
+        self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
+        # kept until their steps rows are written (a row may be held back for a late loss)
+        # (NaN/Inf stay NaN/Inf: that is how a non-finite update is flagged below)
+        self._update_norms.update(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
+        self._pending_update_steps = []
+
+    @staticmethod
+    def _take(store: dict, steps: np.ndarray, tensors: list, single: bool = False) -> list:
+        """Pop the values of ``steps`` from ``store`` (step -> value, or list of values): per step a
+        list whose tensors are appended to ``tensors`` (replaced by their :class:`_At` index) and whose
+        numbers stay numbers.  Values of earlier steps (never taken: a GradScaler skip) are dropped."""
+        taken = []
+        for s in steps.tolist():
+            vals = store.pop(s, None)
+            vals = [] if vals is None else ([vals] if single else list(vals))
+            for a, v in enumerate(vals):
+                vals[a] = _slot(v, tensors)
+            taken.append(vals)
+        if len(steps):
+            for s in [s for s in store if s < int(steps[0])]:
+                del store[s]
+        return taken
+
+    def _steps_rows(self, out: list[dict], steps: np.ndarray, gn: np.ndarray, loss: np.ndarray,
+                    loss_given: np.ndarray, unclipped: np.ndarray | None) -> None:
+        """The ``steps`` rows of ``out`` from host arrays: per-tensor gradient norms ``gn`` (n, T), the
+        steps' mean losses (``loss_given``: a loss was given) and pre-clip norms (NaN where none was)."""
+        n = len(out)
         layer_sq = np.zeros((n, len(self.group_labels)))
         np.add.at(layer_sq.T, np.asarray(self._param_group), (gn**2).T)
         grad_norm = np.sqrt(layer_sq.sum(axis=1))
-        loss = np.full(n, np.nan)
-        loss_nan = np.zeros(n, dtype=bool)  # a loss was given and it is NaN (not merely missing)
-        for a, s in enumerate(steps.tolist()):
-            vals = self._losses.pop(s, None)
-            if vals:
-                loss[a] = float(np.mean([float(v) for v in vals]))
-                loss_nan[a] = np.isnan(loss[a])
-        for s in [s for s in self._losses if s < int(steps[0])]:
-            del self._losses[s]  # losses for steps never taken (e.g. skipped by a GradScaler)
+        loss_nan = loss_given & np.isnan(loss)  # a loss was given and it is NaN (not merely missing)
         n_lr = len(self.optimizer.param_groups)
         lr = np.array([(r["lr"] + [np.nan] * n_lr)[:n_lr] for r in out], dtype="f8")
         has_update = np.array([s in self._update_norms for s in steps.tolist()], dtype=bool)
@@ -946,26 +1036,10 @@ class Recorder:
             bad = int(steps[np.nonzero(flags)[0][0]])
             log.warning("phasewatch: non-finite loss/gradient/update at step %d (flagged in the run; "
                         "analysis skips windows that contain it)", bad)
-        extra = {"grad_norm_unclipped": self._unclipped_column(steps)} if self._unclipped_col else {}
+        extra = {"grad_norm_unclipped": unclipped} if unclipped is not None else {}
         self.writer.append("steps", step=steps, wall_time=np.array([r["wall"] for r in out]),
                            loss=loss, lr=lr, grad_norm=grad_norm, layer_grad_norm=np.sqrt(layer_sq),
                            update_norm=upd, flags=flags, **extra)
-
-    def _unclipped_column(self, steps: np.ndarray) -> np.ndarray:
-        """The pre-clip norms of ``steps`` (NaN where none was given): tensors are stacked and
-        copied to the host once per block.  Values for earlier steps are dropped."""
-        col = np.full(len(steps), np.nan)
-        vals = [(a, self._unclipped.pop(s)) for a, s in enumerate(steps.tolist()) if s in self._unclipped]
-        for s in [s for s in self._unclipped if s < int(steps[0])]:
-            del self._unclipped[s]  # steps never taken (a GradScaler skip) or rows already written
-        tens = [(a, v) for a, v in vals if isinstance(v, torch.Tensor)]
-        if tens:
-            host = torch.stack([v.to(torch.float64) for _, v in tens]).cpu().numpy()
-            col[[a for a, _ in tens]] = host
-        for a, v in vals:
-            if not isinstance(v, torch.Tensor):
-                col[a] = float(v)
-        return col
 
     # ------------------------------------------------------------------------------------------
     # curvature probes
@@ -976,7 +1050,7 @@ class Recorder:
         c = self._curv
         try:
             if c.batch is not None:
-                lr = self._cur_lr[0] if self._cur_lr else float("nan")
+                lr = float(self._cur_lr[0]) if self._cur_lr else float("nan")
                 # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
                 exact_u = not self._folded and self.stride == 1 and self._shard is None and self._n_updates
                 upd = self._ring[(self._n_updates - 1) % self.rows] if exact_u else None
@@ -1188,6 +1262,55 @@ class Recorder:
             except Exception:  # noqa: BLE001
                 pass
         self._hooks = []
+
+
+class _At(int):
+    """Where a value sits in the list handed to :func:`_to_host` (a number stays a float)."""
+
+
+def _slot(v: Any, tensors: list[torch.Tensor]) -> Any:
+    """A tensor goes to ``tensors`` (for :func:`_to_host`) and becomes its :class:`_At` index; a
+    number becomes a float."""
+    if isinstance(v, torch.Tensor):
+        tensors.append(v)
+        return _At(len(tensors) - 1)
+    return float(v)
+
+
+def _read(v: Any, host: list[np.ndarray]) -> float:
+    """The value of a :func:`_slot` entry once ``host`` holds the transferred tensors."""
+    return float(host[v].item()) if isinstance(v, _At) else v
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Copy tensors to the host as float64 arrays of their shapes in one transfer per device: they
+    are flattened, cast and concatenated on their device, then read with a single ``.cpu()`` (the
+    drain's one host synchronisation; a cast to float64 is exact from every float dtype)."""
+    by_dev: dict[torch.device, list[int]] = {}
+    for a, t in enumerate(tensors):
+        by_dev.setdefault(t.device, []).append(a)
+    out: list[Any] = [None] * len(tensors)
+    for idx in by_dev.values():
+        flat = torch.cat([tensors[a].detach().reshape(-1).to(torch.float64) for a in idx])
+        host = flat.cpu().numpy()  # the transfer (on one line: .numpy() reads the host copy)
+        o = 0
+        for a in idx:
+            t = tensors[a]
+            out[a] = host[o: o + t.numel()].reshape(t.shape)
+            o += t.numel()
+    return out
+
+
+def _values(taken: list[list], host: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per step the mean of its values (tensors read from ``host``), NaN where there is none; and
+    whether any was given.  A tensor with more than one element is refused (numpy's ``item``)."""
+    arr = np.full(len(taken), np.nan)
+    given = np.zeros(len(taken), dtype=bool)
+    for a, vals in enumerate(taken):
+        if vals:
+            given[a] = True
+            arr[a] = float(np.mean([_read(v, host) for v in vals]))
+    return arr, given
 
 
 def _probe_size(inputs: Any) -> int | None:

@@ -25,7 +25,6 @@ curvature probe, the controllers; anything else is "other" and must never happen
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections import defaultdict

@@ -1042,3 +1042,26 @@ def test_host_and_float32_basis_against_the_device_basis():
     np.testing.assert_allclose(f32.eigenvalues, ref.eigenvalues, rtol=0, atol=100 * 2.0**-24 * scale)
     with pytest.raises(PhasewatchError, match="basis_dtype"):
         cv.lanczos(op, op.n, basis_dtype=torch.float16)
+
+
+def test_probe_memory_basis_is_resident_and_float32_halves_it():
+    """Peak RSS around one probe (benchmarks/curvature_memory.py, a fresh process per dtype, P ≈ 1.4M
+    float32 MLP, exactly m = 10 basis vectors).  Lower bound, exact: the m basis rows are resident at
+    once, m·s·P bytes.  The float64 − float32 difference is the basis' m·4·P up to where the
+    transients (one product's measured peak, the 16·P work vectors) fall."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_memory.py"
+    got = {}
+    for dt in ("float64", "float32"):
+        out = subprocess.run([sys.executable, str(bench), "--child", "--width", "1000", "--iters", "10",
+                              "--basis-dtype", dt], capture_output=True, text=True, check=True, timeout=300)
+        got[dt] = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in got.values():
+        assert r["iterations"] == 10 and r["lanczos_bytes"] >= r["basis_bytes"]
+    a, b = got["float64"], got["float32"]
+    slack = max(a["hvp_bytes"], b["hvp_bytes"]) + 16 * a["P"]
+    assert abs((a["lanczos_bytes"] - b["lanczos_bytes"]) - 10 * 4 * a["P"]) <= slack

@@ -329,19 +329,23 @@ def lanczos(
     measures the true residuals with k extra products.
 
     Memory model (P = n, m = the number of basis vectors, s = ``basis_dtype``'s itemsize, 8 for
-    float64): the basis is m·P·s bytes, m ≤ m_max = min(P, max_iter, max(k + 10, memory_budget //
-    (s·P))) rows, allocated at once but paged in row by row as the iteration fills it (so resident
-    m·P·s for the m iterations run); two float64 work vectors (16·P); k Ritz vectors (8·k·P) at the
-    end.  With the basis on the host and the operator on a device, one more float64 device vector
-    (8·P) carries q_j to the product.  The product itself (:class:`HessianOperator`) costs, beyond
-    the gradient graph kept once per probe (about one backward's activations), its output in the
-    parameters' dtype and the float64 flat copy (P·(itemsize + 8)) plus the input cast to the
-    parameters' dtype (P·itemsize): 12·P bytes for a float32 model, 16·P for float64.  So a probe's
-    peak is ≈ graph + (m·s + 16 + 8k + 2·itemsize + 8)·P bytes.  ``basis_device``: ``"auto"`` (the
-    device of the work vectors when the basis fits in half of the device's free memory, for CUDA
-    by ``torch.cuda.mem_get_info``; else the host), ``"cpu"`` or a device.  ``basis_dtype``:
-    float64 (default; orthogonality to ~1e-16) or float32 (half the memory; orthogonality to ~1e-7,
-    which bounds the eigenvalues' relative accuracy by about the same).
+    float64, i = the parameters' itemsize): the basis is m·P·s bytes, m ≤ m_max = min(P, max_iter,
+    max(k + 10, memory_budget // (s·P))) rows, allocated at once but paged in row by row as the
+    iteration fills them (resident: m·P·s after m iterations); two float64 work vectors (16·P);
+    the Ritz vectors and the verification's residual at the end (8·(k + 1)·P).  With the basis on
+    the host and the operator on a device, one more float64 device vector (8·P) carries q_j to the
+    product.  A :class:`HessianOperator` keeps, per probe, the gradient graph (about one backward's
+    activations plus the gradients, i·P) and the flat float64 gradient (8·P); one product then
+    costs the double backward's own transients, its input cast to the parameters' dtype and its
+    output (2·i·P) and the float64 flat copy (8·P).  Measured (``benchmarks/curvature_memory.py``,
+    float32 tanh MLP, P = 12.0M, batch 32, m = 20): the operator 186 MiB (16 B/P), one product's
+    peak 27 B/P, Lanczos 2444 MiB against the model's 2518 MiB (float64 basis 1837 MiB), the whole
+    probe 229 B/P; with a float32 basis 1525 MiB, 149 B/P.  So a probe's peak is ≈ graph +
+    (m·s + 16 + 8(k + 1) + 8 + product)·P bytes, dominated by m·s·P.  ``basis_device``:
+    ``"auto"`` (the work vectors' device when the basis fits in half of the device's free memory,
+    for CUDA by ``torch.cuda.mem_get_info``; else the host), ``"cpu"`` or a device.
+    ``basis_dtype``: float64 (default; orthogonality to ~1e-16) or float32 (half the memory;
+    orthogonality to ~1e-7, which bounds the eigenvalues' relative accuracy by about m·2⁻²⁴).
     """
     if which not in WHICH:
         raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")

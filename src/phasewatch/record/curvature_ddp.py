@@ -138,6 +138,7 @@ class ProbeService:
 
     # -- rank 0's side ---------------------------------------------------------------------------
     def operator(self, route: str, seed: int) -> DistributedOperator:
+        """Rank 0: a new all-reduced operator by ``route`` (every rank builds its local one)."""
         return DistributedOperator(self, route, seed)
 
 
@@ -165,6 +166,7 @@ class DistributedOperator:
         self.mode = getattr(local, "mode", None)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v = Σ_r (n_r/N) H_r v (float64, on the service's device); RuntimeError if a rank failed."""
         s = self.service
         s._header(MATVEC, self.id)
         buf = s._matvec(self.id, v.detach().to(s.device, torch.float64).contiguous().clone())
@@ -215,6 +217,7 @@ class DistributedSchedule:
             raise probe_error[0]
 
     def close(self) -> None:
+        """Remove the step hook."""
         self.handle.remove()
 
 

@@ -39,6 +39,7 @@ class BlockOperator:
         self.n_matvec = 0
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H_gg v_g for a flat vector of the group's P_g coordinates (float64)."""
         full = torch.zeros(self.op.n, dtype=torch.float64, device=self.device)
         o = 0
         v = v.to(self.device, torch.float64)

@@ -663,8 +663,11 @@ class Recorder:
             self._dist_sampler = PerRankSampler(
                 model, optimizer, self.grad_samples, scale=grad_microbatch_scale, n_max=self.grad_samples_max,
                 layout=(self.param_names, self._param_group, n_groups, self.step), on_row=self._per_rank_row)
-        if self._curv_service is not None:  # a collective, after the sampler's as on the other ranks; its
-            from .curvature_ddp import DistributedSchedule  # hook after the recorder's: sees this step's update
+        if self._curv_service is not None:
+            # a collective, after the sampler's as on the other ranks; its hook runs after the
+            # recorder's, so the probe sees this step's update
+            from .curvature_ddp import DistributedSchedule
+
 
             self._hooks.append(DistributedSchedule(self._curv_service, optimizer, self.curvature, self.step,
                                                    on_probe=self._ddp_curvature_probe).handle)

@@ -3,8 +3,8 @@
     python benchmarks/curvature_memory.py [--width 3000] [--iters 20] [--basis-dtype float64]
 
 One fresh process per configuration: a float32 tanh MLP (P parameters), one HessianOperator and
-one Lanczos run of exactly ``--iters`` basis vectors (tol unreachable), peak RSS (ru_maxrss) before
-and after.  Prints the measured growth beside the model's prediction
+one Lanczos run of exactly ``--iters`` basis vectors (tol unreachable), each phase's peak RSS growth
+(the kernel's high-water mark, reset at the phase's start).  Prints the measured growth beside the model's prediction
 graph + 8P (flat gradient) + (8 + 2·4)P (one product) + (m·s + 16 + 8k)P (basis, work vectors, Ritz
 vectors), the graph being measured as the growth of building the operator.  CPU only.
 """
@@ -13,13 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 
-def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class _Phase:
+    """Peak RSS growth of a block over the RSS at its start: the kernel's high-water mark is reset
+    on entry (``/proc/self/clear_refs`` = 5, Linux ≥ 4.0), so an earlier, freed peak does not hide it."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.start = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.bytes = _status("VmHWM") - self.start
 
 
 def child(width: int, iters: int, basis_dtype: str) -> dict:
@@ -36,25 +53,24 @@ def child(width: int, iters: int, basis_dtype: str) -> dict:
     ce = torch.nn.functional.cross_entropy
     ce(model(x), y).backward()  # warm the allocator with one ordinary gradient
     model.zero_grad(set_to_none=True)
-    r0 = _rss()
-    op = HessianOperator(model, ce, (x, y))
-    r1 = _rss()
+    with _Phase() as build:
+        op = HessianOperator(model, ce, (x, y))
     v = torch.randn(op.n, dtype=torch.float64)
-    op.matvec(v)  # one product alone: the double backward's own transients
+    with _Phase() as one:
+        op.matvec(v)  # one product alone: the double backward's own transients
     del v
-    r1b = _rss()
     dt = getattr(torch, basis_dtype)
-    res = lanczos(op, op.n, k=1, tol=1e-30, max_iter=iters, basis_dtype=dt, memory_budget=1 << 40)
-    r2 = _rss()
+    with _Phase() as lz:
+        res = lanczos(op, op.n, k=1, tol=1e-30, max_iter=iters, basis_dtype=dt, memory_budget=1 << 40)
     s = torch.empty((), dtype=dt).element_size()
     m = res.iterations
-    hvp = r1b - r1 + 8 * p  # (+ its float64 input)
+    hvp = one.bytes + 8 * p  # (+ its float64 input)
     # basis + w, q + one product's peak (its input q is w's twin, its output copied into w) + the
     # verification (the Ritz vector and its residual, 16P) — whichever of the last two is larger
     lanczos_model = (m * s + 16) * p + max(hvp, 16 * p + hvp)
     return {"P": p, "iterations": m, "n_hvp": res.n_matvec, "basis_dtype": basis_dtype, "hvp_bytes": hvp,
-            "operator_bytes": r1 - r0, "lanczos_bytes": r2 - r1, "lanczos_model_bytes": lanczos_model,
-            "basis_bytes": m * s * p, "probe_bytes": r2 - r0}
+            "operator_bytes": build.bytes, "lanczos_bytes": lz.bytes, "lanczos_model_bytes": lanczos_model,
+            "basis_bytes": m * s * p, "probe_bytes": build.bytes + lz.bytes}
 
 
 def main() -> None:

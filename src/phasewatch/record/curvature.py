@@ -338,9 +338,10 @@ def lanczos(
     activations plus the gradients, i·P) and the flat float64 gradient (8·P); one product then
     costs the double backward's own transients, its input cast to the parameters' dtype and its
     output (2·i·P) and the float64 flat copy (8·P).  Measured (``benchmarks/curvature_memory.py``,
-    float32 tanh MLP, P = 12.0M, batch 32, m = 20): the operator 186 MiB (16 B/P), one product's
-    peak 27 B/P, Lanczos 2444 MiB against the model's 2518 MiB (float64 basis 1837 MiB), the whole
-    probe 229 B/P; with a float32 basis 1525 MiB, 149 B/P.  So a probe's peak is ≈ graph +
+    float32 tanh MLP, P = 12.0M, batch 32, m = 20, peak RSS growth per phase): the operator
+    232 MiB (20 B/P), one product's peak 27 B/P, Lanczos 2485 MiB against the model's 2518 MiB
+    (float64 basis 1837 MiB), the whole probe 237 B/P; with a float32 basis Lanczos 1565 MiB
+    (model 1600), 157 B/P.  So a probe's peak is ≈ graph +
     (m·s + 16 + 8(k + 1) + 8 + product)·P bytes, dominated by m·s·P.  ``basis_device``:
     ``"auto"`` (the work vectors' device when the basis fits in half of the device's free memory,
     for CUDA by ``torch.cuda.mem_get_info``; else the host), ``"cpu"`` or a device.

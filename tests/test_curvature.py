@@ -1008,7 +1008,9 @@ def test_group_lambda_equals_the_dense_diagonal_blocks_live_and_posthoc(tmp_path
     with pytest.raises(PhasewatchError, match="no layer group 'nope'"):
         cv.posthoc(tmp_path / "run", fresh, (x, y), ce, groups=["nope"], out=tmp_path / "ph2")
     # the analysis reads the run with the new columns as before
-    assert analyze(tmp_path / "run", window=2).curvature["step"].tolist() == [3, 6]
+    res = analyze(tmp_path / "run", window=2).curvature
+    assert res["step"].tolist() == [3, 6]
+    np.testing.assert_array_equal(res["group_lambda"], live["group_lambda"])
 
 
 def test_group_lambda_by_finite_differences_within_the_fd_floor():

@@ -549,8 +549,11 @@ class Recorder:
             if self._curv.batch is not None:
                 if isinstance(old_tables, dict) and "hvp" not in old_tables["curvature"]:
                     self._curv.hvp_column = False  # a run recorded before the column: resume in its schema
-                if isinstance(old_tables, dict) and "group_lambda" not in old_tables["curvature"]:
-                    self._curv.groups = None  # a run recorded without per-group curvature: keep its schema
+                if isinstance(old_tables, dict) and "group_lambda" not in old_tables["curvature"] \
+                        and self._curv.groups is not None:  # a run recorded without them: keep its schema
+                    log.warning("phasewatch: %s was recorded without per-group curvature; the resumed run "
+                                "records none (curvature_groups ignored)", self.path)
+                    self._curv.groups = None
                 tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column,
                                                   groups=len(self._curv.groups or [])))
             if self._curv.ntk_size:

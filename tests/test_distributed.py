@@ -189,10 +189,17 @@ CURVATURE_WORKER = textwrap.dedent("""
         px, py = px[cut[rank]:cut[rank + 1]], py[cut[rank]:cut[rank + 1]]
     opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.5)
     ce = torch.nn.functional.cross_entropy
-    with phasewatch.Recorder(out, net, opt, k=4, block=2, strict=True, groups=lambda n: n.split(".")[-2],
-                             curvature_every=[2, 5], curvature_batch=(px, py), curvature_loss=ce,
+    broken = sys.argv[5] == "broken"  # rank 1's probe loss raises: rank 0's probe must fail, not hang
+
+    def probe_loss(out, t):
+        if broken and rank == 1:
+            raise ValueError("rank 1 cannot evaluate the probe loss")
+        return ce(out, t)
+
+    with phasewatch.Recorder(out, net, opt, k=4, block=2, strict=not broken, groups=lambda n: n.split(".")[-2],
+                             curvature_every=[2, 5], curvature_batch=(px, py), curvature_loss=probe_loss,
                              curvature_topk=2, curvature_tol=1e-10, curvature_trace=8,
-                             curvature_groups=True, curvature_hvp=sys.argv[5]) as rec:
+                             curvature_groups=True, curvature_hvp="auto" if broken else sys.argv[5]) as rec:
         for _ in range(6):
             opt.zero_grad()
             loss = ce(net(x), y)
@@ -251,3 +258,20 @@ def test_ddp_curvature_probe_by_finite_differences_runs_on_every_rank(tmp_path):
     b = phasewatch.open_run(tmp_path / "one").table("curvature")
     assert [h.decode() for h in a["hvp"]] == ["fd"] * 2
     np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], rtol=4 * 100 * (2.0**-53) ** (2 / 3))
+
+
+def test_ddp_curvature_probe_failing_on_another_rank_switches_off_without_a_hang(tmp_path):
+    """Rank 1's share cannot be evaluated: rank 0's probe fails (the failure flag of the build's
+    all-reduce), is switched off, and at the next scheduled step every rank still meets (rank 0
+    just says stop); training and the rest of the recording go on."""
+    script = tmp_path / "worker.py"
+    script.write_text(CURVATURE_WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "ddp"), "ddp", "broken"],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    run = phasewatch.open_run(tmp_path / "ddp")
+    assert run.steps["step"].tolist() == list(range(1, 7))
+    assert len(run.table("curvature")["step"]) == 0
+    assert "curvature probe failed at step 2" in outs[0] and "could not be built on 1 rank(s)" in outs[0]

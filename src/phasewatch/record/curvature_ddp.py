@@ -17,8 +17,8 @@ the session always ends with a stop, also when rank 0's probe fails or is off.  
 build or product fails contributes zeros and a failure flag; rank 0 then raises ``RuntimeError``
 (as a local failing product would: ``hvp="auto"`` switches to finite differences on every rank).
 The schedule is evaluated on every rank from a step counter rank 0 broadcasts when the service is
-built (so resuming works), and the service keeps taking part when rank 0's recorder has disabled
-itself.  Communication per product: P float64 broadcast + P float64 all-reduce.
+built (so resuming works; the ranks also check there that they exchange vectors of one length P),
+and the service keeps taking part when rank 0's recorder has disabled itself.  Communication per product: P float64 broadcast + P float64 all-reduce.
 
 FD products under DDP choose their step per rank (from the rank's own gradients), so FD rows are
 the one-process FD probe only to FD's own error, not to rounding.
@@ -189,6 +189,14 @@ class DistributedSchedule:
         t = torch.tensor([float(start_step)], dtype=torch.float64, device=service.device)
         dist.broadcast(t, 0)
         self.step = int(t.item())
+        # every rank must exchange vectors of the same length P: agree, or nobody probes
+        sizes = torch.tensor([float(service.n), -float(service.n)], dtype=torch.float64, device=service.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        if float(sizes[0]) != -float(sizes[1]):
+            service.off = True
+            log.error("phasewatch: the ranks record different numbers of parameters (%d to %d) for the curvature "
+                      "probes; build the recorder on the same model and optimizer on every rank (probes are off)",
+                      int(-sizes[1]), int(sizes[0]))
         self.handle = optimizer.register_step_post_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
@@ -230,10 +238,13 @@ def make_service(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Ca
                  mode: str) -> ProbeService:
     """This rank's service: local operators on its shard ``batch`` of the probe batch, over
     ``params`` in the order rank 0 records them (the flat vectors are exchanged in that order)."""
+    from torch.utils import _pytree as pytree
+
     from .curvature import hessian_operator
 
     net = unwrap(model)
     dev = params[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
+    batch = pytree.tree_map(lambda t: t.to(params[0].device) if isinstance(t, torch.Tensor) else t, batch)
 
     def factory(route: str, seed: int):
         return hessian_operator(net, loss_fn, batch, params=params, mode=mode, hvp=route, seed=seed)

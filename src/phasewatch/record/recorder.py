@@ -178,6 +178,13 @@ class Recorder:
         also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
         u_t exactly: no projected tensors, one step per update, one process).  A
         probe that fails is logged and switched off; training and the rest of the recording go on.
+        ``curvature_groups``: True (every layer group) or a list of group names: λ_max of each
+        group's diagonal Hessian block as well (columns ``group_lambda``/``group_residual``).
+        ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
+        memory model in :func:`phasewatch.record.curvature.lanczos`).  Under DDP build the recorder
+        on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
+        are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
+        on the whole batch; rank 0 writes.
     controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
         measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
         batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
@@ -245,6 +252,8 @@ class Recorder:
         curvature_trace: int | str | None = None,
         curvature_mode: str = "eval",
         curvature_hvp: str = "auto",
+        curvature_groups: bool | list[str] = False,
+        curvature_basis_device: str = "auto",
         ntk_inputs: Any = None,
         ntk_outputs: str = "trace",
         ntk_method: str = "auto",
@@ -308,6 +317,15 @@ class Recorder:
                 self._dist_sampler = PerRankSampler(model, optimizer, Schedule(grad_samples_every),
                                                     scale=grad_microbatch_scale, n_max=grad_samples_max)
                 self._closed = False  # close() removes the sampler's hooks
+            if curvature_every is not None and curvature_batch is not None:
+                # curvature probes: serve rank 0's products on this rank's share of the probe batch
+                from .curvature_ddp import DistributedSchedule, make_service
+
+                service = make_service(model, _recorded_order(model, optimizer, groups), curvature_loss,
+                                       curvature_batch, curvature_mode)
+                self._hooks.append(DistributedSchedule(service, optimizer, Schedule(curvature_every),
+                                                       self.step).handle)
+                self._closed = False  # close() removes the hook
             return
         self.k, self.stride, self.block = int(k), int(stride), int(block)
         self.enabled = True
@@ -410,6 +428,7 @@ class Recorder:
         # -- curvature probes ---------------------------------------------------------------
         self.curvature = Schedule(curvature_every)
         self._curv = None
+        self._curv_service = None  # under DDP: every rank's share of the probe batch, products all-reduced
         if curvature_every is not None:
             if curvature_batch is None and ntk_inputs is None:
                 raise RecorderError("curvature_every is given but neither curvature_batch nor ntk_inputs; "
@@ -419,12 +438,22 @@ class Recorder:
             def _dev(t):
                 return pytree.tree_map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, t)
 
+            from .curvature_ddp import ddp_active, make_service, unwrap
+
             try:
+                cgroups = _curvature_groups(curvature_groups, self.group_labels, param_group_idx)
+                net = model
+                if curvature_batch is not None and ddp_active(sharded):
+                    net = unwrap(model)
+                    self._curv_service = make_service(model, self.params, curvature_loss, _dev(curvature_batch),
+                                                      curvature_mode)
                 self._curv = CurvatureProbe(
-                    model, self.params, loss_fn=curvature_loss, batch=_dev(curvature_batch),
+                    net, self.params, loss_fn=curvature_loss, batch=_dev(curvature_batch),
                     top_k=curvature_topk, tol=curvature_tol, max_iter=curvature_max_iter,
                     trace=curvature_trace, mode=curvature_mode, ntk_inputs=_dev(ntk_inputs),
-                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer, hvp=curvature_hvp)
+                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer, hvp=curvature_hvp,
+                    groups=cgroups, group_names=self.group_labels, basis_device=curvature_basis_device,
+                    service=self._curv_service)
             except PhasewatchError as e:
                 raise RecorderError(str(e)) from None
         elif curvature_batch is not None or ntk_inputs is not None:
@@ -543,7 +572,13 @@ class Recorder:
             if self._curv.batch is not None:
                 if isinstance(old_tables, dict) and "hvp" not in old_tables["curvature"]:
                     self._curv.hvp_column = False  # a run recorded before the column: resume in its schema
-                tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column))
+                if isinstance(old_tables, dict) and "group_lambda" not in old_tables["curvature"] \
+                        and self._curv.groups is not None:  # a run recorded without them: keep its schema
+                    log.warning("phasewatch: %s was recorded without per-group curvature; the resumed run "
+                                "records none (curvature_groups ignored)", self.path)
+                    self._curv.groups = None
+                tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column,
+                                                  groups=len(self._curv.groups or [])))
             if self._curv.ntk_size:
                 tables.append(fmt.ntk_table(self._curv.ntk_size))
         # interventions: declared when controllers are given, and kept when resuming a run that has it
@@ -654,6 +689,14 @@ class Recorder:
             self._dist_sampler = PerRankSampler(
                 model, optimizer, self.grad_samples, scale=grad_microbatch_scale, n_max=self.grad_samples_max,
                 layout=(self.param_names, self._param_group, n_groups, self.step), on_row=self._per_rank_row)
+        if self._curv_service is not None:
+            # a collective, after the sampler's as on the other ranks; its hook runs after the
+            # recorder's, so the probe sees this step's update
+            from .curvature_ddp import DistributedSchedule
+
+
+            self._hooks.append(DistributedSchedule(self._curv_service, optimizer, self.curvature, self.step,
+                                                   on_probe=self._ddp_curvature_probe).handle)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -831,8 +874,8 @@ class Recorder:
                 self._checkpoint(step)
             if self._grad_source == "per_example" and self.grad_samples(step):
                 self._per_example_samples(step)
-            if self._curv is not None and self.curvature(step):
-                self._curvature_probe(step)
+            if self._curv is not None and self._curv_service is None and self.curvature(step):
+                self._curvature_probe(step)  # (DDP: from the distributed schedule's hook)
             if self.controllers:  # last: a changed lr is the lr of step + 1
                 self._control(step)
             self._arm_micro_batches()
@@ -1043,6 +1086,11 @@ class Recorder:
 
     # ------------------------------------------------------------------------------------------
     # curvature probes
+    def _ddp_curvature_probe(self, step: int) -> None:
+        """Rank 0 under DDP, inside the session every rank takes part in (off or failed: a no-op)."""
+        if self.enabled and self._curv is not None:
+            self._curvature_probe(step)
+
     def _curvature_probe(self, step: int) -> None:
         """Hessian and NTK probes on the fixed probe data; a failure switches the probe off only."""
         from .curvature import rows_to_columns
@@ -1325,3 +1373,26 @@ def _close_at_exit(ref: weakref.WeakMethod) -> None:
             close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _recorded_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any) -> list[torch.Tensor]:
+    """The recorded parameters in rank 0's order (trainable, in the optimizer, grouped in order of
+    first appearance), for the idle DDP ranks' share of the curvature probes."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
+    labels = [_group_of(n, groups) for n, _ in named]
+    order = list(dict.fromkeys(labels))
+    return [p for _, (_, p) in sorted(zip(labels, named), key=lambda t: order.index(t[0]))]
+
+
+def _curvature_groups(want: Any, labels: list[str], param_group_idx: list[int]) -> list[list[int] | None] | None:
+    """curvature_groups=True (every group) or a list of group names → per recorded group the
+    indices of its tensors (None: not asked for)."""
+    if want is False or want is None:
+        return None
+    names = list(labels) if want is True else [want] if isinstance(want, str) else list(want)
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise RecorderError(f"curvature_groups: no layer group {unknown[0]!r}; the groups are {labels[:8]}")
+    return [[i for i, g in enumerate(param_group_idx) if g == gi] if lbl in names else None
+            for gi, lbl in enumerate(labels)]

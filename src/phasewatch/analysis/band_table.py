@@ -110,18 +110,7 @@ def band_table_chunked(
     """
     steps = np.asarray(steps)
     T = len(steps)
-    if window < 2:
-        raise PhasewatchError(f"window={window}: the Gram window needs W >= 2")
-    if window > K:
-        raise PhasewatchError(f"{where}: window W={window} exceeds the recorded band K={K}; "
-                              f"pass --window {K - 1} or less (or record with a larger k)")
-    if T < window:
-        raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
-                               f"record longer or pass a smaller --window")
-    if regimes not in ("A_dk", "A"):
-        raise PhasewatchError(f"regimes={regimes!r}: use 'A_dk' (dimensionless, default) or 'A' (the paper's)")
-    if int(chunk_windows) < 1:
-        raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")
+    _check_table_args(window, K, T, regimes, chunk_windows, where)
     chunk_windows = int(chunk_windows)
     if window + 1 > K:
         log.warning("phasewatch: K=%d < W+1=%d: the canonical A needs lag W; only A_eigen is computed", K, window + 1)
@@ -137,61 +126,88 @@ def band_table_chunked(
         if sub.shape != (stop - lo, K) or sub_lr.shape != (stop - lo,):
             raise PhasewatchError(f"{where}: band rows {lo}:{stop} came back with shape {sub.shape}; "
                                   "the run changed while it was read")
-        spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            with warnings.catch_warnings():  # K < W+1 was reported above, once
-                warnings.simplefilter("ignore", RuntimeWarning)
-                a_can = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "canonical",
-                                       plateau_below=plateau_below, forgetting_above=forgetting_above)
-            a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
-                                   plateau_below=plateau_below, forgetting_above=forgetting_above)
-        keep = spec.ends + lo >= start
-        stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
-        a_dk = adia.adiabatic_ratio(a_can.delta_fro, spec.eigs, spec.kstar, plateau_below=dk_plateau_below,
-                                    forgetting_above=dk_forgetting_above)
-        if n_params:
-            ref = gram.bbp_reference(spec.eigs, n_params, window)
-            s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
-        else:
-            s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
-        rot, rot_sin = (rotating.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor) if rotation
-                        else (np.full(len(spec.ends), np.nan),) * 2)
-        local = spec.ends[keep]
-        part = {
-            "step": steps[local + lo].astype("i8"),
-            "lr": sub_lr[local],
-            "update_norm": np.sqrt(np.maximum(sub[local, 0], 0)),
-            "kstar": spec.kstar[keep].astype("i8"),
-            "gap_ratio": spec.ratio[keep],
-            "gap": spec.gap[keep],
-            "kstar_weighted": spec.kstar_weighted[keep].astype("i8"),
-            "g23": spec.g23[keep],
-            "sigma1_over_dcrit": s1_dcrit[keep],
-            "sigma1_over_edge": s1_edge[keep],
-            "A": a_can.A[keep],
-            "A_eigen": a_eig.A[keep],
-            "A_dk": a_dk.A_dk[keep],
-            "rotation": rot[keep],
-            "rotation_sin": rot_sin[keep],
-            "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
-            "regime_A": a_can.regime[keep].astype("i8"),
-            "valid": spec.valid[keep],
-            "sigma": spec.sigma[keep],
-            "stability": stab[keep],
-        }
-        if null is not None:
-            part.update(window_null_columns(sub, spec, keep, part["step"], window, null, null_dim, null_draws,
-                                      null_level, null_seed, rel_floor))
+        part = _chunk_columns(sub, sub_lr, steps, lo, start, window, n_params=n_params, rel_floor=rel_floor,
+                              plateau_below=plateau_below, forgetting_above=forgetting_above, regimes=regimes,
+                              dk_plateau_below=dk_plateau_below, dk_forgetting_above=dk_forgetting_above,
+                              rotation=rotation, null=null, null_dim=null_dim, null_draws=null_draws,
+                              null_level=null_level, null_seed=null_seed)
         if not out:  # the table is allocated once: no concatenation (no second copy) at the end
             out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
         at = start - (window - 1)
         for k, v in part.items():
             out[k][at: at + len(v)] = v
-        del spec, a_can, a_eig, a_dk, stab, sub, part
+        n_kept = len(part["step"])
+        del sub, part
         if bar is not None:
-            bar.update(int(keep.sum()))
+            bar.update(n_kept)
     if bar is not None:
         bar.close()
     return out
 
 
+def _chunk_columns(sub, sub_lr, steps, lo, start, window, *, n_params, rel_floor, plateau_below, forgetting_above,
+                   regimes, dk_plateau_below, dk_forgetting_above, rotation, null, null_dim, null_draws, null_level,
+                   null_seed) -> dict[str, np.ndarray]:
+    """The columns of the windows of one chunk ``sub`` (global band rows ``lo ..``) that end at or after
+    row ``start`` (see :func:`band_table_chunked`)."""
+    spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        with warnings.catch_warnings():  # K < W+1 was reported above, once
+            warnings.simplefilter("ignore", RuntimeWarning)
+            a_can = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "canonical",
+                                   plateau_below=plateau_below, forgetting_above=forgetting_above)
+        a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
+                               plateau_below=plateau_below, forgetting_above=forgetting_above)
+    keep = spec.ends + lo >= start
+    stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
+    a_dk = adia.adiabatic_ratio(a_can.delta_fro, spec.eigs, spec.kstar, plateau_below=dk_plateau_below,
+                                forgetting_above=dk_forgetting_above)
+    if n_params:
+        ref = gram.bbp_reference(spec.eigs, n_params, window)
+        s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
+    else:
+        s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
+    rot, rot_sin = (rotating.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor) if rotation
+                    else (np.full(len(spec.ends), np.nan),) * 2)
+    local = spec.ends[keep]
+    part = {
+        "step": steps[local + lo].astype("i8"),
+        "lr": sub_lr[local],
+        "update_norm": np.sqrt(np.maximum(sub[local, 0], 0)),
+        "kstar": spec.kstar[keep].astype("i8"),
+        "gap_ratio": spec.ratio[keep],
+        "gap": spec.gap[keep],
+        "kstar_weighted": spec.kstar_weighted[keep].astype("i8"),
+        "g23": spec.g23[keep],
+        "sigma1_over_dcrit": s1_dcrit[keep],
+        "sigma1_over_edge": s1_edge[keep],
+        "A": a_can.A[keep],
+        "A_eigen": a_eig.A[keep],
+        "A_dk": a_dk.A_dk[keep],
+        "rotation": rot[keep],
+        "rotation_sin": rot_sin[keep],
+        "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
+        "regime_A": a_can.regime[keep].astype("i8"),
+        "valid": spec.valid[keep],
+        "sigma": spec.sigma[keep],
+        "stability": stab[keep],
+    }
+    if null is not None:
+        part.update(window_null_columns(sub, spec, keep, part["step"], window, null, null_dim, null_draws,
+                                  null_level, null_seed, rel_floor))
+    return part
+
+def _check_table_args(window: int, K: int, T: int, regimes: str, chunk_windows: int, where: str) -> None:
+    """One-line errors for a window, band, run length, regime rule or chunk that cannot make the table."""
+    if window < 2:
+        raise PhasewatchError(f"window={window}: the Gram window needs W >= 2")
+    if window > K:
+        raise PhasewatchError(f"{where}: window W={window} exceeds the recorded band K={K}; "
+                              f"pass --window {K - 1} or less (or record with a larger k)")
+    if T < window:
+        raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
+                               f"record longer or pass a smaller --window")
+    if regimes not in ("A_dk", "A"):
+        raise PhasewatchError(f"regimes={regimes!r}: use 'A_dk' (dimensionless, default) or 'A' (the paper's)")
+    if int(chunk_windows) < 1:
+        raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")

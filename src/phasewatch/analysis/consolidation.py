@@ -119,6 +119,7 @@ from .gradient_stats import (
     _percentile_ci,
 )
 from .phases import decision_bands, phases
+from .result import Estimate
 
 Variant = Literal["canonical", "naive", "langevin", "levy"]
 CIKind = Literal["bootstrap", "delta", "none"]
@@ -181,7 +182,7 @@ def _delta_var_log_ratio_gaussian_bound(n: np.ndarray, A: np.ndarray, T: np.ndar
 
 
 @dataclass(frozen=True, eq=False)
-class ConsolidationResult:
+class ConsolidationResult(Estimate):
     """Consolidation ratio (gradient signal-to-noise ratio) of one or many measurements.
 
     Scalars for a single measurement; arrays of the input shape when the
@@ -233,6 +234,9 @@ class ConsolidationResult:
         tail_index_raw
             ``levy``: the Hill estimate before clipping; else ``None``.
     """
+
+    _statistic_field = "C"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     C: float | np.ndarray
     ci: np.ndarray

@@ -29,6 +29,7 @@ from ..errors import PhasewatchError
 from . import noise as nz
 from . import tails
 from ._checks import rng as _rng
+from .result import Estimate
 
 __all__ = [
     "CovarianceSpectrum",
@@ -152,7 +153,7 @@ def covariance_spectrum(
 # coordinate-wise tails
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
-class CoordinateTails:
+class CoordinateTails(Estimate):
     """Pooled tail index of standardised noise coordinates (see :func:`coordinate_tails`).
 
     Attributes
@@ -177,6 +178,9 @@ class CoordinateTails:
         Warnings (dropped rows or coordinates, α̂ > 2, ...).
     level, input_description
     """
+
+    _statistic_field = "estimate"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     estimate: float
     ci: tuple[float, float]
@@ -310,7 +314,7 @@ def _hill_row_bootstrap(Z: np.ndarray, k: int, n_boot: int, rng: np.random.Gener
 # Lévy ratio per step
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True, eq=False)
-class LevyRolling:
+class LevyRolling(Estimate):
     """The ``levy`` consolidation ratio on every window of gradient norms.
 
     ``ends`` index of each window's last value (the step t whose ‖g_t‖ is the window's last
@@ -318,6 +322,9 @@ class LevyRolling:
     before clipping (NaN where the Hill kernel refuses an atom or near-ties in the window's top,
     e.g. clipped norms: ``degenerate`` True there); ``D`` = (σ_α/‖g_t‖)^α; ``window`` W.
     """
+
+    _statistic_field = "C"  # statistic / confidence_interval: Estimate
+    _interval_field = None
 
     ends: np.ndarray
     C: np.ndarray

@@ -46,6 +46,7 @@ from .hill_kernel import (
     tied_fraction,
     top_order_statistics,
 )
+from .result import Estimate
 
 HillRule = Literal["fraction", "sqrt", "double_bootstrap", "ks"]
 HillCI = Literal["exact", "asymptotic"]
@@ -67,7 +68,7 @@ _MIN_SELECTION_VALUES = 20
 
 
 @dataclass(frozen=True)
-class HillResult:
+class HillResult(Estimate):
     """Hill estimate of the tail index (DEFINITIONS §3, "Hill").
 
     Attributes:
@@ -119,6 +120,9 @@ class HillResult:
             One line naming the tied fraction and the likely cause (also the last flag); ``""``
             when not degenerate.
     """
+
+    _statistic_field = "estimate"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     estimate: float
     ci: tuple[float, float]
@@ -458,7 +462,7 @@ def _hill_interval(ci: str, k_use: int, S: float, est: float, level: float) -> t
 
 
 @dataclass(frozen=True)
-class RollingHill:
+class RollingHill(Estimate):
     """Hill estimates over a sliding window of a series (e.g. gradient norms over steps).
 
     ``ends`` the index of each window's last value; ``alpha`` and ``ci`` ``(N, 2)`` NaN where a
@@ -467,6 +471,9 @@ class RollingHill:
     ``tied_fraction`` (fraction of the window in the atom, 0 elsewhere) and ``tie_value`` (the
     atom); ``flags`` one line per kind of refusal with its count (see :meth:`reason`).
     """
+
+    _statistic_field = "alpha"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     ends: np.ndarray
     alpha: np.ndarray

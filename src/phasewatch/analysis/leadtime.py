@@ -43,6 +43,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import PhasewatchError
+from .result import Estimate
 
 __all__ = [
     "lead_time",
@@ -284,8 +285,11 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class MedianCI:
+class MedianCI(Estimate):
     """Median with a percentile-bootstrap interval (resampling the values with replacement)."""
+
+    _statistic_field = "median"  # statistic / confidence_interval: Estimate
+    _interval_field = ("lo", "hi")
 
     median: float
     lo: float

@@ -21,12 +21,13 @@ import numpy as np
 from phasewatch.errors import PhasewatchError
 
 from .hill_kernel import _dropped_flag
+from .result import Estimate
 
 _MIN_MCCULLOCH_VALUES = 20
 
 
 @dataclass(frozen=True)
-class McCullochResult:
+class McCullochResult(Estimate):
     """McCulloch (1986) quantile estimate of a stable law.
 
     Attributes:
@@ -51,6 +52,9 @@ class McCullochResult:
         input_description
             What was fed in, as stated by the caller.
     """
+
+    _statistic_field = "alpha"  # statistic / confidence_interval: Estimate
+    _interval_field = None
 
     alpha: float
     beta: float

@@ -19,10 +19,11 @@ from ._checks import check_level as _check_level
 from ._checks import rng as _rng
 from .consolidation import CIKind, consolidation_ratio
 from .gradient_stats import _as_out, _check_n_boot, _percentile_ci
+from .result import Estimate
 
 
 @dataclass(frozen=True, eq=False)
-class NoiseScaleResult:
+class NoiseScaleResult(Estimate):
     """Simple gradient noise scale ``B_simple = Tr(Sigma_1) / ||mu||^2`` (in examples).
 
     Attributes:
@@ -38,6 +39,9 @@ class NoiseScaleResult:
         variant
             ``"simple"``.
     """
+
+    _statistic_field = "B_simple"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     B_simple: float | np.ndarray
     ci: np.ndarray
@@ -130,7 +134,7 @@ def noise_scale(
 
 
 @dataclass(frozen=True, eq=False)
-class TwoBatchNoiseScale:
+class TwoBatchNoiseScale(Estimate):
     """Two-batch-size estimate of ``B_simple`` (McCandlish et al. 2018, App. A.1).
 
     Attributes:
@@ -148,6 +152,9 @@ class TwoBatchNoiseScale:
         ci_method, variant
             ``"bootstrap"`` (or ``"none"``) and ``"two_batch"``.
     """
+
+    _statistic_field = "B_simple"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     B_simple: float
     ci: np.ndarray

@@ -22,6 +22,7 @@ from scipy import optimize, special, stats
 from phasewatch.errors import PhasewatchError
 
 from ._checks import check_level as _check_level
+from .result import Estimate
 
 #: Phase labels (DEFINITIONS §2, "Phases"); ``"undefined"`` is used for NaN.
 PHASE_LABELS: tuple[str, ...] = ("exploration", "transition", "generalization")
@@ -238,7 +239,7 @@ def early_stopping_flags(
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticForecast:
+class LogisticForecast(Estimate):
     """Least-squares logistic fit ``p(t) = 1 / (1 + exp(-k (t - t0)))``.
 
     Attributes:
@@ -262,6 +263,9 @@ class LogisticForecast:
         method
             ``"least_squares"`` (``scipy.optimize.curve_fit``).
     """
+
+    _statistic_field = "t0"  # statistic / confidence_interval: Estimate
+    _interval_field = "t0_ci"
 
     t0: float
     t0_ci: np.ndarray

@@ -14,28 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import PhasewatchError, RunTooShortError
-from ..store.format import posthoc_path
+from ..errors import PhasewatchError
 from . import adiabatic as adia
-from . import gradcov, gram, nulls, tails
+from . import gram, nulls, stages
 from . import noise as nz
-from . import rotation as rotating
-from .events import Event, first_crossing, jumps
+from .band_table import CHUNK_WINDOWS, analyze_band, band_table_chunked  # noqa: F401 (public here too)
+from .events import Event
 from .null_stage import null_dimension, null_reading, null_summary, run_null, window_null_columns  # noqa: F401
+from .options import MEMORY_BUDGET, AnalysisOptions, hill_window_of
+from .stages import _tail_norms, event_table, noise_table  # noqa: F401 (public here too)
+from .table import Table, as_table
 
 log = logging.getLogger("phasewatch")
 
-CHUNK_WINDOWS = 100_000
-#: ``analyze`` streams the band (reads it chunk by chunk) when holding it would take more than this.
-MEMORY_BUDGET = 1 << 30
 
 
 @dataclass
@@ -76,23 +73,54 @@ class Analysis:
         ``gap_ratio_null_hi``, ``gap_excess_hi``, ``above_null``, ``g23_null``, ``g23_excess``).
     layers: with ``analyze(layers=True)``, per layer group (``meta["model"]["groups"]``) the same
         per-window table as ``table``, from that group's band (:mod:`~phasewatch.analysis.layers`).
+    options: the :class:`~phasewatch.analysis.options.AnalysisOptions` of the analysis.
+
+    Every table is a :class:`~phasewatch.analysis.table.Table` (named column arrays; ``res.table["kstar"]``,
+    ``res.probes.to_dataframe()``, ``res.tail_index.to_csv(path)``); :meth:`tables` lists them all
+    and :meth:`to_dataframes` gives them as DataFrames.
     """
 
     source: str
     window: int
     n_params: int
-    table: dict[str, np.ndarray]
-    scalars: dict[str, np.ndarray]
+    table: Table
+    scalars: Table
     metrics: dict[str, tuple[np.ndarray, np.ndarray]]
     events: list[Event] = field(default_factory=list)
     conventions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    probes: dict[str, np.ndarray] = field(default_factory=dict)
-    tail_index: dict[str, np.ndarray] = field(default_factory=dict)
-    curvature: dict[str, np.ndarray] = field(default_factory=dict)
-    interventions: dict[str, np.ndarray] = field(default_factory=dict)
+    probes: Table = field(default_factory=Table)
+    tail_index: Table = field(default_factory=Table)
+    curvature: Table = field(default_factory=Table)
+    interventions: Table = field(default_factory=Table)
     null: dict[str, Any] = field(default_factory=dict)
-    layers: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    layers: dict[str, Table] = field(default_factory=dict)
+    options: AnalysisOptions | None = None
+
+    def __post_init__(self) -> None:
+        # every table one shape (a Table); a lazy run's steps (a LazyTable) stay lazy
+        for name, tname in (("table", "window"), ("scalars", "steps"), ("probes", "noise"),
+                            ("tail_index", "tail_index"), ("curvature", "curvature"),
+                            ("interventions", "interventions")):
+            v = getattr(self, name)
+            if v is None or isinstance(v, dict):
+                setattr(self, name, as_table(v, tname))
+        self.layers = {k: as_table(v, k) for k, v in (self.layers or {}).items()}
+
+    def tables(self) -> dict[str, Table]:
+        """Every table of the analysis by name: ``window`` (per window), ``steps`` (the scalars),
+        ``noise`` (probes), ``tail_index``, ``curvature``, ``events``, ``interventions`` and
+        ``layer/<group>`` per layer group (empty tables included)."""
+        sc = self.scalars if isinstance(self.scalars, Table) else Table(dict(self.scalars.items()), "steps")
+        out = {"window": self.table, "steps": sc, "noise": self.probes, "tail_index": self.tail_index,
+               "curvature": self.curvature, "events": event_table(self.events),
+               "interventions": self.interventions}
+        out.update({f"layer/{k}": v for k, v in self.layers.items()})
+        return out
+
+    def to_dataframes(self) -> dict[str, Any]:
+        """:meth:`tables` as pandas DataFrames (2-D columns expanded to ``name_1 .. name_m``; needs pandas)."""
+        return {k: t.to_dataframe() for k, t in self.tables().items()}
 
     # -- export -----------------------------------------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -269,7 +297,7 @@ class Analysis:
                          f"p_B = {d['p_batch_last']:.2f} (the training batch's signal-to-noise)")
         if "alpha_gradnorm_median" in d:
             a = d["alpha_gradnorm_median"]
-            lines.append(f"alpha (Hill) median {a:.2f} over 100-step windows of gradient norms"
+            lines.append(f"alpha (Hill) median {a:.2f} over {hill_window_of(self)}-step windows of gradient norms"
                          + ("; > 2: no evidence of a stable heavy tail" if a > 2 else ""))
         if "cov_eff_rank_last" in d:
             lines.append(f"noise cov.   last: effective rank {d['cov_eff_rank_last']:.3g} (plug-in"
@@ -284,7 +312,8 @@ class Analysis:
         if "C_langevin_last" in d:
             lines.append(f"C (Langevin) last {d['C_langevin_last']:.3g} (units 1/lr^2; not comparable to C)")
         if "C_levy_median" in d:
-            lines.append(f"C (Levy)     median {d['C_levy_median']:.3g} over 100-step windows (units of ||g||^2)")
+            lines.append(f"C (Levy)     median {d['C_levy_median']:.3g} over {hill_window_of(self)}-step windows "
+                         "(units of ||g||^2)")
         for e in d.get("events", []):
             lines.append(f"event        {e}")
         for w in self.warnings:
@@ -309,240 +338,6 @@ def _fmt_cell(x) -> str:
     return "" if math.isnan(x) else repr(x)
 
 
-def noise_table(gs: dict[str, np.ndarray], level: float = 0.95, *, lr=None, batch_size=None) -> dict[str, np.ndarray]:
-    """Per gradient-sample measurement: consolidation ratio (canonical, delta-method CI), its naive
-    variant, C_1 = C_b/b, p with CI, phase, decision band, B_simple = 1/C_1, and per-layer canonical C;
-    the covariance spectrum (``cov_eff_rank``, ``cov_eff_rank_corrected``; ``cov_top``,
-    ``cov_top_fraction`` when the run has ``cov_eigs``) and ``C_langevin`` with its CI where ``lr``
-    and ``batch_size`` (per measurement, e.g. :func:`~phasewatch.analysis.gradcov.measurement_inputs`)
-    are known (:func:`~phasewatch.analysis.gradcov.probe_columns`).
-
-    Input: the ``grad_samples`` table of a run (sufficient statistics written by the recorder).
-    """
-    n = np.asarray(gs["n"], dtype=float)
-    out: dict[str, np.ndarray] = {"step": np.asarray(gs["step"], dtype="i8")}
-    if not len(n):
-        return {}
-    src = gs.get("source")
-    out["source"] = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in src]) if src is not None \
-        else np.full(len(n), "")
-    out["n"] = n.astype("i8")
-    out["b"] = np.asarray(gs["b"], dtype=float)
-    stats = {k: np.asarray(gs[k], dtype=float) for k in ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third")}
-    ok = n >= 2
-    cols = ("C", "C_lo", "C_hi", "p", "p_lo", "p_hi", "C_per_example", "C_naive", "B_simple")
-    for c in cols:
-        out[c] = np.full(len(n), np.nan)
-    out["phase"] = np.full(len(n), "", dtype=object)
-    out["band"] = np.full(len(n), "", dtype=object)
-    if ok.any():
-        b = np.where(np.isfinite(out["b"]), out["b"], 1.0)[ok]
-        r = nz.consolidation_ratio(n=out["n"][ok], b=b, ci="delta", level=level,
-                                   **{k: v[ok] for k, v in stats.items()})
-        out["C"][ok], out["p"][ok] = r.C, r.p
-        out["C_lo"][ok], out["C_hi"][ok] = r.ci[:, 0], r.ci[:, 1]
-        out["p_lo"][ok], out["p_hi"][ok] = r.p_ci[:, 0], r.p_ci[:, 1]
-        # with b unknown (micro-batches of unstated size) C is per sample; C_1 and B_simple are not known
-        out["C_per_example"][ok] = np.where(np.isfinite(out["b"][ok]), r.C_per_example, np.nan)
-        out["phase"][ok], out["band"][ok] = r.phase, r.band
-        rn = nz.consolidation_ratio(n=out["n"][ok], b=b, variant="naive", ci="none",
-                                    mean_sq_norm=stats["mean_sq_norm"][ok], trace=stats["trace"][ok])
-        out["C_naive"][ok] = rn.C
-        with np.errstate(divide="ignore"):
-            c1 = out["C_per_example"][ok]
-            out["B_simple"][ok] = np.where(c1 > 0, 1.0 / c1, np.where(np.isnan(c1), np.nan, np.inf))
-    if "layer_trace" in gs and np.asarray(gs["layer_trace"]).ndim == 2:
-        lt = np.asarray(gs["layer_trace"], dtype=float)
-        lm = np.asarray(gs["layer_mean_sq_norm"], dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["layer_C"] = np.maximum(lm - lt / n[:, None], 0.0) / lt
-    out.update(gradcov.probe_columns(gs, lr=lr, batch_size=batch_size, level=level))
-    if batch_size is not None:
-        # the SNR of a training-batch gradient: C_B = B·C_1 = (B/b)·C_b (DEFINITIONS §2), CI scaled alike
-        B = np.broadcast_to(np.asarray(batch_size, dtype=float), n.shape)
-        if np.isfinite(B).any():
-            with np.errstate(invalid="ignore"):
-                scale = B / out["b"]
-                out["C_batch"] = out["C"] * scale
-                out["C_batch_lo"], out["C_batch_hi"] = out["C_lo"] * scale, out["C_hi"] * scale
-                for c in ("", "_lo", "_hi"):
-                    out["p_batch" + c] = out["C_batch" + c] / (1.0 + out["C_batch" + c])
-    out["phase"] = out["phase"].astype(str)
-    out["band"] = out["band"].astype(str)
-    return out
-
-
-def _progress(total: int, desc: str):
-    if total < 3 or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="win", file=sys.stderr, leave=False)
-
-
-def analyze_band(
-    band: np.ndarray,
-    lr: np.ndarray,
-    steps: np.ndarray,
-    window: int = 10,
-    *,
-    n_params: int | None = None,
-    rel_floor: float = gram.DEFAULT_REL_FLOOR,
-    plateau_below: float = 0.1,
-    forgetting_above: float = 10.0,
-    where: str = "run",
-    chunk_windows: int = CHUNK_WINDOWS,
-    **null_opts,
-) -> dict[str, np.ndarray]:
-    """The per-window table from a band (T, K) or per-layer band (T, L, K), in chunks of
-    ``chunk_windows`` windows (see :func:`band_table_chunked`; ``null_opts`` are its ``null``,
-    ``null_dim``, ``null_draws``, ``null_level``, ``null_seed``, ``regimes``, ``dk_plateau_below``,
-    ``dk_forgetting_above``)."""
-    b = gram.global_band(np.asarray(band, dtype=np.float64))
-    lr = np.asarray(lr, dtype=float)
-    T, K = b.shape
-
-    def read(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        return b[lo:hi], lr[lo:hi]
-
-    return band_table_chunked(read, steps, K, window, n_params=n_params, rel_floor=rel_floor,
-                              plateau_below=plateau_below, forgetting_above=forgetting_above, where=where,
-                              chunk_windows=chunk_windows, **null_opts)
-
-
-def band_table_chunked(
-    read,
-    steps: np.ndarray,
-    K: int,
-    window: int = 10,
-    *,
-    n_params: int | None = None,
-    rel_floor: float = gram.DEFAULT_REL_FLOOR,
-    plateau_below: float = 0.1,
-    forgetting_above: float = 10.0,
-    where: str = "run",
-    chunk_windows: int = CHUNK_WINDOWS,
-    null: nulls.MomentumNull | None = None,
-    null_dim=math.inf,
-    null_draws: int = nulls.DEFAULT_DRAWS,
-    null_level: float = nulls.DEFAULT_LEVEL,
-    null_seed: int = 0,
-    regimes: str = "A_dk",
-    dk_plateau_below: float = adia.DK_PLATEAU_BELOW,
-    dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
-    rotation: bool = True,
-) -> dict[str, np.ndarray]:
-    """The per-window table of :func:`analyze_band`, reading the band chunk by chunk.
-
-    Beside the spectra and A: ``A_dk`` (:func:`~phasewatch.analysis.adiabatic.adiabatic_ratio`) and
-    ``regime`` classified on ``regimes`` (``"A_dk"``, default, thresholds ``dk_*``; or ``"A"``),
-    ``regime_A`` (the paper's A, ``plateau_below``/``forgetting_above``); with a ``null``
-    (:class:`~phasewatch.analysis.nulls.MomentumNull`) the momentum-null columns of
-    :func:`~phasewatch.analysis.nulls.momentum_null` (``kstar_null``, ``gap_ratio_null``,
-    ``gap_excess``, ``gap_ratio_null_hi``, ``above_null``, ``g23_null``, ``g23_excess``) from each
-    window's own update norms, with a Monte Carlo band in ``null_dim`` coordinates (a number, or a
-    function of the window-end steps giving one per window; seeded, the same draws for every window
-    of one dimension: chunk-invariant).
-
-    ``read(lo, hi)`` returns the global band rows ``lo <= r < hi`` (``(hi - lo, K)`` float64) and
-    their learning rates; ``steps`` (T,) holds the step of every band row.  The windows ending at
-    rows ``start <= r < start + chunk_windows`` are computed from rows ``start - W .. stop - 1``:
-    W − 1 rows before ``start`` complete the first window, one more gives the lag-W inner product
-    of the canonical A and the previous window of ``A_eigen``.  Every window is therefore computed
-    from exactly the rows it depends on, whatever the chunking, and each statistic is a per-window
-    function (batched ``eigvalsh`` solves each matrix on its own): the table is the same, value for
-    value, for every ``chunk_windows`` ≥ 1.  Memory: O(chunk_windows · (K + W²)) beside the
-    returned table (allocated once, N × (2W + 14) values).
-    """
-    steps = np.asarray(steps)
-    T = len(steps)
-    if window < 2:
-        raise PhasewatchError(f"window={window}: the Gram window needs W >= 2")
-    if window > K:
-        raise PhasewatchError(f"{where}: window W={window} exceeds the recorded band K={K}; "
-                              f"pass --window {K - 1} or less (or record with a larger k)")
-    if T < window:
-        raise RunTooShortError(f"{where}: {T} recorded updates, fewer than the window W={window}; "
-                               f"record longer or pass a smaller --window")
-    if regimes not in ("A_dk", "A"):
-        raise PhasewatchError(f"regimes={regimes!r}: use 'A_dk' (dimensionless, default) or 'A' (the paper's)")
-    if int(chunk_windows) < 1:
-        raise PhasewatchError(f"chunk of {chunk_windows} windows: use 1 or more")
-    chunk_windows = int(chunk_windows)
-    if window + 1 > K:
-        log.warning("phasewatch: K=%d < W+1=%d: the canonical A needs lag W; only A_eigen is computed", K, window + 1)
-    n_win = T - window + 1
-    out: dict[str, np.ndarray] = {}
-    bar = _progress(n_win, "spectra")
-    for start in range(window - 1, T, chunk_windows):  # start = first window end of the chunk
-        stop = min(T, start + chunk_windows)
-        lo = max(0, start - window)  # room for lag W (canonical A) and the previous window (eigen A)
-        sub, sub_lr = read(lo, stop)
-        sub = gram.global_band(np.asarray(sub, dtype=np.float64))
-        sub_lr = np.asarray(sub_lr, dtype=float)
-        if sub.shape != (stop - lo, K) or sub_lr.shape != (stop - lo,):
-            raise PhasewatchError(f"{where}: band rows {lo}:{stop} came back with shape {sub.shape}; "
-                                  "the run changed while it was read")
-        spec = gram.compute_spectra(sub, window, n_params=n_params, rel_floor=rel_floor)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            with warnings.catch_warnings():  # K < W+1 was reported above, once
-                warnings.simplefilter("ignore", RuntimeWarning)
-                a_can = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "canonical",
-                                       plateau_below=plateau_below, forgetting_above=forgetting_above)
-            a_eig = adia.adiabatic(sub, spec.eigs, spec.ends, spec.gap, sub_lr, window, "eigen",
-                                   plateau_below=plateau_below, forgetting_above=forgetting_above)
-        keep = spec.ends + lo >= start
-        stab = gram.stability_coefficients(spec.eigs, a_can.delta_fro)
-        a_dk = adia.adiabatic_ratio(a_can.delta_fro, spec.eigs, spec.kstar, plateau_below=dk_plateau_below,
-                                    forgetting_above=dk_forgetting_above)
-        if n_params:
-            ref = gram.bbp_reference(spec.eigs, n_params, window)
-            s1_dcrit, s1_edge = ref.ratio[:, 0], ref.edge_ratio[:, 0]
-        else:
-            s1_dcrit = s1_edge = np.full(len(spec.ends), np.nan)
-        rot, rot_sin = (rotating.window_rotation(sub, spec.kstar, spec.ends, window, rel_floor) if rotation
-                        else (np.full(len(spec.ends), np.nan),) * 2)
-        local = spec.ends[keep]
-        part = {
-            "step": steps[local + lo].astype("i8"),
-            "lr": sub_lr[local],
-            "update_norm": np.sqrt(np.maximum(sub[local, 0], 0)),
-            "kstar": spec.kstar[keep].astype("i8"),
-            "gap_ratio": spec.ratio[keep],
-            "gap": spec.gap[keep],
-            "kstar_weighted": spec.kstar_weighted[keep].astype("i8"),
-            "g23": spec.g23[keep],
-            "sigma1_over_dcrit": s1_dcrit[keep],
-            "sigma1_over_edge": s1_edge[keep],
-            "A": a_can.A[keep],
-            "A_eigen": a_eig.A[keep],
-            "A_dk": a_dk.A_dk[keep],
-            "rotation": rot[keep],
-            "rotation_sin": rot_sin[keep],
-            "regime": (a_dk.regime if regimes == "A_dk" else a_can.regime)[keep].astype("i8"),
-            "regime_A": a_can.regime[keep].astype("i8"),
-            "valid": spec.valid[keep],
-            "sigma": spec.sigma[keep],
-            "stability": stab[keep],
-        }
-        if null is not None:
-            part.update(window_null_columns(sub, spec, keep, part["step"], window, null, null_dim, null_draws,
-                                      null_level, null_seed, rel_floor))
-        if not out:  # the table is allocated once: no concatenation (no second copy) at the end
-            out = {k: np.empty((n_win, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
-        at = start - (window - 1)
-        for k, v in part.items():
-            out[k][at: at + len(v)] = v
-        del spec, a_can, a_eig, a_dk, stab, sub, part
-        if bar is not None:
-            bar.update(int(keep.sum()))
-    if bar is not None:
-        bar.close()
-    return out
-
-
 def analyze(
     run,
     window: int = 10,
@@ -565,6 +360,7 @@ def analyze(
     dk_forgetting_above: float = adia.DK_FORGETTING_ABOVE,
     layers: bool = False,
     rotation: bool = True,
+    options: AnalysisOptions | None = None,
 ) -> Analysis:
     """Analyse a recorded run (a :class:`~phasewatch.store.Run` or a path).
 
@@ -604,275 +400,42 @@ def analyze(
     rotation: compute the ``rotation`` column (:mod:`~phasewatch.analysis.rotation`; two small
         eigensolves a window, ~25 µs at W = 10, which is most of the cost of the table when the null is
         analytic); ``False``: the column is NaN.
+    options: an :class:`~phasewatch.analysis.options.AnalysisOptions` holding all of the above and
+        more (``level``, the confidence level of every interval; ``hill_window``); when given, the
+        keywords are not read.  Without it one is built from the keywords.
+
+    The analysis is a composition of stages, one per table (:mod:`~phasewatch.analysis.stages`),
+    each returning its table and the conventions of its columns.
     """
     from ..store import open_run
 
-    if chunk_steps is not None and (isinstance(chunk_steps, bool) or int(chunk_steps) < 1):
-        raise PhasewatchError(f"chunk_steps={chunk_steps!r}: use a number of windows >= 1, or None")
-    if chunk_steps is not None and source != "band":
-        raise PhasewatchError(f"chunk_steps streams the band; source={source!r} reads its snapshots whole")
+    if options is None:
+        options = AnalysisOptions(
+            window=window, source=source, grok_metric=grok_metric, grok_threshold=grok_threshold,
+            rel_floor=rel_floor, plateau_below=plateau_below, forgetting_above=forgetting_above,
+            chunk_steps=chunk_steps, memory_budget=memory_budget, null=null, null_dim=null_dim,
+            null_draws=null_draws, null_level=null_level, null_seed=null_seed, regimes=regimes,
+            dk_plateau_below=dk_plateau_below, dk_forgetting_above=dk_forgetting_above, layers=layers,
+            rotation=rotation)
+    o = options
     if not hasattr(run, "table"):
-        run = open_run(run, lazy=True if chunk_steps is not None else None)
-    where = str(run.path)
-    warns = list(run.warnings)
-    mnull = run_null(run, null)
-    if null_dim is None:
-        null_dim, dim_why = null_dimension(run)
-    else:
-        null_dim = float(null_dim)
-        dim_why = f"{null_dim:g} (given)"
-    nopts = dict(null=mnull, null_dim=null_dim, null_draws=null_draws, null_level=null_level,
-                 null_seed=null_seed, regimes=regimes, dk_plateau_below=dk_plateau_below,
-                 dk_forgetting_above=dk_forgetting_above, rotation=rotation)
-    if source == "band":
-        bt = run.band
-        if not len(bt["step"]):
-            raise RunTooShortError(f"{where}: the run has no recorded updates (empty run); train "
-                                   "at least W steps with the recorder attached")
-        chunk = _stream_chunk(run, bt, chunk_steps, memory_budget)
-        opts = dict(n_params=run.n_params or None, rel_floor=rel_floor, plateau_below=plateau_below,
-                    forgetting_above=forgetting_above, where=where, **nopts)
-        if chunk is None:
-            table = analyze_band(bt["band"], bt["lr"], bt["step"], window, **opts)
-        else:
-            table = band_table_chunked(_band_reader(bt), bt["step"], _band_width(run, bt), window,
-                                       chunk_windows=chunk, **opts)
-        conv_src = "band (exact float64 inner products)" if run.meta.get("recorder", {}).get("mode") != "projected" \
-            else f"band of sign-fold projections, d={run.meta['recorder'].get('proj_dim')}"
-    elif source == "snapshots":
-        snap = run.table("snapshots")
-        if len(snap["step"]) < window:
-            raise RunTooShortError(f"{where}: {len(snap['step'])} snapshots, fewer than W={window}; record with "
-                                   "snapshot_every=1 over the range to analyse, or use source='band'")
-        u = np.asarray(snap["update"], dtype=np.float64)
-        k = window + 1
-        band = gram.band_from_updates(u, k)
-        # rows whose predecessor is not the previous recorded update break the window
-        stride = int(run.meta.get("recorder", {}).get("stride", 1) or 1)
-        gaps = np.nonzero(np.diff(snap["step"]) != stride)[0] + 1
-        for g in gaps:
-            band[g: g + k] = np.where(np.arange(k)[None, :] > (np.arange(g, min(g + k, len(band)))[:, None] - g),
-                                      np.nan, band[g: g + k])
-        bt = run.band
-        lr = np.interp(snap["step"], bt["step"], bt["lr"]) if len(bt["step"]) else np.full(len(u), np.nan)
-        table = analyze_band(band, lr, snap["step"], window, n_params=run.n_params or None, rel_floor=rel_floor,
-                             plateau_below=plateau_below, forgetting_above=forgetting_above, where=where, **nopts)
-        conv_src = f"stored {run.meta.get('recorder', {}).get('snapshot_kind', 'raw')} update snapshots"
-    else:
-        raise PhasewatchError(f"source={source!r}: use 'band' or 'snapshots'")
-    layer_tabs: dict[str, dict[str, np.ndarray]] = {}
-    if layers:
-        from .layers import run_layer_tables
-
-        lopts = dict(rel_floor=rel_floor, plateau_below=plateau_below, forgetting_above=forgetting_above,
-                     where=where, **nopts)
-        layer_tabs = run_layer_tables(run, run.band, window, chunk_steps, memory_budget, table_fn=band_table_chunked,
-                                      chunk_default=CHUNK_WINDOWS, **lopts)
-
-    flags = run.steps.get("flags")
-    if flags is not None and np.any(flags):
-        bad = run.steps["step"][flags != 0]
-        warns.append(f"{bad.size} steps flagged non-finite (first at step {int(bad[0])}); "
-                        "windows containing a non-finite update are marked invalid")
-    n_invalid = int((~table["valid"]).sum())
-    if n_invalid:
-        warns.append(f"{n_invalid} of {table['valid'].size} windows invalid (non-finite updates, or "
-                        "the start of a resumed segment)")
-
+        run = open_run(run, lazy=True if o.chunk_steps is not None else None)
+    ns = stages.null_setup(run, o)
+    chunk_default = CHUNK_WINDOWS  # read at call time (tests shrink it)
+    spectra = stages.spectra(run, o, ns, chunk_default)
+    layer_res = stages.layer_stage(run, o, ns, chunk_default)
     metrics = run.metrics()
-    events: list[Event] = []
-    name = grok_metric or next((m for m in ("test_acc", "test_accuracy", "val_acc", "eval_accuracy")
-                                if m in metrics), None)
-    if name and name in metrics:
-        s, v = metrics[name]
-        ev = first_crossing(s, v, grok_threshold, name, kind="grokking")
-        if ev:
-            events.append(ev)
-        events.extend(jumps(s, v, metric=name))
-    probes: dict[str, np.ndarray] = {}
-    if "grad_samples" in run.meta.get("tables", {}):
-        gs = run.table("grad_samples")
-        if len(gs["step"]):
-            probes = noise_table(gs, **gradcov.measurement_inputs(gs, run.steps, run.meta))
-            if "grad_proj" in run.meta.get("tables", {}):
-                probes.update(gradcov.coordinate_columns(run.table("grad_proj"), probes["step"]))
-    tail_index: dict[str, np.ndarray] = {}
-    gn, gn_input = _tail_norms(run.steps)
-    if gn is not None and len(gn) >= 100:
-        rh = tails.rolling_hill(gn, window=100, fraction=0.1, input_description=gn_input)
-        tail_index = {"step": run.steps["step"][rh.ends], "alpha": rh.alpha,
-                      "alpha_lo": rh.ci[:, 0], "alpha_hi": rh.ci[:, 1],
-                      "alpha_degenerate": rh.degenerate, "alpha_tied_fraction": rh.tied_fraction,
-                      "C_levy": gradcov.levy_rolling(gn, window=100).C}
-        warns.extend(f"tail index ({gn_input}): {f}" for f in rh.flags)
-    curvature = _curvature(run, probes, tail_index)
-    conventions = {
-        "alpha": f"Hill MLE on the top 10% of the last 100 {gn_input} (the note's choice), exact chi2 CI; "
-                 "alpha > 2: no evidence of a stable heavy tail; alpha_degenerate: the window's top 11 hold an "
-                 "atom or near-ties (e.g. clipped norms), alpha NaN, alpha_tied_fraction of the window in it",
-        "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI; C_naive = ||g_bar||^2/T; "
-             "C_per_example = C/b; B_simple = 1/C_per_example; C_batch = B*C_per_example (B the training "
-             "batch: Recorder(batch_size), else b*n for micro-batch/per-rank samples), p_batch = C_batch/(1+C_batch)",
-        "C_langevin": "B ||g_bar||^2/(eta^2 b T) (= ||g||^2/(2DP), D = eta^2 sigma^2/(2B)), delta-method CI; units "
-                      "1/eta^2; eta = lr of param group 0 at the measurement step; B = Recorder(batch_size), else "
-                      "b*n for micro-batch/per-rank samples, else NaN",
-        "C_levy": "levy variant per step (tail_index): window of the last 100 gradient norms, Hill alpha on the top "
-                  "10% clipped to [1.1, 1.9], D = (std/||g_t||)^alpha, C = ||g_t||^2/(2 D 100) (divides by the "
-                  "window length, as the note does); units of ||g||^2",
-        "cov": "sample covariance of the gradient samples: cov_top = lambda_1, cov_top_fraction = lambda_1/Tr, "
-               "cov_eff_rank = Tr^2/Tr(Sigma^2) (plug-in, <= n-1), cov_eff_rank_corrected = ratio of "
-               "Gaussian-unbiased estimates of Tr^2 and Tr(Sigma^2)",
-        "alpha_coord": "pooled Hill (top 10%) of the grad_proj noise coordinates, each divided by its median "
-                       "|x| first; 95% percentile bootstrap over samples; alpha > 2: no evidence of a stable "
-                       "heavy tail",
-        "source": conv_src,
-        "kstar": "argmax_j sigma_j/sigma_{j+1} (plain); kstar_weighted: (sigma_j/sum sigma)*(sigma_j/sigma_{j+1})",
-        "gap": "sigma_k* - sigma_k*+1; gap_ratio sigma_k*/sigma_k*+1; g23 = lambda_2 - lambda_3",
-        "A": "canonical ||Delta C||_F/(eta g^2) (the paper's; units 1/eta: halves when the learning rate doubles), "
-             "C = sum u u^T over the window; A_eigen: eigenvalue-change proxy",
-        "A_dk": "||Delta C||_F/(lambda_k* - lambda_k*+1) (dimensionless; Davis-Kahan: sin theta of the top-k* "
-                "subspace between consecutive windows <~ A_dk)",
-        "regime": (f"on A_dk: 0 plateau (A_dk<{dk_plateau_below:g}: sin theta <= {dk_plateau_below:g} per step), "
-                   f"1 transition, 2 forgetting (A_dk>{dk_forgetting_above:g}: the rotation bound is vacuous), "
-                   "-1 undefined" if regimes == "A_dk" else
-                   f"on A (units 1/eta): 0 plateau (A<{plateau_below:g}), 1 transition, 2 forgetting "
-                   f"(A>{forgetting_above:g}), -1 undefined")
-                  + f"; regime_A: the paper's A with {plateau_below:g} / {forgetting_above:g}",
-        "null": mnull.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
-                "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
-                "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
-                + (f"{null_level:g} quantile of the max gap ratio of filtered Gaussian noise in d_eff coordinates "
-                   f"(analytic to first order at d_eff >= {nulls.FIRST_ORDER_DIM:g} with one clear maximum; else "
-                   f"over {null_draws} seeded (seed {null_seed}) draws, exact Wishart ones where first order "
-                   f"fails and the reading is within x{nulls.EXACT_NEAR:g} of the band), d_eff = {dim_why}"
-                   if null_draws > 0 and (callable(null_dim) or math.isfinite(null_dim))
-                   else "null itself (no finite-dimension band)"),
-        "rotation": "largest principal angle (radians; rotation_sin its sine) between the top-k* right singular "
-                    "subspaces of the window and the one a row before it, k* of the later window, from the band's "
-                    "cross inner products (needs K >= W+1: NaN otherwise, and in the first window of a trajectory)"
-                    + ("" if rotation else "; not computed here (rotation=False): NaN"),
-        **({"layers": "per layer group: the same table from the group's own recorded band, P and d_eff of the null = "
-                      "the group's recorded dim; lock-in: the first step starting "
-                      "5 consecutive valid windows above the null's band"} if layers else {}),
-        "stability": "s_j = 1 - ||Delta C||_F^2 / gap_j^2, gap_j = min_k |lambda_j - lambda_k| (canonical Delta C)",
-        "S": "threshold - lambda_max (2/eta for GD; 2(1+beta)/eta heavy-ball; Adam: (2+2b1)/((1-b1)eta_t) against "
-             "the preconditioned sharpness lambda_max(D^-1 H)); lambda_max by Lanczos to residual <= tol*|lambda|",
-        "eta_opt": "2D/lambda_max with D = 1 (the largest stable step; reported, not acted on)",
-        "ntk_rho": "sum of ln(eigenvalues) of K = J J^T/n above 1e-6 * lambda_1; ntk_rate = backward difference per step",
-        "phi": "exp(-[(C-1)^2/(2*0.3^2) + S^2/(2*0.15^2) + (r-1)^2/(2*0.5^2)]), r = d rho/dt (note 001); "
-               "all_critical: 0.8<=C<=1.2, |S|<=0.1, |r|>0.5; C here is C_crit = C_batch (training batch) where "
-               "the batch size is known, else the probe's C_b; C, alpha: latest measurement at or before the probe",
-        "I": "p*S/min(d, alpha) (note 000; the framework's heuristic)",
-        "bbp": "sigma1_over_dcrit = sigma_1/d_crit (DEFINITIONS); sigma1_over_edge = sigma_1/noise edge (~1 on noise)",
-    }
-    interventions: dict[str, np.ndarray] = {}
-    if "interventions" in run.meta.get("tables", {}):
-        iv = run.table("interventions")
-        if len(iv["step"]):
-            interventions = {k: (np.char.decode(v, "utf-8", "replace").astype(str) if v.dtype.kind == "S"
-                                 else np.asarray(v)) for k, v in iv.items()}
-    null_info = {"kind": mnull.kind, "beta": mnull.beta, "rho1": float(mnull.rho(2)[1]), "stride": mnull.stride,
-                 "dim": dim_why if callable(null_dim) else null_dim,
-                 "draws": int(null_draws) if callable(null_dim) or math.isfinite(null_dim) else 0,
-                 "level": float(null_level), "source": mnull.source}
-    return Analysis(source=source, window=window, n_params=run.n_params, table=table, scalars=run.steps,
-                    metrics=metrics, events=events, conventions=conventions, warnings=warns, probes=probes,
-                    tail_index=tail_index, curvature=curvature, interventions=interventions, null=null_info,
-                    layers=layer_tabs)
+    events = stages.events(metrics, o)
+    probes = stages.probes(run, o)
+    tail = stages.tail_index(run, o)
+    curv = stages.curvature(run, probes.table, tail.table)
+    ivs = stages.interventions(run)
+    done = (spectra, layer_res, events, probes, tail, curv, ivs)
+    return Analysis(source=o.source, window=o.window, n_params=run.n_params, table=spectra.table,
+                    scalars=run.steps, metrics=metrics, events=events.table,
+                    conventions=stages.collect_conventions(*done),
+                    warnings=list(run.warnings) + [w for r in done for w in r.warnings], probes=probes.table,
+                    tail_index=tail.table, curvature=curv.table, interventions=ivs.table, null=ns.info(o),
+                    layers=layer_res.table, options=o)
 
 
-def _band_width(run, bt) -> int:
-    """K of a run's band, from its schema (reading no band rows)."""
-    spec = run.meta.get("tables", {}).get("band", {}).get("band")
-    if spec and len(spec[1]) == 1:
-        return int(spec[1][0])
-    return int(np.asarray(bt["band"]).shape[-1])
-
-
-def _stream_chunk(run, bt, chunk_steps: int | None, memory_budget: int | None) -> int | None:
-    """Windows per chunk when the band is to be streamed, None to read it whole."""
-    if chunk_steps is not None:
-        return int(chunk_steps)
-    if memory_budget is None or not hasattr(bt, "rows"):
-        return None  # no budget, or a table that is in memory already
-    need = len(bt["step"]) * (_band_width(run, bt) + 2) * 8
-    return CHUNK_WINDOWS if need > memory_budget else None
-
-
-def _band_reader(bt):
-    """``read(lo, hi)`` -> (global band rows, learning rates) of a band table: by row range from
-    the segments for a lazy table, by slicing for one in memory."""
-    if hasattr(bt, "rows"):
-        def read(lo: int, hi: int):
-            r = bt.rows(lo, hi, ("band", "lr"))
-            return r["band"], r["lr"]
-    else:
-        def read(lo: int, hi: int):
-            return bt["band"][lo:hi], bt["lr"][lo:hi]
-    return read
-
-
-def _tail_norms(steps: dict) -> tuple[np.ndarray | None, str]:
-    """The gradient norms the tail analyses use (DEFINITIONS §3): the norm before clipping where the
-    run recorded it (``grad_norm_unclipped``), else the recorded one (after clipping)."""
-    gn = steps.get("grad_norm")
-    un = steps.get("grad_norm_unclipped")
-    if gn is None or un is None or not np.isfinite(un).any():
-        return gn, "gradient norms"
-    un = np.asarray(un, dtype=np.float64)
-    have = np.isfinite(un)
-    if have.all():
-        return un, "gradient norms before clipping"
-    return (np.where(have, un, np.asarray(gn, dtype=np.float64)),
-            f"gradient norms (before clipping at {int(have.sum())} of {have.size} steps; after clipping at the "
-            "others)")
-
-
-def _curvature(run, probes: dict, tail_index: dict) -> dict[str, np.ndarray]:
-    """The per-probe curvature table of a run: its own probes plus post-hoc ones (``phasewatch
-    curvature`` writes them to a run beside it; see :func:`posthoc_path`)."""
-    from . import curvature as cv
-
-    tabs = run.meta.get("tables", {})
-    hess = run.table("curvature") if "curvature" in tabs else None
-    ntk = run.table("ntk") if "ntk" in tabs else None
-    ph = posthoc_path(run.path)
-    if ph.exists():
-        from ..store import open_run
-
-        post = open_run(ph)
-        ptabs = post.meta.get("tables", {})
-        hess = _merge(hess, post.table("curvature") if "curvature" in ptabs else None)
-        ntk = _merge(ntk, post.table("ntk") if "ntk" in ptabs else None)
-    opt = run.meta.get("optimizer", {})
-
-    def threshold_fn(lr):
-        return cv.stability_threshold(opt.get("class", ""), lr, opt.get("hyper", {}))
-
-    st = run.steps
-    return cv.curvature_columns(hess, ntk, probes, tail_index, lr_steps=st.get("step"),
-                                lr_values=(st["lr"][:, 0] if "lr" in st and len(st["lr"]) else None),
-                                threshold_fn=threshold_fn)
-
-
-def _merge(a: dict | None, b: dict | None) -> dict | None:
-    """Rows of two tables with the same columns, by step; rows of ``b`` win at equal steps."""
-    if not a or not len(a.get("step", [])):
-        return b
-    if not b or not len(b.get("step", [])):
-        return a
-    keep = ~np.isin(a["step"], b["step"])
-    cols = [c for c in a if c in b]
-
-    def pad(x: np.ndarray, width: int) -> np.ndarray:  # top-k columns of different k: NaN-pad
-        if x.ndim != 2 or x.shape[1] >= width:
-            return x
-        return np.concatenate([x.astype(float), np.full((x.shape[0], width - x.shape[1]), np.nan)], axis=1)
-
-    merged = {}
-    for c in cols:
-        xa, xb = np.asarray(a[c])[keep], np.asarray(b[c])
-        w = max(xa.shape[1] if xa.ndim == 2 else 0, xb.shape[1] if xb.ndim == 2 else 0)
-        merged[c] = np.concatenate([pad(xa, w), pad(xb, w)])
-    order = np.argsort(merged["step"], kind="stable")
-    return {c: v[order] for c, v in merged.items()}

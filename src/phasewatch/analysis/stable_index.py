@@ -20,12 +20,13 @@ from phasewatch.errors import InvalidArgumentError, PhasewatchError
 
 from ._checks import check_level
 from ._checks import rng as _rng
+from .result import Estimate
 
 _MIN_STABLE_VALUES = 16
 
 
 @dataclass(frozen=True)
-class StableIndexResult:
+class StableIndexResult(Estimate):
     """Block-sum estimate of the stable index (DEFINITIONS §3, "Stable index").
 
     Attributes:
@@ -53,6 +54,9 @@ class StableIndexResult:
         input_description
             What was fed in, as stated by the caller.
     """
+
+    _statistic_field = "estimate"  # statistic / confidence_interval: Estimate
+    _interval_field = "ci"
 
     estimate: float
     ci: tuple[float, float]

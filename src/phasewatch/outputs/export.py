@@ -52,13 +52,14 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.options import HILL_WINDOW
 from ..errors import PhasewatchError, RunTooShortError
 
 log = logging.getLogger("phasewatch")
 
 TABLE_ORDER = ("window", "steps", "noise", "tail", "curvature", "eval", "events", "interventions")
-# rolling Hill in ``analyze``: 100 gradient norms per window
-_HILL_WINDOW = 100
+# rolling Hill in ``analyze``: gradient norms per window (one constant, in analysis.options)
+_HILL_WINDOW = HILL_WINDOW
 
 
 @dataclass

@@ -390,13 +390,17 @@ def build_report(
 ) -> dict[str, Any]:
     """The report of one run (path or :class:`~phasewatch.store.Run`) as a JSON-safe dict.
 
-    ``analysis`` may be passed to reuse an :class:`~phasewatch.analysis.pipeline.Analysis`; with
-    ``layers=True`` (or an analysis that has per-layer tables) the "Per-layer readings" section."""
+    ``level`` is the confidence level of every interval the report shows (C, p, C_batch, C_langevin,
+    Hill's α, α_coord, the forecast): the analysis is made at that level.  ``analysis`` may be passed to
+    reuse an :class:`~phasewatch.analysis.pipeline.Analysis` (its intervals are at the level it was made
+    with); with ``layers=True`` (or an analysis that has per-layer tables) the "Per-layer readings" section."""
+    from ..analysis.options import AnalysisOptions
     from ..analysis.pipeline import analyze
     from ..store import open_run
 
     r = open_run(run) if not hasattr(run, "meta") else run
-    a = analysis if analysis is not None else analyze(r, window=window, layers=layers)
+    a = analysis if analysis is not None else analyze(
+        r, options=AnalysisOptions(window=window, layers=layers, level=level))
     meta = r.meta
     steps = r.steps.get("step", np.zeros(0))
     opt = meta.get("optimizer", {})

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..analysis.options import HILL_WINDOW, hill_window_of
 from ..errors import PhasewatchError
 
 
@@ -76,6 +77,7 @@ def latest(analysis) -> dict[str, Any]:
         d["measurements"] = len(pr["step"])
     ti = analysis.tail_index or {}
     d["alpha_step"] = None
+    d["hill_window"] = hill_window_of(analysis)
     if len(ti.get("step", [])):
         s, a = _last_finite(ti["step"], ti["alpha"])
         if s is not None:
@@ -121,11 +123,11 @@ def render(d: dict[str, Any], *, where: str = "", status: str = "") -> str:
                      f"[{d['p_lo']:.3f}, {d['p_hi']:.3f}]   {d['phase']}, {d['band']}   "
                      f"(step {d['noise_step']}, n={d['n']}, b={fmt(d['b'])}; {d['measurements']} measurements)")
     if d["alpha_step"] is None:
-        lines.append("alpha      - (fewer than 100 gradient norms)")
+        lines.append(f"alpha      - (fewer than {d.get('hill_window', HILL_WINDOW)} gradient norms)")
     else:
         note = "; > 2: no evidence of a stable heavy tail" if d["alpha"] > 2 else ""
         lines.append(f"alpha      Hill {fmt(d['alpha'], 3)} [{fmt(d['alpha_lo'], 3)}, {fmt(d['alpha_hi'], 3)}] "
-                     f"on the last 100 gradient norms{note}")
+                     f"on the last {d.get('hill_window', HILL_WINDOW)} gradient norms{note}")
     if d["metrics"]:
         lines.append("eval       " + "   ".join(f"{k} {fmt(v)}" + (f" (step {s})" if s is not None else "")
                                               for k, (s, v) in d["metrics"].items()))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..analysis.options import hill_window_of
 from ..errors import PhasewatchError
 from .style import LINESTYLES, PALETTE, bind_save_style, figure_width, paper_style
 
@@ -616,7 +617,7 @@ def overview(analysis, width: str | float = "text", n_sigma: int | None = None,
         if missing:
             raise MissingDataError(f"overview: the run has no data for panel(s) {', '.join(missing)}; "
                                    "C needs gradient samples (Recorder(grad_samples_every=...)), "
-                                   "alpha at least 100 recorded steps")
+                                   f"alpha at least {hill_window_of(analysis)} recorded steps")
     if not len(analysis.table.get("step", [])):
         raise MissingDataError("overview: the analysis has no windows; record at least W steps")
     draw = {"loss": _panel_loss, "sigma": lambda ax, a: _panel_sigma(ax, a, n_sigma), "kstar": _panel_kstar,
@@ -651,7 +652,8 @@ def noise(analysis, width: str | float = "text"):
     names = [p for p, ok in (("C", _has_probes(analysis)),
                              ("alpha", _has_tail(analysis) or _has_alpha_coord(analysis))) if ok]
     if not names:
-        raise MissingDataError("noise: the run has neither gradient samples nor 100 gradient norms; record "
+        raise MissingDataError(f"noise: the run has neither gradient samples nor {hill_window_of(analysis)} "
+                               "gradient norms; record "
                                "gradient samples with Recorder(grad_samples_every=...)")
     return _panel_stack(analysis, width, [(_panel_C if p == "C" else _panel_alpha, 1.1) for p in names],
                         letters=False)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PhasewatchError
-from .export import Sink, Table, merged_rows, scalar_series
+from .rows import Sink, Table, merged_rows, scalar_series
 
 log = logging.getLogger("phasewatch")
 

@@ -75,6 +75,14 @@ class Recorder:
     path: run directory to create (or to continue with ``resume=True``).
     model, optimizer: the model (for parameter names) and the optimizer whose steps are recorded.
         Parameters that require grad and belong to the optimizer are recorded.
+    quantities: the scheduled work as objects (:mod:`phasewatch.record.quantities`):
+        ``[Snapshots(every=...), Checkpoints(every=...), GradNoise(every=..., probe=..., loss=...),
+        Curvature(every=..., batch=..., loss=...), Controllers([...], batch_size=...)]``, at most one
+        of each kind, plus any :class:`~phasewatch.record.quantities.Quantity` of your own (its
+        ``compute(recorder, step)`` runs after the steps its schedule names).  The keyword arguments
+        below (``snapshot_*``, ``checkpoint_every``, ``grad_*``, ``curvature_*``, ``ntk_*``,
+        ``controllers``, ``batch_size``) build the same objects and record the same run; a kind
+        given both ways is refused.
     k: band length K: inner products of each update with itself and the K−1 previous ones (32).
     stride: record displacements θ_t − θ_{t−stride} every ``stride`` steps (1).
     block: B, updates per band GEMM (16); rows reach the writer every B recorded updates.

@@ -51,6 +51,7 @@ from .distributed import PerRankSampler, run_after_closure, trainable_named
 from .projection import fold_chunk_rows, fold_float64, fold_signs, fold_sum
 from .quantities import Checkpoints, Controllers, Curvature, GradNoise, Quantity, Snapshots, resolve
 from .quantities.base import json_safe
+from .sharding import NO_SHARDING, SingleProcess
 
 log = logging.getLogger("phasewatch")
 
@@ -239,7 +240,7 @@ class Recorder:
         self._init_buffers(param_group_idx)
         # -- the run on disk ----------------------------------------------------------------
         # (under FSDP the ring row is this rank's part; stored snapshots are of the full model)
-        global_dim = self.dim if self._shard is None else self._shard.global_dim(dims, projected)
+        global_dim = self._sharding.global_dim(dims, projected)
         tables = self._declare_tables(resume, n_lr=len(optimizer.param_groups), n_groups=len(order),
                                       snap_dim=self.n_params if self.snapshot_kind == "raw" else global_dim)
         run_meta = self._run_meta(model, optimizer, memory_budget, seeds, meta, (order, param_group_idx,
@@ -274,7 +275,8 @@ class Recorder:
         self._grad_source = grad.source
         self._grad_mb_size, self._grad_mb_scale = grad.microbatch_size, grad.microbatch_scale
         # FSDP2 (DTensor parameters): every rank records its shards, rank 0 writes (record/fsdp.py)
-        self._shard: Any = None
+        self._shard: Any = None  # the FSDP2 strategy (record/fsdp.py), else None; see _sharding
+        self._sharding: Any = NO_SHARDING
         sharded = fsdp.detect(trainable_named(model, optimizer))
         if sharded:
             # (gradient samples: the micro-batch route only, see ShardSync.sample_exchange)
@@ -326,17 +328,17 @@ class Recorder:
         self.device = self.params[0].device
         if sharded:  # a collective: agree on the layout, learn every rank's shard sizes
             self._shard = fsdp.ShardSync(self.params, self.param_names)
+        self._sharding = self._shard if sharded else SingleProcess(self.params)
         return order, param_group_idx
 
     def _choose_mode(self, mode: str, memory_budget: int, proj_dim: int, proj_seed: int,
                      param_group_idx: list[int]) -> tuple[list[bool], list[int], list[int]]:
         """Exact or projected: which tensors are folded, each tensor's ring width, the group slices."""
         # elements of each tensor this rank's ring sees (under FSDP its shard)
-        local_numel = [p.numel() if self._shard is None else self._shard.local_numel(i)
-                       for i, p in enumerate(self.params)]
+        local_numel = [self._sharding.local_numel(i) for i in range(len(self.params))]
         # ring rows R >= K-1+B, a multiple of B so that a block of new rows never wraps around
         self.rows = self.block * -(-(self.k - 1 + self.block) // self.block)
-        exact_bytes = self.rows * (self.n_params if self._shard is None else self._shard.max_local_numel()) * 8
+        exact_bytes = self.rows * self._sharding.max_local_numel() * 8
         if mode == "auto":
             mode = "exact" if exact_bytes <= memory_budget else "projected"
             if mode == "projected":
@@ -376,8 +378,8 @@ class Recorder:
                          or self._raw_snaps]
             self._prev = {i: fsdp.local(self.params[i].detach()).clone() for i in keep_prev}
             self._prev_fresh = True  # the folded tensors' θ_prev is θ_{t−stride} of the coming update
-            if self._shard is not None:  # the signs of this rank's coordinates of each tensor
-                self._signs = {i: self._shard.local_signs(i, s) for i, s in self._signs.items()}
+            # (under FSDP the signs of this rank's coordinates of each tensor)
+            self._signs = {i: self._sharding.local_signs(i, s) for i, s in self._signs.items()}
             # preallocated scratch: no allocation (and no page faults) on the per-step path
             self._scratch, self._fold_out, self._theta_fold = {}, {}, {}
             if self._fold_theta and self._folded:
@@ -496,8 +498,7 @@ class Recorder:
             **self._snapq.config(self), **self._ckptq.config(self),
             "accumulate": "float64", "device": str(self.device),
             **self._grad.config(self), **self._curvq.config(self), **self._ctrlq.config(self),
-            "sharding": None if self._shard is None else {"kind": "fsdp2", "placement": "Shard(0)",
-                                                          "world_size": self._shard.world},
+            "sharding": self._sharding.describe(),
         }
         if self._extra:  # quantities beyond the built-in kinds
             config["quantities"] = [{"class": type(q).__name__, "every": json_safe(q.describe()),
@@ -549,16 +550,14 @@ class Recorder:
         try:
             self.writer = (RunWriter(self.path, run_meta, tables, resume=resume, **writer_options)
                            if self._writes else fsdp.NullWriter())
-        except Exception as e:
-            if self._shard is None:
-                raise
+        except Exception as e:  # (raised by start(); under FSDP on every rank)
             writer_error = e
         steps_spec = getattr(getattr(self, "writer", None), "tables", {}).get("steps")
         if steps_spec is not None:  # write the column only where the run on disk has it
             self._unclipped_col = "grad_norm_unclipped" in steps_spec.columns
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
-        if self._shard is not None:  # a collective: rank 0's error is raised on every rank, its step kept
-            self.step = self._shard.start(writer_error, self.step)
+        # (FSDP: a collective: rank 0's error is raised on every rank, its step kept)
+        self.step = self._sharding.start(writer_error, self.step)
         self._resume_step = self.step
 
     def _attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_groups: int) -> None:
@@ -568,12 +567,11 @@ class Recorder:
         self._pid = os.getpid()
         self._critical = Critical()
         # (under FSDP: close without collectives, see record/fsdp.py)
-        self._atexit = weakref.WeakMethod(self.close if self._shard is None else self._shard.close)
+        self._atexit = weakref.WeakMethod(self._sharding.exit_target(self).close)
         atexit.register(_close_at_exit, self._atexit)
         # SIGTERM: flush and close, then the signal's previous action
-        signals.register(self if self._shard is None else self._shard)
-        if self._shard is not None:
-            self._shard.setup(self)  # its step post-hook runs after the recorder's
+        signals.register(self._sharding.exit_target(self))
+        self._sharding.setup(self)  # FSDP: its step post-hook runs after the recorder's
         self._grad.arm(self)
         if self._grad_source == "per_rank":  # a collective: every rank builds its sampler here
             self._dist_sampler = PerRankSampler(
@@ -646,13 +644,13 @@ class Recorder:
     def flush(self) -> None:
         """Compute pending band rows and write everything buffered to disk.  Under FSDP a
         collective: call it on every rank."""
-        shard = self._shard
-        if shard is not None and not self.enabled and not self._closed and not self._forked():
+        shard = self._sharding
+        if not self.enabled and not self._closed and not self._forked():
             shard.ensure_met(shard.meetings)  # FSDP: a failed rank still meets the others' all-reduce
             return
         if not self.enabled or self._forked() or Critical.active():  # (a handler amid a write)
             return
-        m0 = shard.meetings if shard is not None else 0
+        m0 = shard.meetings
         with self._critical:
             try:
                 if not self._critical.torn:
@@ -660,16 +658,15 @@ class Recorder:
                 self.writer.flush(rotate=False)
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
-        if shard is not None:
-            shard.ensure_met(m0)
+        shard.ensure_met(m0)
 
     def close(self) -> None:
         """Write what is pending, close the run, remove the hooks.  Idempotent.  Under FSDP a
         collective: call it on every rank."""
         if self._closed or self._forked() or Critical.active():  # (a handler amid a write)
             return
-        shard = getattr(self, "_shard", None)
-        m0 = shard.meetings if shard is not None else 0
+        shard = getattr(self, "_sharding", NO_SHARDING)
+        m0 = shard.meetings
         if self.enabled:
             with self._critical:
                 try:
@@ -680,8 +677,7 @@ class Recorder:
                     self._fail(e)
         if getattr(self, "_dist_sampler", None) is not None:
             self._dist_sampler.close()  # not in _fail: the other ranks still expect its collectives
-        if shard is not None:
-            shard.finish(m0)  # FSDP: a rank that failed still meets the others' last all-reduce
+        shard.finish(m0)  # FSDP: a rank that failed still meets the others' last all-reduce
         self._remove_hooks()
         signals.unregister(self)
         self._closed = True
@@ -1008,8 +1004,7 @@ class Recorder:
     def _fail(self, e: BaseException) -> None:
         if self.strict:
             raise e
-        if getattr(self, "_shard", None) is not None:  # FSDP: no collective here (record/fsdp.py)
-            self._shard.fail(self, e)
+        if getattr(self, "_sharding", NO_SHARDING).fail(self, e):  # FSDP: no collective here (record/fsdp.py)
             return
         if self.enabled:
             log.error("phasewatch: recorder disabled after an error (%s: %s); training continues, "

@@ -93,10 +93,6 @@ class Recorder:
         tensors with at most d elements are kept exact.
     groups: layer groups: ``None`` (one per parameter tensor), a dict label -> list of parameter
         names or prefixes, or a callable name -> label.
-    snapshot_every: schedule of stored update vectors (int N, ``"log"``, list of steps, callable).
-    snapshot_kind: ``"raw"`` (u_t itself, in either mode) or ``"projected"`` (the ring row).
-    snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
-    checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
     flush_rows, flush_seconds: write to disk every this many rows or seconds (256, 5 s).
     fsync: what survives a power loss: ``"never"`` (the OS writes back when it likes),
         ``"segment"`` (default: every closed segment and ``meta.json``) or ``"flush"`` (every
@@ -108,74 +104,9 @@ class Recorder:
         unless ``start_step`` says where training resumed.
     strict: re-raise the recorder's own errors (for tests) instead of disabling it.
     seeds, meta: anything to store in the run's metadata.
-    grad_samples_every: schedule (int N, ``"log"``, list, callable) of gradient-noise measurements,
-        stored as sufficient statistics in the ``grad_samples`` table (DEFINITIONS §2).  With
-        ``grad_probe``: per-example gradients on that batch, after the step (on the new θ),
-        source ``per_example``, b = 1.  Without: the micro-batch gradients of gradient
-        accumulation of the scheduled step (on the θ the step starts from), source
-        ``micro_batch``; needs ≥ 2 backward passes per step, else the step is skipped.
-    grad_source: ``"per_example"``, ``"micro_batch"`` (the defaults above) or ``"per_rank"``: under
-        DDP (a torch.distributed group of ≥ 2 ranks), every rank's local gradient of each of its
-        micro-batches, before the all-reduce, n = ranks × micro-batches, b = the per-rank
-        micro-batch size (see :mod:`phasewatch.record.distributed`).  ``per_rank`` runs
-        collectives: build and close the recorder on every rank, with the same arguments.  The
-        HF and Lightning callbacks choose it under DDP.
-    grad_mask: ``{parameter name: bool or 0/1 tensor}``: gradient statistics of a pruned network
-        over its unpruned coordinates only (each sample g becomes m ⊙ g; per-example and
-        micro-batch samples, not ``per_rank``).  Tensors pruned with ``torch.nn.utils.prune``
-        need no entry (the gradient of ``<name>_orig`` is already masked); either way the run's
-        ``recorder.grad_mask`` metadata gives the density (see
-        :func:`phasewatch.record.probes.gradient_masks`).  The update band and the steps table's
-        gradient norm stay those of the parameters the optimizer moves: a pruned coordinate that
-        receives no gradient does not move, but weight decay on ``<name>_orig`` does move it
-        (towards 0, while the effective weight stays 0), and that motion is in the band.
-    grad_probe: ``(inputs, targets)`` with examples along dim 0 (inputs may be a tuple of
-        positional arguments); ``grad_loss(outputs, targets)`` returns per-example losses or
-        their mean.  Computed with ``torch.func`` (``vmap(grad(functional_call))``), buffers passed
-        through, ``grad_chunk`` examples at a time (default: all).  A model with BatchNorm in
-        training mode is refused unless ``grad_probe_eval=True`` (the probe then runs in eval mode).
-    grad_samples_max: stored per-sample norms and covariance eigenvalues (``cov_eigs``: the top
-        eigenvalues of the samples' covariance, from the centred Gram) per row (64, NaN-padded);
-        all samples enter the statistics.
-    grad_proj_dim, grad_proj, grad_proj_seed: also store each measurement's samples projected to
-        d = ``grad_proj_dim`` dimensions (off by default), centred, in the ``grad_proj`` table
-        (first ``grad_samples_max`` samples; float32; plus the projected mean): ``"coords"`` (default)
-        keeps d seeded random coordinates of the flattened parameter vector exactly (their indices
-        in the run's ``recorder.grad_proj.index``), for coordinate-wise tail indices;
-        ``"gaussian"`` a seeded Gaussian sketch R (d × P, N(0, 1/d) entries, generated per tensor
-        and chunk, never materialised for large P).  Per-example and micro-batch samples only.
-    grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
-        Under FSDP2 give the per-rank micro-batch size: the samples are the reduce-scattered
-        (all-ranks) micro-batch gradients, so the stored b is ``grad_microbatch_size`` × world size.
-    grad_microbatch_scale: factor applied to each captured micro-batch gradient (the difference
-        of p.grad between successive backward passes).  ``"n_micro"`` (default) multiplies by the
-        number of micro-batches n, so a sample is the micro-batch *mean* gradient when the user
-        divides each micro-batch loss by n (the usual convention); pass ``1.0`` if the losses are
-        not divided.  Samples are captured at backward time: before clipping and, under a
-        ``GradScaler``, still multiplied by the loss scale.
-    curvature_every: schedule of curvature probes (DEFINITIONS §4–5), after the scheduled step, on
-        the new θ: with ``curvature_batch=(inputs, targets)`` and ``curvature_loss(outputs,
-        targets)`` → mean loss, the top ``curvature_topk`` Hessian eigenvalues by Lanczos to a
-        residual ≤ ``curvature_tol``·|λ| (and the residuals and HVP count), the Hutchinson trace
-        if ``curvature_trace`` (an int budget or ``"adaptive"``), Adam's preconditioned sharpness
-        for Adam-type optimizers, and the optimizer's stability threshold; with ``ntk_inputs``, the
-        NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
-        ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.
-        ``curvature_hvp``: ``"auto"`` (double backward, attention through the math SDPA backend;
-        finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  Each Hessian row
-        also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
-        u_t exactly: no projected tensors, one step per update, one process).  A
-        probe that fails is logged and switched off; training and the rest of the recording go on.
-    controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
-        measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
-        batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
-        after every step ``on_step(step)``; both run at the end of the step's post-hook, so a changed
-        learning rate is the lr of the next step (and is what the ``steps`` table records for it).
-        Every change is written to the ``interventions`` table.  A controller bound to an optimizer
-        must be bound to this one; one without an optimizer (or ``dry_run``) only tracks what it would
-        do, and its rows say ``dry run``.  :attr:`should_stop` is True once an early-stopping
-        controller fired.  Not under DDP (the change would reach rank 0 only).
-    batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
+    **options: the quantities in keyword form (``snapshot_*``, ``checkpoint_every``, ``grad_*``,
+        ``curvature_*``, ``ntk_*``, ``controllers``, ``batch_size``), each described at
+        :func:`phasewatch.record.quantities.from_kwargs`; an unknown name is a ``TypeError``.
     """
 
     # projected mode folds θ_t (one read of θ a step); False: the fold of u_t = θ_t − θ_{t−stride} as

@@ -942,3 +942,128 @@ def test_train_mode_probe_same_masks_for_both_routes_and_training_rng_untouched(
     assert row["hvp"] == b"autograd" and row["converged"] == 1
     assert abs(row["eigenvalues"][0] - ev[-1]) <= row["residuals"][0] <= 10 * 1e-6 * ev[-1]
     assert row["hvp_check"] <= 10 * (2.0 ** -53) ** (2 / 3) * np.abs(ev).max() / ev[-1]
+
+
+# -- per-group curvature, the basis' place and dtype (issue 19 items 6 and 4) ----------------------
+def _three_layer(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(),
+                               torch.nn.Linear(6, 3)).double()
+
+
+def _dense_blocks(model, batch, groups):
+    """The top eigenvalue of each group's diagonal block of the dense float64 Hessian."""
+    params = list(model.parameters())
+    h = cv.HessianOperator(model, torch.nn.functional.cross_entropy, batch).dense()
+    off = np.concatenate([[0], np.cumsum([p.numel() for p in params])])
+    out = []
+    for members in groups:
+        idx = np.concatenate([np.arange(off[i], off[i + 1]) for i in members])
+        out.append(np.linalg.eigvalsh(h[np.ix_(idx, idx)])[-1])
+    return np.asarray(out), np.linalg.eigvalsh(h)
+
+
+# Lanczos stops at a measured residual ≤ tol·|θ| = 1e-11·|θ|, so by Weyl each Ritz value is within
+# 1e-11 relative of an eigenvalue of the block; the dense reference is itself a float64 double
+# backward whose entries carry ~γ_N (N ≈ 40 examples + widths) relative error: both far below 1e-8.
+GROUP_RTOL = 1e-8
+
+
+def test_group_lambda_equals_the_dense_diagonal_blocks_live_and_posthoc(tmp_path):
+    from phasewatch import Recorder
+
+    m = _three_layer()
+    x, y = _data(n=40)
+    ce = torch.nn.functional.cross_entropy
+    groups = {"in": ["0"], "mid": ["2"], "out": ["4"]}
+    opt = torch.optim.SGD(m.parameters(), lr=0.3)
+    with Recorder(tmp_path / "run", m, opt, strict=True, groups=groups, checkpoint_every=3, curvature_every=3,
+                  curvature_batch=(x, y), curvature_loss=ce, curvature_tol=1e-11, curvature_hvp="autograd",
+                  curvature_groups=True) as rec:
+        for _ in range(6):
+            loss = ce(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.loss(loss)
+            opt.step()
+    members = [[0, 1], [2, 3], [4, 5]]  # weight and bias of each Linear, in the recorded order
+    want, full = _dense_blocks(m, (x, y), members)
+    run = open_run(tmp_path / "run")
+    live = run.table("curvature")
+    assert live["group_lambda"].shape == (2, 3) and run.meta["recorder"]["curvature"]["groups"] == ["in", "mid", "out"]
+    np.testing.assert_allclose(live["group_lambda"][-1], want, rtol=GROUP_RTOL)
+    assert np.all(live["group_residual"][-1] <= 1e-10 * np.abs(want))
+    # interlacing: every block's λ_max lies in [λ_min(H), λ_max(H)], and the full λ_max is the largest
+    assert np.all(want <= full[-1] + 1e-12) and np.all(want >= full[0] - 1e-12)
+    np.testing.assert_allclose(live["eigenvalues"][-1, 0], full[-1], rtol=GROUP_RTOL)
+    # post hoc, only two of the groups: the third is NaN
+    fresh = _three_layer(seed=5)
+    dst = cv.posthoc(tmp_path / "run", fresh, (x, y), ce, tol=1e-11, hvp="autograd", groups=["in", "out"],
+                     out=tmp_path / "ph")
+    ph = open_run(dst).table("curvature")
+    assert ph["step"].tolist() == [3, 6] and np.isnan(ph["group_lambda"][:, 1]).all()
+    # checkpoints store θ in float32: the reference is the dense Hessian at the loaded θ_6
+    want_ph, _ = _dense_blocks(fresh, (x, y), [members[0], members[2]])
+    np.testing.assert_allclose(ph["group_lambda"][-1, [0, 2]], want_ph, rtol=GROUP_RTOL)
+    with pytest.raises(PhasewatchError, match="no layer group 'nope'"):
+        cv.posthoc(tmp_path / "run", fresh, (x, y), ce, groups=["nope"], out=tmp_path / "ph2")
+    # the analysis reads the run with the new columns as before
+    res = analyze(tmp_path / "run", window=2).curvature
+    assert res["step"].tolist() == [3, 6]
+    np.testing.assert_array_equal(res["group_lambda"], live["group_lambda"])
+
+
+def test_group_lambda_by_finite_differences_within_the_fd_floor():
+    m = _three_layer()
+    x, y = _data(n=40)
+    params = list(m.parameters())
+    want, _ = _dense_blocks(m, (x, y), [[0, 1], [4, 5]])
+    probe = cv.CurvatureProbe(m, params, loss_fn=torch.nn.functional.cross_entropy, batch=(x, y), tol=1e-10,
+                              hvp="fd", groups=[[0, 1], None, [4, 5]])
+    row = probe.hessian_row(1, 0.1)
+    got = row["group_lambda"][[0, 2]]
+    assert np.isnan(row["group_lambda"][1])
+    # FD products err by ~1.9·u^{2/3} relative at the measured step (FiniteDifferenceHessian), and
+    # Lanczos on them stops at the noise floor 100·u^{2/3} (3.7e-9 float64): λ within twice that
+    np.testing.assert_allclose(got, want, rtol=2 * 100 * (2.0**-53) ** (2 / 3))
+
+
+def test_host_and_float32_basis_against_the_device_basis():
+    m = _mlp()
+    x, y = _data()
+    op = cv.HessianOperator(m, torch.nn.functional.cross_entropy, (x, y))
+    ref = cv.lanczos(op, op.n, k=3, tol=1e-10, seed=3)
+    # a basis "elsewhere": cpu:0 is not the operator's device object, so every q_j is copied to the
+    # operator's device and every product back (the host-basis path; no GPU on the test machine)
+    host = cv.lanczos(op, op.n, k=3, tol=1e-10, seed=3, device="cpu", basis_device=torch.device("cpu", 0))
+    np.testing.assert_array_equal(host.eigenvalues, ref.eigenvalues)  # the same arithmetic: bit-identical
+    assert host.n_matvec == ref.n_matvec
+    # float32 basis: orthogonality to ~u32·m, so each Ritz value within ~m·u32·‖H‖ (m ≤ 100 vectors)
+    f32 = cv.lanczos(op, op.n, k=3, tol=1e-6, seed=3, basis_dtype=torch.float32)
+    scale = np.abs(ref.eigenvalues).max()
+    np.testing.assert_allclose(f32.eigenvalues, ref.eigenvalues, rtol=0, atol=100 * 2.0**-24 * scale)
+    with pytest.raises(PhasewatchError, match="basis_dtype"):
+        cv.lanczos(op, op.n, basis_dtype=torch.float16)
+
+
+def test_probe_memory_basis_is_resident_and_float32_halves_it():
+    """Peak RSS around one probe (benchmarks/curvature_memory.py, a fresh process per dtype, P ≈ 1.4M
+    float32 MLP, exactly m = 10 basis vectors).  Lower bound, exact: the m basis rows are resident at
+    once, m·s·P bytes.  The float64 − float32 difference is the basis' m·4·P up to where the
+    transients (one product's measured peak, the 16·P work vectors) fall."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_memory.py"
+    got = {}
+    for dt in ("float64", "float32"):
+        out = subprocess.run([sys.executable, str(bench), "--child", "--width", "1000", "--iters", "10",
+                              "--basis-dtype", dt], capture_output=True, text=True, check=True, timeout=300)
+        got[dt] = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in got.values():
+        assert r["iterations"] == 10 and r["lanczos_bytes"] >= r["basis_bytes"]
+    a, b = got["float64"], got["float32"]
+    slack = max(a["hvp_bytes"], b["hvp_bytes"]) + 16 * a["P"]
+    assert abs((a["lanczos_bytes"] - b["lanczos_bytes"]) - 10 * 4 * a["P"]) <= slack

@@ -604,3 +604,34 @@ def test_noise_panel_shows_the_upper_end_where_C_is_zero(synth):
     xy = line.get_transform().transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
     assert not np.isfinite(xy[zero, 1]).any() and np.isfinite(xy[~zero, 1]).all()  # masked: a gap, no drop
     plt.close(fig)
+
+
+def test_overview_shows_logged_losses(tmp_path):
+    """A run that logs ``val_loss`` with ``rec.log`` shows it in panel (a) beside the train loss, at
+    the logged steps with the logged values (a real recorded run)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    xv, yv = torch.randn(16, 4), torch.randn(16, 2)
+    logged = {}
+    with phasewatch.Recorder(tmp_path / "run", model, opt, k=8, strict=True) as rec:
+        for step in range(1, 41):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            rec.loss(loss)
+            opt.step()
+            if step % 10 == 0:
+                with torch.no_grad():
+                    logged[step] = float(torch.nn.functional.mse_loss(model(xv), yv))
+                rec.log(step, val_loss=logged[step])
+    a = phasewatch.analyze(tmp_path / "run", window=5)
+    fig = F.overview(a)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert "train loss" in lines and "val_loss" in lines
+    np.testing.assert_array_equal(lines["val_loss"].get_xdata(), sorted(logged))
+    np.testing.assert_allclose(lines["val_loss"].get_ydata(), [logged[s] for s in sorted(logged)], rtol=1e-7)
+    plt.close(fig)

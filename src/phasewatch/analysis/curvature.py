@@ -206,6 +206,8 @@ def _hessian_columns(hess, steps: np.ndarray, put, threshold_fn, d: float) -> di
         out["hvp"] = np.full(n, "", dtype=object)
         out["hvp"][np.searchsorted(steps, hs)] = _decode(hess["hvp"]) if "hvp" in hess else "autograd"
         out["u_curvature"] = put(hs, hess["u_curvature"]) if "u_curvature" in hess else np.full(n, np.nan)
+        if "group_lambda" in hess:  # per-group curvature, when it was asked for: (probes, groups)
+            out["group_lambda"] = put(hs, np.asarray(hess["group_lambda"], dtype=float))
     else:
         for c in ("lr", "lambda_max", "lambda_residual", "hvps", "converged", "trace", "trace_lo", "trace_hi",
                   "pre_lambda", "loss", "threshold", "S", "eta_opt"):

@@ -66,7 +66,9 @@ class Analysis:
         ``lambda_residual``, ``hvps``, ``threshold`` (2/η for SGD, the optimizer-appropriate
         threshold otherwise), ``S`` = threshold − λ_max, ``eta_opt``, ``trace``, ``trace_lo``,
         ``trace_hi``, ``ntk_rho`` (log-det of the NTK Gram), ``ntk_rate`` (dρ/dt per step),
-        ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient).
+        ``phi`` (criticality Φ), ``all_critical`` (bool), ``I`` (intelligence coefficient);
+        ``group_lambda`` (probes × layer groups: λ_max of each group's diagonal Hessian block) when
+        the run recorded per-group curvature.
     interventions: changes made by controllers during the run (empty if none; :mod:`phasewatch.record.control`):
         ``step`` (after which step), ``rule``, ``param``, ``old``, ``new``, ``note`` (str arrays for text).
     null: the momentum null used (``kind``, ``beta``, ``rho1``, ``dim``, ``draws``, ``level``, ``source``);

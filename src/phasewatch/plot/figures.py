@@ -358,6 +358,15 @@ def _panel_loss(ax, a) -> None:
         if np.nanmin(y) > 0:
             _log_if_wide(ax, y, ratio=10.0)
         ax.set_ylabel("loss")
+    # logged losses (val_loss, eval_loss, ...: rec.log) share the loss axis, with markers at their steps
+    losses = [(n, sv) for n, sv in sorted(a.metrics.items()) if "loss" in str(n).lower()]
+    for i, (name, (s, v)) in enumerate(losses):
+        x, y = _decimate(np.asarray(s), np.asarray(v, dtype=float), nb)
+        (h,) = ax.plot(x, y, color=PALETTE[(4 + i) % 7], ls=LINESTYLES[(1 + i) % 6], marker="o", ms=1.5,
+                       label=str(name))
+        handles.append(h)
+        labels.append(str(name).replace("_", " "))
+        ax.set_ylabel("loss")
     accs = [(n, sv) for n, sv in sorted(a.metrics.items()) if "acc" in str(n).lower()]
     if accs:
         ax2 = ax.twinx()

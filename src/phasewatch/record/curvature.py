@@ -244,6 +244,17 @@ def _pick(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.argsort(-np.abs(theta), kind="stable")[:k]
 
 
+def choose_basis_device(basis_device: torch.device | str, dev: torch.device, nbytes: int) -> torch.device:
+    """Where the Lanczos basis lives: ``"auto"`` keeps it on ``dev`` unless ``dev`` is a CUDA
+    device on which ``nbytes`` exceed half of the free memory (then the host); else as given."""
+    if basis_device != "auto":
+        return torch.device(basis_device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return dev if nbytes <= free // 2 else torch.device("cpu")
+    return dev
+
+
 def _orthogonalise(w: torch.Tensor, v: torch.Tensor, beta_prev: float) -> tuple[torch.Tensor, float, float]:
     """The three-term recurrence w = Aq_j − α_j q_j − β_{j−1} q_{j−1}, then one classical
     Gram–Schmidt pass w ← w − V(Vᵀw) against the whole basis V = [q_0 … q_j] (rows), and a second
@@ -252,18 +263,23 @@ def _orthogonalise(w: torch.Tensor, v: torch.Tensor, beta_prev: float) -> tuple[
     orthogonal to V up to rounding, so the second pass is rare; each pass reads the basis twice
     (one GEMV each way), the cost that dominates an iteration beside the product.  The pass's
     correction to α_j is added to it.  ``w`` is updated in place.  Returns (w, α_j, β_j = ‖w‖)."""
-    q = v[-1]
+    q = v[-1].to(w.dtype)  # (a float32 basis: its rows in float64, two P-sized temporaries)
     alpha = float(w @ q)
     # in place: a fresh vector per operation costs more than the operation (a P-sized allocation
     # is an mmap + page faults: 0.34 ms for w − αq at P = 55k against 0.01 ms for the dot product)
     w.sub_(q, alpha=alpha)
     if v.shape[0] > 1:
-        w.sub_(v[-2], alpha=beta_prev)
+        w.sub_(v[-2].to(w.dtype), alpha=beta_prev)
     beta = float(torch.linalg.vector_norm(w))
     for _ in range(2):
         before = beta
-        h = torch.mv(v, w)
-        w.addmv_(v.T, h, alpha=-1)
+        if v.dtype == w.dtype:
+            h = torch.mv(v, w)
+            w.addmv_(v.T, h, alpha=-1)
+        else:  # a float32 basis: the projections in its dtype, the work vector kept in float64
+            h = torch.mv(v, w.to(v.dtype))
+            w.sub_(torch.mv(v.T, h).to(w.dtype))
+            h = h.to(w.dtype)
         alpha += float(h[-1])
         beta = float(torch.linalg.vector_norm(w))
         if beta >= 0.7071 * before:
@@ -294,6 +310,8 @@ def lanczos(
     verify: bool = True,
     return_vectors: bool = False,
     memory_budget: int = 2 << 30,
+    basis_device: torch.device | str = "auto",
+    basis_dtype: torch.dtype = torch.float64,
 ) -> EigenResult:
     """The k extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -309,26 +327,50 @@ def lanczos(
     basis costs max_iter·n float64, capped by ``memory_budget`` bytes (2 GiB: ~2.7e6 parameters
     at 100 vectors); a run that hits the cap unconverged says so in ``converged``); ``verify``
     measures the true residuals with k extra products.
+
+    Memory model (P = n, m = the number of basis vectors, s = ``basis_dtype``'s itemsize, 8 for
+    float64, i = the parameters' itemsize): the basis is m·P·s bytes, m ≤ m_max = min(P, max_iter,
+    max(k + 10, memory_budget // (s·P))) rows, allocated at once but paged in row by row as the
+    iteration fills them (resident: m·P·s after m iterations); two float64 work vectors (16·P);
+    the Ritz vectors and the verification's residual at the end (8·(k + 1)·P).  With the basis on
+    the host and the operator on a device, one more float64 device vector (8·P) carries q_j to the
+    product.  A :class:`HessianOperator` keeps, per probe, the gradient graph (about one backward's
+    activations plus the gradients, i·P) and the flat float64 gradient (8·P); one product then
+    costs the double backward's own transients, its input cast to the parameters' dtype and its
+    output (2·i·P) and the float64 flat copy (8·P).  Measured (``benchmarks/curvature_memory.py``,
+    float32 tanh MLP, P = 12.0M, batch 32, m = 20, peak RSS growth per phase): the operator
+    232 MiB (20 B/P), one product's peak 27 B/P, Lanczos 2485 MiB against the model's 2518 MiB
+    (float64 basis 1837 MiB), the whole probe 237 B/P; with a float32 basis Lanczos 1565 MiB
+    (model 1600), 157 B/P.  So a probe's peak is ≈ graph +
+    (m·s + 16 + 8(k + 1) + 8 + product)·P bytes, dominated by m·s·P.  ``basis_device``:
+    ``"auto"`` (the work vectors' device when the basis fits in half of the device's free memory,
+    for CUDA by ``torch.cuda.mem_get_info``; else the host), ``"cpu"`` or a device.
+    ``basis_dtype``: float64 (default; orthogonality to ~1e-16) or float32 (half the memory;
+    orthogonality to ~1e-7, which bounds the eigenvalues' relative accuracy by about m·2⁻²⁴).
     """
     if which not in WHICH:
         raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")
     if k < 1 or k > n:
         raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
-    m_max = int(min(n, max_iter or max(100, 20 * k), max(k + 10, memory_budget // (8 * n))))
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise PhasewatchError(f"basis_dtype={basis_dtype}: use torch.float64 or torch.float32")
+    size = torch.empty((), dtype=basis_dtype).element_size()
+    m_max = int(min(n, max_iter or max(100, 20 * k), max(k + 10, memory_budget // (size * n))))
     if m_max < k:
         raise PhasewatchError(f"max_iter={max_iter} < k={k}")
     dev = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))
+    bdev = choose_basis_device(basis_device, dev, m_max * n * size)
     if v0 is None:
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(dev)
-    q = v0.to(dev, torch.float64)
+    q = v0.to(bdev, torch.float64)
     q = q / torch.linalg.vector_norm(q)
-    basis = torch.empty((m_max, n), dtype=torch.float64, device=dev)
+    basis = torch.empty((m_max, n), dtype=basis_dtype, device=bdev)
     basis[0] = q
     # two work vectors, reused: the product is copied into w (the operator may return a view of its
     # own state, and keeps its input: it gets a copy of q_j, never the basis row itself)
-    w = torch.empty(n, dtype=torch.float64, device=dev)
-    q = torch.empty(n, dtype=torch.float64, device=dev)
+    w = torch.empty(n, dtype=torch.float64, device=bdev)
+    q = torch.empty(n, dtype=torch.float64, device=bdev)
     alphas: list[float] = []
     betas: list[float] = []
     n_mv = 0
@@ -338,7 +380,7 @@ def lanczos(
     m = 0
     for j in range(m_max):
         q.copy_(basis[j])
-        w.copy_(matvec(q))
+        w.copy_(matvec(q if bdev == dev else q.to(dev)))
         n_mv += 1
         w, a, beta = _orthogonalise(w, basis[: j + 1], betas[-1] if betas else 0.0)
         alphas.append(a)
@@ -356,12 +398,12 @@ def lanczos(
             break
         if j + 1 < m_max:
             betas.append(beta)
-            torch.div(w, beta, out=basis[j + 1])
+            basis[j + 1].copy_(w.div_(beta))
     idx = _pick(theta, min(k, m), which)
     vals = theta[idx]
-    coeff = torch.as_tensor(s[:, idx], dtype=torch.float64, device=dev)  # (m, k)
-    vecs = (basis[:m].T @ coeff).T  # (k, n)
-    vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)
+    coeff = torch.as_tensor(s[:, idx], dtype=torch.float64, device=bdev)  # (m, k)
+    vecs = (basis[:m].T @ coeff.to(basis_dtype)).T.to(torch.float64)  # (k, n)
+    vecs = (vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)).to(dev)
     if verify:
         res = np.empty(len(vals))
         for i in range(len(vals)):
@@ -496,6 +538,15 @@ class CurvatureProbe:
         The route used is stored in every row (column ``hvp``).  On FD products Lanczos stops at
         ``max(tol, op.noise_floor)`` (100·u^{2/3}: 2.4e-3 float32, 3.7e-9 float64), the accuracy FD
         products can give.
+    groups: per-group curvature (:mod:`phasewatch.record.curvature_groups`): a list with, per
+        group, the indices into ``params`` of its tensors (None: not asked for, NaN); each row then
+        holds λ_max of every asked group's diagonal Hessian block and its residual (columns
+        ``group_lambda``, ``group_residual``).  ``group_names`` label them in :meth:`config`.
+    basis_device, basis_dtype: where and in which dtype the Lanczos basis lives (see
+        :func:`lanczos`, which states a probe's memory model).
+    service: under DDP, this rank's :class:`~phasewatch.record.curvature_ddp.ProbeService`: the
+        operators are then the shard-weighted all-reduce of every rank's (on rank 0, which runs
+        this probe; the other ranks serve it).
     """
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor], *, loss_fn: Callable | None,
@@ -503,7 +554,10 @@ class CurvatureProbe:
                  trace: int | str | None = None, trace_rtol: float = 0.02, trace_max: int = 500,
                  mode: str = "eval", ntk_inputs: Any = None, ntk_outputs: str = "trace",
                  ntk_method: str = "auto", optimizer: torch.optim.Optimizer | None = None,
-                 optimizer_meta: dict | None = None, hvp: str = "auto"):
+                 optimizer_meta: dict | None = None, hvp: str = "auto",
+                 groups: Sequence[Sequence[int] | None] | None = None, group_names: Sequence[str] | None = None,
+                 basis_device: torch.device | str = "auto", basis_dtype: torch.dtype = torch.float64,
+                 service: Any = None):
         if hvp not in HVP_ROUTES:
             raise PhasewatchError(f"curvature_hvp={hvp!r}: use one of {', '.join(HVP_ROUTES)}")
         if batch is not None and loss_fn is None:
@@ -522,6 +576,10 @@ class CurvatureProbe:
         self.optimizer = optimizer
         self.optimizer_meta = optimizer_meta or {}
         self.hvp = hvp
+        self.groups = None if groups is None else [list(g) if g else None for g in groups]
+        self.group_names = list(group_names) if group_names is not None else None
+        self.basis_device, self.basis_dtype = basis_device, basis_dtype
+        self.service = service
         self._route = "autograd" if hvp == "auto" else hvp  # "auto" settles on the first failure
         self._check_failed = False
         self.hvp_column = True  # False when resuming a run recorded before the column existed
@@ -542,6 +600,11 @@ class CurvatureProbe:
                 "trace_rtol": self.trace_rtol if self.trace == "adaptive" else None, "mode": self.mode,
                 "hessian": self.batch is not None, "ntk_size": self.ntk_size, "ntk_outputs": self.ntk_outputs,
                 "ntk_method": self.ntk_method, "hvp": self.hvp,
+                "groups": None if self.groups is None else
+                [None if g is None else (self.group_names[i] if self.group_names else i)
+                 for i, g in enumerate(self.groups)],
+                "basis_device": str(self.basis_device), "basis_dtype": str(self.basis_dtype).replace("torch.", ""),
+                "distributed": None if self.service is None else {"kind": "ddp", "world_size": self.service.world},
                 "convention": "Lanczos (largest algebraic, full reorthogonalisation) to residual <= tol*|lambda|; "
                               "Hutchinson Rademacher with Student-t interval; NTK K = J J^T / n in eval mode"}
 
@@ -594,13 +657,32 @@ class CurvatureProbe:
         if of == "preconditioned" and self.optimizer is not None:
             diag, _ = adam_preconditioner(self.optimizer, self.params)
             pre = lanczos(preconditioned_operator(op, diag.to(op.device)), op.n, k=1, tol=self.tol,
-                          max_iter=self.max_iter, seed=seed + 2, device=op.device)
+                          max_iter=self.max_iter, seed=seed + 2, device=op.device,
+                          basis_device=self.basis_device, basis_dtype=self.basis_dtype)
             hvps += pre.n_matvec
             row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
         row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0)
         if self.hvp_column:
             row.update(hvp=op.route.encode(), hvp_check=check, u_curvature=u_curv)
+        if self.groups is not None:
+            from .curvature_groups import group_lambdas
+
+            gl, gr, used = group_lambdas(op, self.params, self.groups, self._group_eigen, seed)
+            row.update(group_lambda=gl, group_residual=gr, hvps=row["hvps"] + used,
+                       seconds=time.perf_counter() - t0)
         return row
+
+    def _group_eigen(self, block, seed: int) -> EigenResult:
+        tol = max(self.tol, block.noise_floor) if block.route == "fd" else self.tol
+        return lanczos(block, block.n, k=1, tol=tol, max_iter=self.max_iter, seed=seed, device=block.device,
+                       basis_device=self.basis_device, basis_dtype=self.basis_dtype)
+
+    def _make_op(self, route: str, seed: int):
+        """The Hessian operator of the probe batch by ``route``: local, or under DDP all-reduced."""
+        if self.service is not None:
+            return self.service.operator(route, seed)
+        return hessian_operator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
+                                hvp=route, seed=seed)
 
     def _lanczos(self, op, seed: int) -> EigenResult:
         v0 = None
@@ -612,7 +694,8 @@ class CurvatureProbe:
             v0 = self._v0 + 0.1 * r / torch.linalg.vector_norm(r)
         tol = max(self.tol, op.noise_floor) if op.route == "fd" else self.tol
         return lanczos(op, op.n, k=min(self.top_k, op.n), tol=tol, max_iter=self.max_iter, seed=seed,
-                       device=op.device, v0=v0, return_vectors=True)
+                       device=op.device, v0=v0, return_vectors=True, basis_device=self.basis_device,
+                       basis_dtype=self.basis_dtype)
 
     # disagreement of the two routes (relative to |λ_max|) above which autograd is judged broken: FD
     # alone errs by ~u^{2/3} (2.4e-5 float32, 4e-11 float64; FiniteDifferenceHessian), a missing
@@ -620,8 +703,7 @@ class CurvatureProbe:
     HVP_CHECK_RTOL = 1e-2
 
     def _fd(self, seed: int) -> FiniteDifferenceHessian:
-        return FiniteDifferenceHessian(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
-                                       seed=seed)
+        return self._make_op("fd", seed)
 
     def _switch_to_fd(self, why: str) -> None:
         log.warning("phasewatch: Hessian-vector products by double backward %s; curvature probes use finite "
@@ -635,8 +717,7 @@ class CurvatureProbe:
         ‖H_fd y − H_ag y‖ / |θ|; a failure of the first product, or a disagreement above
         :attr:`HVP_CHECK_RTOL` and above 10× the FD product's own error estimate (a kernel whose double backward is missing, or silently incomplete as
         ``once_differentiable`` functions are), switches this and every later probe to FD."""
-        op = hessian_operator(self.model, self.loss_fn, self.batch, params=self.params, mode=self.mode,
-                              hvp=self._route, seed=seed)
+        op = self._make_op(self._route, seed)
         try:
             eig = self._lanczos(op, seed)
         except RuntimeError as e:

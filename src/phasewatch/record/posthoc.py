@@ -73,6 +73,8 @@ def posthoc(
     ntk_outputs: str = "trace",
     ntk_method: str = "auto",
     hvp: str = "auto",
+    groups: bool | list[str] = False,
+    basis_device: str = "auto",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -80,7 +82,10 @@ def posthoc(
     post-hoc run.  ``batch``/``loss_fn``/``ntk_inputs`` as for the recorder's curvature probes.
     Lanczos is seeded with the checkpoint's step, as the live probe is.  ``hvp``: how
     Hessian-vector products are computed (``"auto"``, ``"autograd"``, ``"fd"``; see
-    :class:`~phasewatch.record.curvature.CurvatureProbe`)."""
+    :class:`~phasewatch.record.curvature.CurvatureProbe`).  ``groups``: True (every layer group
+    the run recorded) or a list of group names: λ_max of each group's diagonal Hessian block too
+    (column ``group_lambda``, NaN for groups not asked for).  ``basis_device``: where the Lanczos
+    basis lives (see :func:`~phasewatch.record.curvature.lanczos`)."""
     if not hasattr(run, "table"):
         run = open_run(run)
     meta = run.meta
@@ -104,12 +109,23 @@ def posthoc(
     lr_at = dict(zip(st["step"].tolist(), st["lr"][:, 0].tolist())) if len(st["step"]) else {}
     ck = run.table("checkpoints", steps=want[:1])
     params = load_theta(model, mparams, np.asarray(ck["theta"][0]))
+    labels = [g["name"] for g in meta["model"].get("groups", [])] or list(dict.fromkeys(
+        p.get("group", p["name"]) for p in mparams))
+    cgroups = None
+    if groups:
+        asked = labels if groups is True else [groups] if isinstance(groups, str) else list(groups)
+        bad = [g for g in asked if g not in labels]
+        if bad:
+            raise PhasewatchError(f"groups: the run has no layer group {bad[0]!r}; its groups are {labels[:8]}")
+        cgroups = [[i for i, p in enumerate(mparams) if p.get("group", p["name"]) == lbl] if lbl in asked else None
+                   for lbl in labels]
     probe = CurvatureProbe(model, params, loss_fn=loss_fn, batch=batch, top_k=top_k, tol=tol, max_iter=max_iter,
                            trace=trace, mode=mode, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs,
-                           ntk_method=ntk_method, optimizer=None, optimizer_meta=opt_meta, hvp=hvp)
+                           ntk_method=ntk_method, optimizer=None, optimizer_meta=opt_meta, hvp=hvp,
+                           groups=cgroups, group_names=labels, basis_device=basis_device)
     tables = []
     if batch is not None:
-        tables.append(fmt.curvature_table(probe.top_k))
+        tables.append(fmt.curvature_table(probe.top_k, groups=len(cgroups or [])))
     if probe.ntk_size:
         tables.append(fmt.ntk_table(probe.ntk_size))
     if not tables:

@@ -156,7 +156,7 @@ class Recorder:
         self._writes = not sharded or torch.distributed.get_rank() == 0  # ranks != 0 open no file
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_rank() != 0 and not sharded:
-            self._idle_rank(model, optimizer, start_step)
+            self._idle_rank(model, optimizer, start_step, groups)
             return
         self.k, self.stride, self.block = int(k), int(stride), int(block)
         self.enabled = True
@@ -222,10 +222,13 @@ class Recorder:
     _mb = property(lambda self: self._grad.capture)
     _proj = property(lambda self: self._grad.projector)
     _curv = property(lambda self: self._curvq.probe)
+    _curv_service = property(lambda self: self._curvq.service)  # DDP: the all-reduced probe products
 
-    def _idle_rank(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step: int | None) -> None:
+    def _idle_rank(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step: int | None,
+                   groups: Any) -> None:
         """Under DDP the parameters are the same on every rank: rank 0 records, the others idle
-        (except for capturing their local gradients when per-rank samples are scheduled)."""
+        (except for capturing their local gradients when per-rank samples are scheduled, and for
+        serving rank 0's curvature products on their share of the probe batch)."""
         self.enabled, self._closed, self._hooks = False, True, []
         # ``step`` still counts this rank's optimizer steps (from ``start_step``, else 0: the
         # run file is rank 0's), so a loop may use rec.step on every rank
@@ -236,6 +239,15 @@ class Recorder:
             self._dist_sampler = PerRankSampler(model, optimizer, g.schedule, scale=g.microbatch_scale,
                                                 n_max=g.samples_max)
             self._closed = False  # close() removes the sampler's hooks
+        c = self._curvq
+        if c.on and c.options["batch"] is not None:
+            # curvature probes: serve rank 0's products on this rank's share of the probe batch
+            from .curvature_ddp import DistributedSchedule, make_service
+
+            service = make_service(model, _recorded_order(model, optimizer, groups), c.options["loss_fn"],
+                                   c.options["batch"], c.options["mode"])
+            self._hooks.append(DistributedSchedule(service, optimizer, c.schedule, self.step).handle)
+            self._closed = False  # close() removes the hook
 
     def _select_params(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any,
                        sharded: bool) -> tuple[list[str], list[int]]:
@@ -255,6 +267,7 @@ class Recorder:
         self.params = [p for _, (_, p) in named]
         self.param_names = [n for _, (n, _) in named]
         param_group_idx = [order.index(lbl) for lbl, _ in named]
+        self._param_group = param_group_idx  # (the quantities' bind reads the layout)
         self.n_params = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
         if sharded:  # a collective: agree on the layout, learn every rank's shard sizes
@@ -401,7 +414,13 @@ class Recorder:
             if self._curv.batch is not None:
                 if isinstance(old_tables, dict) and "hvp" not in old_tables["curvature"]:
                     self._curv.hvp_column = False  # a run recorded before the column: resume in its schema
-                tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column))
+                if isinstance(old_tables, dict) and "group_lambda" not in old_tables["curvature"] \
+                        and self._curv.groups is not None:  # a run recorded without them: keep its schema
+                    log.warning("phasewatch: %s was recorded without per-group curvature; the resumed run "
+                                "records none (curvature_groups ignored)", self.path)
+                    self._curv.groups = None
+                tables.append(fmt.curvature_table(self._curv.top_k, hvp=self._curv.hvp_column,
+                                                  groups=len(self._curv.groups or [])))
             if self._curv.ntk_size:
                 tables.append(fmt.ntk_table(self._curv.ntk_size))
         # interventions: declared when controllers are given, and kept when resuming a run that has it
@@ -508,6 +527,13 @@ class Recorder:
             self._dist_sampler = PerRankSampler(
                 model, optimizer, self.grad_samples, scale=self._grad_mb_scale, n_max=self.grad_samples_max,
                 layout=(self.param_names, self._param_group, n_groups, self.step), on_row=self._per_rank_row)
+        if self._curv_service is not None:
+            # a collective, after the sampler's as on the other ranks; its hook runs after the
+            # recorder's, so the probe sees this step's update
+            from .curvature_ddp import DistributedSchedule
+
+            self._hooks.append(DistributedSchedule(self._curv_service, optimizer, self.curvature, self.step,
+                                                   on_probe=self._ddp_curvature_probe).handle)
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -883,6 +909,13 @@ class Recorder:
                            update_norm=upd, flags=flags, **extra)
 
     # ------------------------------------------------------------------------------------------
+    # curvature probes
+    def _ddp_curvature_probe(self, step: int) -> None:
+        """Rank 0 under DDP, inside the session every rank takes part in (off or failed: a no-op)."""
+        if self.enabled and self._curv is not None:
+            self._curvq.compute(self, step)
+
+    # ------------------------------------------------------------------------------------------
     # gradient samples
     def _write_grad_row(self, step: int, source: str, b: float, st: dict) -> None:
         if self.controllers:  # the controllers read these statistics at the end of the step's post-hook
@@ -1030,3 +1063,13 @@ def _close_at_exit(ref: weakref.WeakMethod) -> None:
             close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _recorded_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any) -> list[torch.Tensor]:
+    """The recorded parameters in rank 0's order (trainable, in the optimizer, grouped in order of
+    first appearance), for the idle DDP ranks' share of the curvature probes."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
+    labels = [_group_of(n, groups) for n, _ in named]
+    order = list(dict.fromkeys(labels))
+    return [p for _, (_, p) in sorted(zip(labels, named), key=lambda t: order.index(t[0]))]

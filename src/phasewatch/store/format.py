@@ -188,7 +188,7 @@ def grad_proj_table(n_max: int, d: int) -> TableSpec:
     )
 
 
-def curvature_table(top_k: int, hvp: bool = True) -> TableSpec:
+def curvature_table(top_k: int, hvp: bool = True, groups: int = 0) -> TableSpec:
     """Curvature probes on the fixed probe batch (DEFINITIONS §4): one row per probe.
 
     ``eigenvalues``/``residuals``: the top-k Hessian eigenvalues (largest algebraic, descending)
@@ -204,9 +204,13 @@ def curvature_table(top_k: int, hvp: bool = True) -> TableSpec:
     top eigenvector, the two routes' measured disagreement (NaN when not measured).
     ``u_curvature``: uᵀHu/uᵀu along the step's update u_t = θ_t − θ_{t−1} (NaN when the recorder
     does not hold u_t exactly).  Runs recorded before these three columns (``hvp=False``) lack them
-    and read as autograd.
+    and read as autograd.  ``group_lambda``/``group_residual`` (only when per-group curvature was
+    asked for, ``groups`` = the number of layer groups): λ_max of each group's diagonal Hessian
+    block and its measured residual, NaN for groups not asked for; runs without them read as before.
     """
     extra = {"hvp": Column("S8"), "hvp_check": Column("f8"), "u_curvature": Column("f8")} if hvp else {}
+    if groups:
+        extra.update(group_lambda=Column("f8", (int(groups),)), group_residual=Column("f8", (int(groups),)))
     return TableSpec(
         "curvature",
         {

@@ -29,7 +29,8 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
                 curvature_loss: Callable[[Any, Any], torch.Tensor] | None = None, curvature_topk: int = 1,
                 curvature_tol: float = 1e-6, curvature_max_iter: int | None = None,
                 curvature_trace: int | str | None = None, curvature_mode: str = "eval",
-                curvature_hvp: str = "auto", ntk_inputs: Any = None, ntk_outputs: str = "trace",
+                curvature_hvp: str = "auto", curvature_groups: bool | list[str] = False,
+                curvature_basis_device: str = "auto", ntk_inputs: Any = None, ntk_outputs: str = "trace",
                 ntk_method: str = "auto", controllers: Iterable[Any] | None = None,
                 batch_size: int | None = None) -> dict[type, Quantity]:
     """The quantities of the recorder's keyword arguments (one of each kind, off where not asked).
@@ -104,6 +105,13 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
         also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
         u_t exactly: no projected tensors, one step per update, one process).  A
         probe that fails is logged and switched off; training and the rest of the recording go on.
+        ``curvature_groups``: True (every layer group) or a list of group names: λ_max of each
+        group's diagonal Hessian block as well (columns ``group_lambda``/``group_residual``).
+        ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
+        memory model in :func:`phasewatch.record.curvature.lanczos`).  Under DDP build the recorder
+        on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
+        are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
+        on the whole batch; rank 0 writes.
     controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
         measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
         batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
@@ -123,7 +131,8 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
                      proj_dim=grad_proj_dim, proj=grad_proj, proj_seed=grad_proj_seed)
     curv = Curvature(curvature_every, batch=curvature_batch, loss=curvature_loss, topk=curvature_topk,
                      tol=curvature_tol, max_iter=curvature_max_iter, trace=curvature_trace, mode=curvature_mode,
-                     hvp=curvature_hvp, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method)
+                     hvp=curvature_hvp, groups=curvature_groups, basis_device=curvature_basis_device,
+                     ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method)
     return {Snapshots: snaps, Checkpoints: Checkpoints(checkpoint_every), GradNoise: grad, Curvature: curv,
             Controllers: ctrl}
 

@@ -27,8 +27,8 @@ class Curvature(Quantity):
     def __init__(self, every: Any = None, *, batch: Any = None,
                  loss: Callable[[Any, Any], torch.Tensor] | None = None, topk: int = 1, tol: float = 1e-6,
                  max_iter: int | None = None, trace: int | str | None = None, mode: str = "eval",
-                 hvp: str = "auto", ntk_inputs: Any = None, ntk_outputs: str = "trace",
-                 ntk_method: str = "auto") -> None:
+                 hvp: str = "auto", groups: bool | list[str] = False, basis_device: str = "auto",
+                 ntk_inputs: Any = None, ntk_outputs: str = "trace", ntk_method: str = "auto") -> None:
         super().__init__(every)
         if self.on and batch is None and ntk_inputs is None:
             raise RecorderError("curvature_every is given but neither curvature_batch nor ntk_inputs; "
@@ -37,27 +37,37 @@ class Curvature(Quantity):
             raise RecorderError("curvature_batch/ntk_inputs are given but curvature_every is not; say when to probe")
         self.options = dict(loss_fn=loss, batch=batch, top_k=topk, tol=tol, max_iter=max_iter, trace=trace,
                             mode=mode, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method,
-                            hvp=hvp)
+                            hvp=hvp, basis_device=basis_device)
+        self.groups = groups  # per-group λ_max: True (every layer group) or a list of group names
         self.probe: Any = None  # the CurvatureProbe, once bound (None again after a failure)
+        self.service: Any = None  # under DDP: every rank's share of the probe batch, products all-reduced
 
     def bind(self, rec: Any) -> None:
         """Set up against the recorder's parameters and device."""
         if not self.on:
             return
         from ..curvature import CurvatureProbe
+        from ..curvature_ddp import ddp_active, make_service, unwrap
 
         def _dev(t):
             return pytree.tree_map(lambda x: x.to(rec.device) if isinstance(x, torch.Tensor) else x, t)
 
         o = dict(self.options, batch=_dev(self.options["batch"]), ntk_inputs=_dev(self.options["ntk_inputs"]))
         try:
-            self.probe = CurvatureProbe(rec._model, rec.params, optimizer=rec.optimizer, **o)
+            cgroups = _curvature_groups(self.groups, rec.group_labels, rec._param_group)
+            net = rec._model
+            if o["batch"] is not None and ddp_active(rec._shard is not None):
+                net = unwrap(rec._model)
+                self.service = make_service(rec._model, rec.params, o["loss_fn"], o["batch"], o["mode"])
+            self.probe = CurvatureProbe(net, rec.params, optimizer=rec.optimizer, groups=cgroups,
+                                        group_names=rec.group_labels, service=self.service, **o)
         except PhasewatchError as e:
             raise RecorderError(str(e)) from None
 
     def should_compute(self, step: int) -> bool:
-        """True at the steps this quantity runs after."""
-        return self.probe is not None and self.schedule(step)
+        """True at the steps this quantity runs after (under DDP the distributed schedule's hook
+        runs the probe instead, :meth:`phasewatch.Recorder._ddp_curvature_probe`)."""
+        return self.probe is not None and self.service is None and self.schedule(step)
 
     def config(self, rec: Any) -> dict:
         """The recorder metadata keys of this quantity."""
@@ -92,3 +102,16 @@ def _curvature_probe(rec: Any, q: Curvature, step: int) -> None:
         log.warning("phasewatch: curvature probe failed at step %d (%s: %s); curvature probes are off "
                     "for the rest of this run, everything else is still recorded",
                     step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def _curvature_groups(want: Any, labels: list[str], param_group_idx: list[int]) -> list[list[int] | None] | None:
+    """curvature_groups=True (every group) or a list of group names → per recorded group the
+    indices of its tensors (None: not asked for)."""
+    if want is False or want is None:
+        return None
+    names = list(labels) if want is True else [want] if isinstance(want, str) else list(want)
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise RecorderError(f"curvature_groups: no layer group {unknown[0]!r}; the groups are {labels[:8]}")
+    return [[i for i, g in enumerate(param_group_idx) if g == gi] if lbl in names else None
+            for gi, lbl in enumerate(labels)]

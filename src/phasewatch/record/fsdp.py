@@ -231,6 +231,16 @@ class ShardSync:
         else:
             mb.disarm()
 
+    sharded = True
+
+    def exit_target(self, rec: Any) -> Any:
+        """What the exit and SIGTERM handlers close: this object (closes without collectives)."""
+        return self
+
+    def describe(self) -> dict:
+        """The ``sharding`` entry of the run's metadata."""
+        return {"kind": "fsdp2", "placement": "Shard(0)", "world_size": self.world}
+
     def global_dim(self, rec_dims: Sequence[int], projected: Sequence[bool]) -> int:
         """Ring dimension of the full model (what a projected snapshot stores)."""
         return int(sum(d if pr else int(self.numels[:, i].sum()) for i, (d, pr) in enumerate(zip(rec_dims, projected))))
@@ -537,14 +547,16 @@ class ShardSync:
         return out
 
     # -- failure and closing ---------------------------------------------------------------------
-    def fail(self, rec: Any, e: BaseException) -> None:
+    def fail(self, rec: Any, e: BaseException) -> bool:
         """This rank's recorder failed: stop its own work now (rank 0 keeps what it wrote); keep the
-        hooks that meet the other ranks until the next all-reduce tells every rank to stop."""
+        hooks that meet the other ranks until the next all-reduce tells every rank to stop.  True:
+        handled here (the recorder's own failure policy would run a collective)."""
         if rec.enabled:
             log.error("phasewatch: recorder disabled on rank %d after an error (%s: %s); every rank stops "
                       "recording at the next all-reduce, training continues", self.rank, type(e).__name__, e)
         self.failed = True
         self._disable(rec)
+        return True
 
     def _disable(self, rec: Any) -> None:
         # the recorder's hooks stay registered, inert (enabled is False), until close(): removing an

@@ -40,40 +40,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 from .. import __version__
-from ..errors import PhasewatchError, RecorderError
+from ..errors import RecorderError
 from ..store import format as fmt
 from ..store.reader import open_run
 from ..store.writer import Critical, RunWriter
 from . import fsdp, signals
-from .distributed import PerRankSampler, choose_source, run_after_closure, trainable_named
-from .probes import (
-    MicroBatchCapture,
-    SampleProjector,
-    apply_masks,
-    gradient_masks,
-    gram_statistics,
-    per_example_gradients,
-    training_batchnorm,
-)
+from .distributed import PerRankSampler, run_after_closure, trainable_named
 from .projection import fold_chunk_rows, fold_float64, fold_signs, fold_sum
-from .schedule import Schedule
+from .quantities import Checkpoints, Controllers, Curvature, GradNoise, Quantity, Snapshots, resolve
+from .quantities.base import json_safe
+from .sharding import NO_SHARDING, SingleProcess
 
 log = logging.getLogger("phasewatch")
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, (bool, int, float, str)) or v is None:
-        return v
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    return repr(v)
 
 
 def _group_of(name: str, groups: None | dict | Callable[[str], str]) -> str:
@@ -96,6 +76,14 @@ class Recorder:
     path: run directory to create (or to continue with ``resume=True``).
     model, optimizer: the model (for parameter names) and the optimizer whose steps are recorded.
         Parameters that require grad and belong to the optimizer are recorded.
+    quantities: the scheduled work as objects (:mod:`phasewatch.record.quantities`):
+        ``[Snapshots(every=...), Checkpoints(every=...), GradNoise(every=..., probe=..., loss=...),
+        Curvature(every=..., batch=..., loss=...), Controllers([...], batch_size=...)]``, at most one
+        of each kind, plus any :class:`~phasewatch.record.quantities.Quantity` of your own (its
+        ``compute(recorder, step)`` runs after the steps its schedule names).  The keyword arguments
+        below (``snapshot_*``, ``checkpoint_every``, ``grad_*``, ``curvature_*``, ``ntk_*``,
+        ``controllers``, ``batch_size``) build the same objects and record the same run; a kind
+        given both ways is refused.
     k: band length K: inner products of each update with itself and the K−1 previous ones (32).
     stride: record displacements θ_t − θ_{t−stride} every ``stride`` steps (1).
     block: B, updates per band GEMM (16); rows reach the writer every B recorded updates.
@@ -105,10 +93,6 @@ class Recorder:
         tensors with at most d elements are kept exact.
     groups: layer groups: ``None`` (one per parameter tensor), a dict label -> list of parameter
         names or prefixes, or a callable name -> label.
-    snapshot_every: schedule of stored update vectors (int N, ``"log"``, list of steps, callable).
-    snapshot_kind: ``"raw"`` (u_t itself, in either mode) or ``"projected"`` (the ring row).
-    snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
-    checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
     flush_rows, flush_seconds: write to disk every this many rows or seconds (256, 5 s).
     fsync: what survives a power loss: ``"never"`` (the OS writes back when it likes),
         ``"segment"`` (default: every closed segment and ``meta.json``) or ``"flush"`` (every
@@ -120,81 +104,9 @@ class Recorder:
         unless ``start_step`` says where training resumed.
     strict: re-raise the recorder's own errors (for tests) instead of disabling it.
     seeds, meta: anything to store in the run's metadata.
-    grad_samples_every: schedule (int N, ``"log"``, list, callable) of gradient-noise measurements,
-        stored as sufficient statistics in the ``grad_samples`` table (DEFINITIONS §2).  With
-        ``grad_probe``: per-example gradients on that batch, after the step (on the new θ),
-        source ``per_example``, b = 1.  Without: the micro-batch gradients of gradient
-        accumulation of the scheduled step (on the θ the step starts from), source
-        ``micro_batch``; needs ≥ 2 backward passes per step, else the step is skipped.
-    grad_source: ``"per_example"``, ``"micro_batch"`` (the defaults above) or ``"per_rank"``: under
-        DDP (a torch.distributed group of ≥ 2 ranks), every rank's local gradient of each of its
-        micro-batches, before the all-reduce, n = ranks × micro-batches, b = the per-rank
-        micro-batch size (see :mod:`phasewatch.record.distributed`).  ``per_rank`` runs
-        collectives: build and close the recorder on every rank, with the same arguments.  The
-        HF and Lightning callbacks choose it under DDP.
-    grad_mask: ``{parameter name: bool or 0/1 tensor}``: gradient statistics of a pruned network
-        over its unpruned coordinates only (each sample g becomes m ⊙ g; per-example and
-        micro-batch samples, not ``per_rank``).  Tensors pruned with ``torch.nn.utils.prune``
-        need no entry (the gradient of ``<name>_orig`` is already masked); either way the run's
-        ``recorder.grad_mask`` metadata gives the density (see
-        :func:`phasewatch.record.probes.gradient_masks`).  The update band and the steps table's
-        gradient norm stay those of the parameters the optimizer moves: a pruned coordinate that
-        receives no gradient does not move, but weight decay on ``<name>_orig`` does move it
-        (towards 0, while the effective weight stays 0), and that motion is in the band.
-    grad_probe: ``(inputs, targets)`` with examples along dim 0 (inputs may be a tuple of
-        positional arguments); ``grad_loss(outputs, targets)`` returns per-example losses or
-        their mean.  Computed with ``torch.func`` (``vmap(grad(functional_call))``), buffers passed
-        through, ``grad_chunk`` examples at a time (default: all).  A model with BatchNorm in
-        training mode is refused unless ``grad_probe_eval=True`` (the probe then runs in eval mode).
-    grad_samples_max: stored per-sample norms and covariance eigenvalues (``cov_eigs``: the top
-        eigenvalues of the samples' covariance, from the centred Gram) per row (64, NaN-padded);
-        all samples enter the statistics.
-    grad_proj_dim, grad_proj, grad_proj_seed: also store each measurement's samples projected to
-        d = ``grad_proj_dim`` dimensions (off by default), centred, in the ``grad_proj`` table
-        (first ``grad_samples_max`` samples; float32; plus the projected mean): ``"coords"`` (default)
-        keeps d seeded random coordinates of the flattened parameter vector exactly (their indices
-        in the run's ``recorder.grad_proj.index``), for coordinate-wise tail indices;
-        ``"gaussian"`` a seeded Gaussian sketch R (d × P, N(0, 1/d) entries, generated per tensor
-        and chunk, never materialised for large P).  Per-example and micro-batch samples only.
-    grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
-        Under FSDP2 give the per-rank micro-batch size: the samples are the reduce-scattered
-        (all-ranks) micro-batch gradients, so the stored b is ``grad_microbatch_size`` × world size.
-    grad_microbatch_scale: factor applied to each captured micro-batch gradient (the difference
-        of p.grad between successive backward passes).  ``"n_micro"`` (default) multiplies by the
-        number of micro-batches n, so a sample is the micro-batch *mean* gradient when the user
-        divides each micro-batch loss by n (the usual convention); pass ``1.0`` if the losses are
-        not divided.  Samples are captured at backward time: before clipping and, under a
-        ``GradScaler``, still multiplied by the loss scale.
-    curvature_every: schedule of curvature probes (DEFINITIONS §4–5), after the scheduled step, on
-        the new θ: with ``curvature_batch=(inputs, targets)`` and ``curvature_loss(outputs,
-        targets)`` → mean loss, the top ``curvature_topk`` Hessian eigenvalues by Lanczos to a
-        residual ≤ ``curvature_tol``·|λ| (and the residuals and HVP count), the Hutchinson trace
-        if ``curvature_trace`` (an int budget or ``"adaptive"``), Adam's preconditioned sharpness
-        for Adam-type optimizers, and the optimizer's stability threshold; with ``ntk_inputs``, the
-        NTK Gram on those inputs (``ntk_outputs`` ``"trace"``/``"full"``, ``ntk_method``
-        ``"auto"``/``"jacobian"``/``"ntk_vp"``).  ``curvature_mode`` ``"eval"``/``"train"``.
-        ``curvature_hvp``: ``"auto"`` (double backward, attention through the math SDPA backend;
-        finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  Each Hessian row
-        also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
-        u_t exactly: no projected tensors, one step per update, one process).  A
-        probe that fails is logged and switched off; training and the rest of the recording go on.
-        ``curvature_groups``: True (every layer group) or a list of group names: λ_max of each
-        group's diagonal Hessian block as well (columns ``group_lambda``/``group_residual``).
-        ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
-        memory model in :func:`phasewatch.record.curvature.lanczos`).  Under DDP build the recorder
-        on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
-        are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
-        on the whole batch; rank 0 writes.
-    controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
-        measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
-        batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
-        after every step ``on_step(step)``; both run at the end of the step's post-hook, so a changed
-        learning rate is the lr of the next step (and is what the ``steps`` table records for it).
-        Every change is written to the ``interventions`` table.  A controller bound to an optimizer
-        must be bound to this one; one without an optimizer (or ``dry_run``) only tracks what it would
-        do, and its rows say ``dry run``.  :attr:`should_stop` is True once an early-stopping
-        controller fired.  Not under DDP (the change would reach rank 0 only).
-    batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
+    **options: the quantities in keyword form (``snapshot_*``, ``checkpoint_every``, ``grad_*``,
+        ``curvature_*``, ``ntk_*``, ``controllers``, ``batch_size``), each described at
+        :func:`phasewatch.record.quantities.from_kwargs`; an unknown name is a ``TypeError``.
     """
 
     # projected mode folds θ_t (one read of θ a step); False: the fold of u_t = θ_t − θ_{t−stride} as
@@ -207,6 +119,7 @@ class Recorder:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
+        quantities: Iterable[Quantity] | None = None,
         k: int = 32,
         stride: int = 1,
         block: int = 16,
@@ -215,10 +128,6 @@ class Recorder:
         proj_dim: int = 8192,
         proj_seed: int = 0,
         groups: None | dict[str, Iterable[str]] | Callable[[str], str] = None,
-        snapshot_every: Any = None,
-        snapshot_kind: str = "raw",
-        snapshot_dtype: str = "float64",
-        checkpoint_every: Any = None,
         flush_rows: int = 256,
         flush_seconds: float = 5.0,
         rotate_rows: int = 1_000_000,
@@ -230,109 +139,119 @@ class Recorder:
         strict: bool = False,
         seeds: dict | None = None,
         meta: dict | None = None,
-        grad_samples_every: Any = None,
-        grad_probe: tuple[Any, Any] | None = None,
-        grad_loss: Callable[[Any, Any], torch.Tensor] | None = None,
-        grad_samples_max: int = 64,
-        grad_chunk: int | None = None,
-        grad_probe_eval: bool = False,
-        grad_microbatch_size: int | None = None,
-        grad_microbatch_scale: str | float = "n_micro",
-        grad_source: str | None = None,
-        grad_mask: dict[str, Any] | None = None,
-        grad_proj_dim: int | None = None,
-        grad_proj: str = "coords",
-        grad_proj_seed: int = 0,
-        curvature_every: Any = None,
-        curvature_batch: Any = None,
-        curvature_loss: Callable[[Any, Any], torch.Tensor] | None = None,
-        curvature_topk: int = 1,
-        curvature_tol: float = 1e-6,
-        curvature_max_iter: int | None = None,
-        curvature_trace: int | str | None = None,
-        curvature_mode: str = "eval",
-        curvature_hvp: str = "auto",
-        curvature_groups: bool | list[str] = False,
-        curvature_basis_device: str = "auto",
-        ntk_inputs: Any = None,
-        ntk_outputs: str = "trace",
-        ntk_method: str = "auto",
-        controllers: Iterable[Any] | None = None,
-        batch_size: int | None = None,
+        **options: Any,
     ) -> None:
+        # ``options``: the quantities' keyword form (snapshot_*, checkpoint_every, grad_*, curvature_*,
+        # ntk_*, controllers, batch_size), translated by phasewatch.record.quantities.from_kwargs
         if k < 2:
             raise RecorderError(f"k={k}: the band needs K >= 2 (the window W must satisfy W <= K-1)")
         if stride < 1 or block < 1:
             raise RecorderError("stride and block must be positive integers")
         if mode not in ("auto", "exact", "projected"):
             raise RecorderError(f"mode={mode!r}: use 'auto', 'exact' or 'projected'")
-        if snapshot_kind not in ("raw", "projected"):
-            raise RecorderError(f"snapshot_kind={snapshot_kind!r}: use 'raw' or 'projected'")
         self.path = Path(path)
         self.strict = strict
         self._dist_sampler = None
-        # -- controllers (phasewatch.record.control): off unless given ------------------------------
-        self.controllers = list(controllers or [])
-        self.interventions: list[Any] = []  # every change the controllers made in this session
-        if self.controllers and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise RecorderError("controllers are not supported under DDP: a learning-rate change made on "
-                                "rank 0 would not reach the other ranks; train without controllers")
-        for c in self.controllers:
-            if not (callable(getattr(c, "on_measurement", None)) and callable(getattr(c, "on_step", None))):
-                raise RecorderError(f"controllers: {type(c).__name__} is not a controller (phasewatch.record.control: "
-                                    "needs on_measurement and on_step)")
-            if getattr(c, "optimizer", None) not in (None, optimizer):
-                raise RecorderError(f"controllers: {type(c).__name__} is bound to another optimizer; build it "
-                                    "with the optimizer given to the recorder")
-        if batch_size is not None and not float(batch_size) > 0:
-            raise RecorderError(f"batch_size={batch_size}: must be a positive number of examples")
-        self._batch_size = None if batch_size is None else float(batch_size)
-        self._measured: list[tuple[int, float, dict]] = []  # (step, b, statistics) awaiting the controllers
-        self._last_loss: Any = None  # the last loss given to loss(), for the controllers' estimates
-        grad_source = choose_source(grad_samples_every, grad_probe, grad_source)
-        if grad_mask and grad_source == "per_rank":
-            raise RecorderError("grad_mask is not supported with per_rank gradient samples; prune with "
-                                "torch.nn.utils.prune instead (its gradients are already masked)")
-        # FSDP2 (DTensor parameters): every rank records its shards, rank 0 writes (record/fsdp.py)
-        self._shard: Any = None
-        sharded = fsdp.detect(trainable_named(model, optimizer))
-        if sharded:
-            # (gradient samples: the micro-batch route only, see ShardSync.sample_exchange)
-            fsdp.refuse_options(grad_probe=grad_probe,
-                                grad_source=grad_source if grad_source not in (None, "micro_batch") else None,
-                                grad_mask=grad_mask or None, grad_proj_dim=grad_proj_dim or None,
-                                curvature_every=curvature_every)
+        sharded = self._use_quantities(*resolve(quantities, options), model, optimizer)
         self._writes = not sharded or torch.distributed.get_rank() == 0  # ranks != 0 open no file
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_rank() != 0 and not sharded:
-            # under DDP the parameters are the same on every rank: rank 0 records, the others idle
-            # (except for capturing their local gradients when per-rank samples are scheduled)
-            self.enabled, self._closed, self._hooks = False, True, []
-            # ``step`` still counts this rank's optimizer steps (from ``start_step``, else 0: the
-            # run file is rank 0's), so a loop may use rec.step on every rank
-            self.step = int(start_step) if start_step is not None else 0
-            optimizer.register_step_post_hook(self._count_step)
-            if grad_source == "per_rank":
-                self._dist_sampler = PerRankSampler(model, optimizer, Schedule(grad_samples_every),
-                                                    scale=grad_microbatch_scale, n_max=grad_samples_max)
-                self._closed = False  # close() removes the sampler's hooks
-            if curvature_every is not None and curvature_batch is not None:
-                # curvature probes: serve rank 0's products on this rank's share of the probe batch
-                from .curvature_ddp import DistributedSchedule, make_service
-
-                service = make_service(model, _recorded_order(model, optimizer, groups), curvature_loss,
-                                       curvature_batch, curvature_mode)
-                self._hooks.append(DistributedSchedule(service, optimizer, Schedule(curvature_every),
-                                                       self.step).handle)
-                self._closed = False  # close() removes the hook
+            self._idle_rank(model, optimizer, start_step, groups)
             return
         self.k, self.stride, self.block = int(k), int(stride), int(block)
         self.enabled = True
         self._hooks: list[Any] = []
         self._closed = False
+        self._model, self.optimizer = model, optimizer
+        order, param_group_idx = self._select_params(model, optimizer, groups, sharded)
+        projected, dims, local_numel = self._choose_mode(mode, memory_budget, proj_dim, proj_seed, param_group_idx)
+        for q in self._quantities:
+            q.bind(self)
+        self._init_ring(projected, local_numel)
+        self._init_buffers(param_group_idx)
+        # -- the run on disk ----------------------------------------------------------------
+        # (under FSDP the ring row is this rank's part; stored snapshots are of the full model)
+        global_dim = self._sharding.global_dim(dims, projected)
+        tables = self._declare_tables(resume, n_lr=len(optimizer.param_groups), n_groups=len(order),
+                                      snap_dim=self.n_params if self.snapshot_kind == "raw" else global_dim)
+        run_meta = self._run_meta(model, optimizer, memory_budget, seeds, meta, (order, param_group_idx,
+                                                                                projected, dims))
+        self._open_writer(run_meta, tables, resume, start_step, dict(
+            block_rows=flush_rows, flush_seconds=flush_seconds, rotate_rows=rotate_rows,
+            rotate_seconds=rotate_seconds, fsync=fsync, min_free_bytes=min_free_bytes))
+        self._attach(model, optimizer, len(order))
 
-        # -- which parameters, in which layout --------------------------------------------
+    # ------------------------------------------------------------------------------------------
+    # construction, in steps
+    def _use_quantities(self, built: dict[type, Any], extra: list, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> bool:
+        """Keep the quantities (one of each built-in kind, off where not asked, plus ``extra``), check
+        what depends on the process group, and say whether the parameters are FSDP2-sharded."""
+        snaps, ckpt, grad, curv, ctrl = (built[t] for t in (Snapshots, Checkpoints, GradNoise, Curvature,
+                                                            Controllers))
+        self._snapq, self._ckptq, self._grad, self._curvq, self._ctrlq = snaps, ckpt, grad, curv, ctrl
+        self._extra = extra
+        self._quantities = [snaps, ckpt, grad, curv, ctrl, *extra]
+        # the post-step loop: what is scheduled, in each quantity's order (snapshots: with the update)
+        self._scheduled = sorted((q for q in self._quantities[1:] if q.on), key=lambda q: q.order)
+        self.snapshots, self.snapshot_kind, self._snap_dtype = snaps.schedule, snaps.kind, snaps.dtype
+        self.checkpoints, self.grad_samples, self.curvature = ckpt.schedule, grad.schedule, curv.schedule
+        self.controllers = ctrl.controllers  # phasewatch.record.control: off unless given
+        self.interventions: list[Any] = []  # every change the controllers made in this session
+        self._measured: list[tuple[int, float, dict]] = []  # (step, b, statistics) awaiting the controllers
+        self._last_loss: Any = None  # the last loss given to loss(), for the controllers' estimates
+        ctrl.check(optimizer)
+        grad.resolve()  # per_example | micro_batch | per_rank | None (choose_source)
+        self._grad_on = grad.on
+        self._grad_source = grad.source
+        self._grad_mb_size, self._grad_mb_scale = grad.microbatch_size, grad.microbatch_scale
+        # FSDP2 (DTensor parameters): every rank records its shards, rank 0 writes (record/fsdp.py)
+        self._shard: Any = None  # the FSDP2 strategy (record/fsdp.py), else None; see _sharding
+        self._sharding: Any = NO_SHARDING
+        sharded = fsdp.detect(trainable_named(model, optimizer))
+        if sharded:
+            # (gradient samples: the micro-batch route only, see ShardSync.sample_exchange)
+            fsdp.refuse_options(grad_probe=grad.probe,
+                                grad_source=grad.source if grad.source not in (None, "micro_batch") else None,
+                                grad_mask=grad.mask or None, grad_proj_dim=grad.proj_dim or None,
+                                curvature_every=curv.every)
+        return bool(sharded)
+
+    # the quantities' state read by the rest of the recorder and by record/fsdp.py, distributed.py
+    grad_samples_max = property(lambda self: self._grad.samples_max)
+    _mb = property(lambda self: self._grad.capture)
+    _proj = property(lambda self: self._grad.projector)
+    _curv = property(lambda self: self._curvq.probe)
+    _curv_service = property(lambda self: self._curvq.service)  # DDP: the all-reduced probe products
+
+    def _idle_rank(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step: int | None,
+                   groups: Any) -> None:
+        """Under DDP the parameters are the same on every rank: rank 0 records, the others idle
+        (except for capturing their local gradients when per-rank samples are scheduled, and for
+        serving rank 0's curvature products on their share of the probe batch)."""
+        self.enabled, self._closed, self._hooks = False, True, []
+        # ``step`` still counts this rank's optimizer steps (from ``start_step``, else 0: the
+        # run file is rank 0's), so a loop may use rec.step on every rank
+        self.step = int(start_step) if start_step is not None else 0
+        optimizer.register_step_post_hook(self._count_step)
+        if self._grad_source == "per_rank":
+            g = self._grad
+            self._dist_sampler = PerRankSampler(model, optimizer, g.schedule, scale=g.microbatch_scale,
+                                                n_max=g.samples_max)
+            self._closed = False  # close() removes the sampler's hooks
+        c = self._curvq
+        if c.on and c.options["batch"] is not None:
+            # curvature probes: serve rank 0's products on this rank's share of the probe batch
+            from .curvature_ddp import DistributedSchedule, make_service
+
+            service = make_service(model, _recorded_order(model, optimizer, groups), c.options["loss_fn"],
+                                   c.options["batch"], c.options["mode"])
+            self._hooks.append(DistributedSchedule(service, optimizer, c.schedule, self.step).handle)
+            self._closed = False  # close() removes the hook
+
+    def _select_params(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any,
+                       sharded: bool) -> tuple[list[str], list[int]]:
+        """Which parameters, in which layout: the group labels and each parameter's group."""
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
         if not named:
@@ -348,18 +267,22 @@ class Recorder:
         self.params = [p for _, (_, p) in named]
         self.param_names = [n for _, (n, _) in named]
         param_group_idx = [order.index(lbl) for lbl, _ in named]
+        self._param_group = param_group_idx  # (the quantities' bind reads the layout)
         self.n_params = sum(p.numel() for p in self.params)
         self.device = self.params[0].device
         if sharded:  # a collective: agree on the layout, learn every rank's shard sizes
             self._shard = fsdp.ShardSync(self.params, self.param_names)
-        # elements of each tensor this rank's ring sees (under FSDP its shard)
-        local_numel = [p.numel() if self._shard is None else self._shard.local_numel(i)
-                       for i, p in enumerate(self.params)]
+        self._sharding = self._shard if sharded else SingleProcess(self.params)
+        return order, param_group_idx
 
-        # -- exact or projected -------------------------------------------------------------
+    def _choose_mode(self, mode: str, memory_budget: int, proj_dim: int, proj_seed: int,
+                     param_group_idx: list[int]) -> tuple[list[bool], list[int], list[int]]:
+        """Exact or projected: which tensors are folded, each tensor's ring width, the group slices."""
+        # elements of each tensor this rank's ring sees (under FSDP its shard)
+        local_numel = [self._sharding.local_numel(i) for i in range(len(self.params))]
         # ring rows R >= K-1+B, a multiple of B so that a block of new rows never wraps around
         self.rows = self.block * -(-(self.k - 1 + self.block) // self.block)
-        exact_bytes = self.rows * (self.n_params if self._shard is None else self._shard.max_local_numel()) * 8
+        exact_bytes = self.rows * self._sharding.max_local_numel() * 8
         if mode == "auto":
             mode = "exact" if exact_bytes <= memory_budget else "projected"
             if mode == "projected":
@@ -372,94 +295,15 @@ class Recorder:
         projected = [mode == "projected" and p.numel() > self.proj_dim for p in self.params]
         dims = [self.proj_dim if pr else n for n, pr in zip(local_numel, projected)]
         self.dim = sum(dims)
-        offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
-        n_groups = len(order)
+        self._offsets = offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
         self._group_slices = []
-        for g in range(n_groups):
+        for g in range(len(self.group_labels)):
             idx = [i for i, gi in enumerate(param_group_idx) if gi == g]
             self._group_slices.append(slice(int(offsets[idx[0]]), int(offsets[idx[-1] + 1])))
+        return projected, dims, local_numel
 
-        self.snapshot_kind = snapshot_kind
-        self.snapshots = Schedule(snapshot_every)
-
-        # -- gradient samples (noise statistics) ---------------------------------------------
-        if int(grad_samples_max) < 1:
-            raise RecorderError(f"grad_samples_max={grad_samples_max}: must be a positive integer")
-        self.grad_samples_max = int(grad_samples_max)
-        self.grad_samples = Schedule(grad_samples_every)
-        self._grad_on = grad_samples_every is not None
-        if grad_probe is not None and not self._grad_on:
-            raise RecorderError("grad_probe is given but grad_samples_every is not; say when to probe")
-        if grad_probe is not None:
-            if grad_loss is None:
-                raise RecorderError("grad_probe needs grad_loss=callable(outputs, targets) -> per-example or mean loss")
-            if not (isinstance(grad_probe, (tuple, list)) and len(grad_probe) == 2):
-                raise RecorderError("grad_probe must be a pair (inputs, targets)")
-            bn = training_batchnorm(model)
-            if bn and not grad_probe_eval:
-                raise RecorderError(
-                    f"grad_probe: the model has BatchNorm in training mode ({bn[0]}), which mixes the "
-                    "examples of a batch, so per-example gradients are undefined; pass "
-                    "grad_probe_eval=True to probe in eval mode, or use micro-batch samples (no grad_probe)")
-        if grad_microbatch_scale != "n_micro" and not isinstance(grad_microbatch_scale, (int, float)):
-            raise RecorderError(f"grad_microbatch_scale={grad_microbatch_scale!r}: use 'n_micro' or a number")
-        self._grad_source = grad_source  # per_example | micro_batch | per_rank | None (choose_source)
-        self._grad_masks, grad_mask_meta = gradient_masks(model, self.param_names, grad_mask)
-        self._model = model
-        self._grad_probe = None if grad_probe is None else tuple(pytree.tree_map(
-            lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, tuple(grad_probe)))
-        self._grad_loss = grad_loss
-        self._grad_chunk = int(grad_chunk) if grad_chunk else None
-        self._grad_probe_eval = bool(grad_probe_eval)
-        self._grad_mb_size = float(grad_microbatch_size) if grad_microbatch_size else float("nan")
-        self._grad_mb_scale = grad_microbatch_scale
-        self._mb = (MicroBatchCapture(self.params, on_error=self._fail)
-                    if self._grad_source == "micro_batch" else None)
-        self._proj = None  # projected samples (grad_proj table): opt-in
-        if grad_proj_dim:
-            if not self._grad_on:
-                raise RecorderError("grad_proj_dim is given but grad_samples_every is not; say when to sample")
-            if self._grad_source == "per_rank":
-                raise RecorderError("grad_proj_dim: projected samples are recorded for per-example and "
-                                    "micro-batch samples only, not per_rank; drop grad_proj_dim under DDP")
-            self._proj = SampleProjector(self.params, grad_proj, grad_proj_dim, grad_proj_seed)
-        self.checkpoints = Schedule(checkpoint_every)
-
-        # -- curvature probes ---------------------------------------------------------------
-        self.curvature = Schedule(curvature_every)
-        self._curv = None
-        self._curv_service = None  # under DDP: every rank's share of the probe batch, products all-reduced
-        if curvature_every is not None:
-            if curvature_batch is None and ntk_inputs is None:
-                raise RecorderError("curvature_every is given but neither curvature_batch nor ntk_inputs; "
-                                    "say what to probe")
-            from .curvature import CurvatureProbe
-
-            def _dev(t):
-                return pytree.tree_map(lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x, t)
-
-            from .curvature_ddp import ddp_active, make_service, unwrap
-
-            try:
-                cgroups = _curvature_groups(curvature_groups, self.group_labels, param_group_idx)
-                net = model
-                if curvature_batch is not None and ddp_active(sharded):
-                    net = unwrap(model)
-                    self._curv_service = make_service(model, self.params, curvature_loss, _dev(curvature_batch),
-                                                      curvature_mode)
-                self._curv = CurvatureProbe(
-                    net, self.params, loss_fn=curvature_loss, batch=_dev(curvature_batch),
-                    top_k=curvature_topk, tol=curvature_tol, max_iter=curvature_max_iter,
-                    trace=curvature_trace, mode=curvature_mode, ntk_inputs=_dev(ntk_inputs),
-                    ntk_outputs=ntk_outputs, ntk_method=ntk_method, optimizer=optimizer, hvp=curvature_hvp,
-                    groups=cgroups, group_names=self.group_labels, basis_device=curvature_basis_device,
-                    service=self._curv_service)
-            except PhasewatchError as e:
-                raise RecorderError(str(e)) from None
-        elif curvature_batch is not None or ntk_inputs is not None:
-            raise RecorderError("curvature_batch/ntk_inputs are given but curvature_every is not; say when to probe")
-
-        # -- device state -------------------------------------------------------------------
+    def _init_ring(self, projected: list[bool], local_numel: list[int]) -> None:
+        """The device state: the float64 ring, θ_{t−stride}, the fold signs and preallocated scratch."""
         with torch.no_grad():
             dev = self.device
             self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
@@ -473,13 +317,13 @@ class Recorder:
             self._fold_theta = self._shard is None and self._FOLD_THETA
             # θ_{t-stride} in its own dtype (u_t is computed in it): exact tensors; folded ones only
             # where u_t itself is needed (raw snapshots, copied on the steps before a snapshot)
-            self._raw_snaps = snapshot_every is not None and snapshot_kind == "raw"
+            self._raw_snaps = self._snapq.raw
             keep_prev = [i for i in range(len(self.params)) if i in self._exact or not self._fold_theta
                          or self._raw_snaps]
             self._prev = {i: fsdp.local(self.params[i].detach()).clone() for i in keep_prev}
             self._prev_fresh = True  # the folded tensors' θ_prev is θ_{t−stride} of the coming update
-            if self._shard is not None:  # the signs of this rank's coordinates of each tensor
-                self._signs = {i: self._shard.local_signs(i, s) for i, s in self._signs.items()}
+            # (under FSDP the signs of this rank's coordinates of each tensor)
+            self._signs = {i: self._sharding.local_signs(i, s) for i, s in self._signs.items()}
             # preallocated scratch: no allocation (and no page faults) on the per-step path
             self._scratch, self._fold_out, self._theta_fold = {}, {}, {}
             if self._fold_theta and self._folded:
@@ -501,11 +345,13 @@ class Recorder:
                 row = self._ring[r]
                 views = {}
                 for i in range(len(self.params)):
-                    v = row[offsets[i]: offsets[i + 1]]
+                    v = row[self._offsets[i]: self._offsets[i + 1]]
                     views[i] = v if i in self._signs else v.view(self._prev[i].shape)
                 self._slot_views.append(views)
 
-        # -- host-side buffers --------------------------------------------------------------
+
+    def _init_buffers(self, param_group_idx: list[int]) -> None:
+        """Host-side buffers of the per-step path."""
         self._n_updates = 0          # updates written into the ring so far (this session)
         self._n_banded = 0           # updates whose band row has been computed
         self._pending_update_steps: list[tuple[int, float]] = []  # (step, lr) awaiting band
@@ -520,12 +366,8 @@ class Recorder:
         self._warned_nonfinite = False
         self._update_norms: dict[int, float] = {}
 
-        # -- the run on disk ----------------------------------------------------------------
-        n_lr = len(optimizer.param_groups)
-        # (under FSDP the ring row is this rank's part; stored snapshots are of the full model)
-        global_dim = self.dim if self._shard is None else self._shard.global_dim(dims, projected)
-        snap_dim = self.n_params if snapshot_kind == "raw" else global_dim
-        self._snap_dtype = snapshot_dtype if snapshot_kind == "raw" else "float64"
+    def _declare_tables(self, resume: bool, n_lr: int, n_groups: int, snap_dim: int) -> list:
+        """The tables of the run (kept as the run on disk has them when resuming)."""
         old_tables = None
         if resume and self._writes and (self.path / fmt.META_FILE).exists():
             try:
@@ -556,7 +398,7 @@ class Recorder:
         elif isinstance(old_tables, dict):
             old_norms = old_tables["grad_samples"].get("sample_norms")
             if old_norms and old_norms[1] and old_norms[1][0] != self.grad_samples_max:
-                self.grad_samples_max = int(old_norms[1][0])
+                self._grad.samples_max = int(old_norms[1][0])
             self._grad_cov = "cov_eigs" in old_tables["grad_samples"]
             grad_spec = fmt.grad_samples_table(n_groups, self.grad_samples_max, cov_eigs=self._grad_cov)
         if grad_spec is not None:
@@ -591,30 +433,26 @@ class Recorder:
             log.warning("phasewatch: controllers are given but no gradient samples (grad_samples_every): "
                         "they get no measurements and only see on_step")
         self._grad_table = grad_spec is not None
+        return tables
+
+    def _run_meta(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, memory_budget: int,
+                  seeds: dict | None, meta: dict | None, layout: tuple) -> dict:
+        """The run's ``meta.json``: model, optimizer, the recorder's configuration and its quantities'."""
+        order, param_group_idx, projected, dims = layout
         config = {
             "k": self.k, "stride": self.stride, "block": self.block, "mode": self.mode,
-            "memory_budget": memory_budget, "proj_dim": self.proj_dim if mode == "projected" else None,
-            "proj_seed": self.proj_seed if mode == "projected" else None,
-            "proj_method": "sign-fold" if mode == "projected" else None,
+            "memory_budget": memory_budget, "proj_dim": self.proj_dim if self.mode == "projected" else None,
+            "proj_seed": self.proj_seed if self.mode == "projected" else None,
+            "proj_method": "sign-fold" if self.mode == "projected" else None,
             "projected_tensors": [self.param_names[i] for i in self._folded],
-            "snapshot_every": self.snapshots.describe(), "snapshot_kind": snapshot_kind,
-            "snapshot_dtype": self._snap_dtype, "checkpoint_every": self.checkpoints.describe(),
+            **self._snapq.config(self), **self._ckptq.config(self),
             "accumulate": "float64", "device": str(self.device),
-            "grad_samples_every": self.grad_samples.describe() if self._grad_on else None,
-            "grad_samples_source": self._grad_source, "grad_samples_max": self.grad_samples_max,
-            "grad_probe_size": (None if self._grad_probe is None else _probe_size(self._grad_probe[0])),
-            "grad_chunk": self._grad_chunk, "grad_probe_eval": self._grad_probe_eval,
-            "grad_microbatch_size": None if math.isnan(self._grad_mb_size) else self._grad_mb_size,
-            "grad_microbatch_scale": self._grad_mb_scale, "grad_mask": grad_mask_meta,
-            "grad_proj": self._proj.describe() if self._proj is not None else None,
-            "curvature_every": self.curvature.describe() if self._curv is not None else None,
-            "curvature": self._curv.config() if self._curv is not None else None,
-            "controllers": [_json_safe(c.describe()) if callable(getattr(c, "describe", None))
-                            else {"class": type(c).__name__} for c in self.controllers],
-            "batch_size": self._batch_size,
-            "sharding": None if self._shard is None else {"kind": "fsdp2", "placement": "Shard(0)",
-                                                          "world_size": self._shard.world},
+            **self._grad.config(self), **self._curvq.config(self), **self._ctrlq.config(self),
+            "sharding": self._sharding.describe(),
         }
+        if self._extra:  # quantities beyond the built-in kinds
+            config["quantities"] = [{"class": type(q).__name__, "every": json_safe(q.describe()),
+                                     **json_safe(q.config(self))} for q in self._extra]
         model_meta = {
             "class": type(model).__name__,
             "n_params": self.n_params,
@@ -632,8 +470,8 @@ class Recorder:
         }
         opt_meta = {
             "class": type(optimizer).__name__,
-            "defaults": _json_safe({k: v for k, v in optimizer.defaults.items()}),
-            "param_groups": [_json_safe({k: v for k, v in g.items() if k != "params"})
+            "defaults": json_safe({k: v for k, v in optimizer.defaults.items()}),
+            "param_groups": [json_safe({k: v for k, v in g.items() if k != "params"})
                              for g in optimizer.param_groups],
         }
         opt_meta["hyper"] = opt_meta["param_groups"][0]
@@ -641,10 +479,15 @@ class Recorder:
             "model": model_meta, "optimizer": opt_meta, "recorder": config,
             "versions": {"phasewatch": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
-            "seeds": {"torch_initial_seed": int(torch.initial_seed()), **(_json_safe(seeds or {}))},
-            "user": _json_safe(meta or {}),
+            "seeds": {"torch_initial_seed": int(torch.initial_seed()), **(json_safe(seeds or {}))},
+            "user": json_safe(meta or {}),
             "command": " ".join(sys.argv),
         }
+        return run_meta
+
+    def _open_writer(self, run_meta: dict, tables: list, resume: bool, start_step: int | None,
+                     writer_options: dict) -> None:
+        """Open the run (rank 0 under FSDP; a NullWriter elsewhere) and learn the step to continue from."""
         last_step = 0
         if resume and self._writes and (self.path / fmt.META_FILE).exists():
             try:
@@ -655,45 +498,39 @@ class Recorder:
                 log.warning("phasewatch: could not read the run to resume (%s); steps restart at 1", e)
         writer_error = None
         try:
-            self.writer = (RunWriter(self.path, run_meta, tables, resume=resume, block_rows=flush_rows,
-                                     flush_seconds=flush_seconds, rotate_rows=rotate_rows,
-                                     rotate_seconds=rotate_seconds, fsync=fsync,
-                                     min_free_bytes=min_free_bytes)
+            self.writer = (RunWriter(self.path, run_meta, tables, resume=resume, **writer_options)
                            if self._writes else fsdp.NullWriter())
-        except Exception as e:
-            if self._shard is None:
-                raise
+        except Exception as e:  # (raised by start(); under FSDP on every rank)
             writer_error = e
         steps_spec = getattr(getattr(self, "writer", None), "tables", {}).get("steps")
         if steps_spec is not None:  # write the column only where the run on disk has it
             self._unclipped_col = "grad_norm_unclipped" in steps_spec.columns
         self.step = int(start_step) if start_step is not None else last_step  # last completed step
-        if self._shard is not None:  # a collective: rank 0's error is raised on every rank, its step kept
-            self.step = self._shard.start(writer_error, self.step)
+        # (FSDP: a collective: rank 0's error is raised on every rank, its step kept)
+        self.step = self._sharding.start(writer_error, self.step)
         self._resume_step = self.step
 
-        self.optimizer = optimizer
+    def _attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_groups: int) -> None:
+        """Hook the optimizer's steps, the exit and SIGTERM handlers, the shard's hook and the samplers."""
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_hook))
         self._hooks.append(optimizer.register_step_post_hook(self._post_hook))
         self._pid = os.getpid()
         self._critical = Critical()
         # (under FSDP: close without collectives, see record/fsdp.py)
-        self._atexit = weakref.WeakMethod(self.close if self._shard is None else self._shard.close)
+        self._atexit = weakref.WeakMethod(self._sharding.exit_target(self).close)
         atexit.register(_close_at_exit, self._atexit)
         # SIGTERM: flush and close, then the signal's previous action
-        signals.register(self if self._shard is None else self._shard)
-        if self._shard is not None:
-            self._shard.setup(self)  # its step post-hook runs after the recorder's
-        self._arm_micro_batches()
+        signals.register(self._sharding.exit_target(self))
+        self._sharding.setup(self)  # FSDP: its step post-hook runs after the recorder's
+        self._grad.arm(self)
         if self._grad_source == "per_rank":  # a collective: every rank builds its sampler here
             self._dist_sampler = PerRankSampler(
-                model, optimizer, self.grad_samples, scale=grad_microbatch_scale, n_max=self.grad_samples_max,
+                model, optimizer, self.grad_samples, scale=self._grad_mb_scale, n_max=self.grad_samples_max,
                 layout=(self.param_names, self._param_group, n_groups, self.step), on_row=self._per_rank_row)
         if self._curv_service is not None:
             # a collective, after the sampler's as on the other ranks; its hook runs after the
             # recorder's, so the probe sees this step's update
             from .curvature_ddp import DistributedSchedule
-
 
             self._hooks.append(DistributedSchedule(self._curv_service, optimizer, self.curvature, self.step,
                                                    on_probe=self._ddp_curvature_probe).handle)
@@ -764,13 +601,13 @@ class Recorder:
     def flush(self) -> None:
         """Compute pending band rows and write everything buffered to disk.  Under FSDP a
         collective: call it on every rank."""
-        shard = self._shard
-        if shard is not None and not self.enabled and not self._closed and not self._forked():
+        shard = self._sharding
+        if not self.enabled and not self._closed and not self._forked():
             shard.ensure_met(shard.meetings)  # FSDP: a failed rank still meets the others' all-reduce
             return
         if not self.enabled or self._forked() or Critical.active():  # (a handler amid a write)
             return
-        m0 = shard.meetings if shard is not None else 0
+        m0 = shard.meetings
         with self._critical:
             try:
                 if not self._critical.torn:
@@ -778,16 +615,15 @@ class Recorder:
                 self.writer.flush(rotate=False)
             except Exception as e:  # noqa: BLE001
                 self._fail(e)
-        if shard is not None:
-            shard.ensure_met(m0)
+        shard.ensure_met(m0)
 
     def close(self) -> None:
         """Write what is pending, close the run, remove the hooks.  Idempotent.  Under FSDP a
         collective: call it on every rank."""
         if self._closed or self._forked() or Critical.active():  # (a handler amid a write)
             return
-        shard = getattr(self, "_shard", None)
-        m0 = shard.meetings if shard is not None else 0
+        shard = getattr(self, "_sharding", NO_SHARDING)
+        m0 = shard.meetings
         if self.enabled:
             with self._critical:
                 try:
@@ -798,8 +634,7 @@ class Recorder:
                     self._fail(e)
         if getattr(self, "_dist_sampler", None) is not None:
             self._dist_sampler.close()  # not in _fail: the other ranks still expect its collectives
-        if shard is not None:
-            shard.finish(m0)  # FSDP: a rank that failed still meets the others' last all-reduce
+        shard.finish(m0)  # FSDP: a rank that failed still meets the others' last all-reduce
         self._remove_hooks()
         signals.unregister(self)
         self._closed = True
@@ -854,8 +689,7 @@ class Recorder:
             # device and read with the block (float() here would be a host sync every step)
             self._cur_lr = [g["lr"].detach().clone() if isinstance(g["lr"], torch.Tensor) else float(g["lr"])
                             for g in optimizer.param_groups]
-            if self._mb is not None and self._mb.armed and self._shard is None:  # (FSDP: in the shard's hook)
-                self._micro_batch_samples(self.step + 1)
+            self._grad.before_step(self, self.step + 1)  # micro-batch samples (FSDP: in the shard's hook)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
@@ -870,15 +704,10 @@ class Recorder:
             self._cur_grad = None
             if (step - self._resume_step) % self.stride == 0:
                 self._record_update(step)
-            if self.checkpoints(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
-                self._checkpoint(step)
-            if self._grad_source == "per_example" and self.grad_samples(step):
-                self._per_example_samples(step)
-            if self._curv is not None and self._curv_service is None and self.curvature(step):
-                self._curvature_probe(step)  # (DDP: from the distributed schedule's hook)
-            if self.controllers:  # last: a changed lr is the lr of step + 1
-                self._control(step)
-            self._arm_micro_batches()
+            for q in self._scheduled:  # checkpoints, gradient noise, curvature, ...; controllers last
+                if q.should_compute(step):
+                    q.compute(self, step)
+            self._grad.arm(self)
             if len(self._pending_update_steps) >= self.block and self._shard is None:  # (FSDP: ditto)
                 with self._critical:  # a SIGTERM handler (close) must not run in the middle of a drain
                     self._drain(final=False)
@@ -948,11 +777,6 @@ class Recorder:
             data = torch.cat(parts)
         arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
         self.writer.append("snapshots", step=np.array([step]), update=arr)
-
-    @torch.no_grad()
-    def _checkpoint(self, step: int) -> None:
-        theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
-        self.writer.append("checkpoints", step=np.array([step]), theta=theta.numpy()[None])
 
     @torch.no_grad()
     def _drain(self, final: bool) -> None:
@@ -1089,42 +913,10 @@ class Recorder:
     def _ddp_curvature_probe(self, step: int) -> None:
         """Rank 0 under DDP, inside the session every rank takes part in (off or failed: a no-op)."""
         if self.enabled and self._curv is not None:
-            self._curvature_probe(step)
-
-    def _curvature_probe(self, step: int) -> None:
-        """Hessian and NTK probes on the fixed probe data; a failure switches the probe off only."""
-        from .curvature import rows_to_columns
-
-        c = self._curv
-        try:
-            if c.batch is not None:
-                lr = float(self._cur_lr[0]) if self._cur_lr else float("nan")
-                # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
-                exact_u = not self._folded and self.stride == 1 and self._shard is None and self._n_updates
-                upd = self._ring[(self._n_updates - 1) % self.rows] if exact_u else None
-                row = c.hessian_row(step, lr, update=upd)
-                self.writer.append("curvature", **rows_to_columns([row]))
-            if c.ntk_size:
-                self.writer.append("ntk", **rows_to_columns([c.ntk_row(step)]))
-        except Exception as e:  # noqa: BLE001 - a probe never stops training
-            if self.strict:
-                raise
-            self._curv = None
-            log.warning("phasewatch: curvature probe failed at step %d (%s: %s); curvature probes are off "
-                        "for the rest of this run, everything else is still recorded",
-                        step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._curvq.compute(self, step)
 
     # ------------------------------------------------------------------------------------------
     # gradient samples
-    def _arm_micro_batches(self) -> None:
-        """Install the per-parameter accumulate hooks for the coming step if it is scheduled."""
-        if self._mb is None or self._shard is not None:  # (FSDP: armed by the shard's step hook)
-            return
-        if self.grad_samples(self.step + 1):
-            self._mb.arm()
-        else:
-            self._mb.disarm()
-
     def _write_grad_row(self, step: int, source: str, b: float, st: dict) -> None:
         if self.controllers:  # the controllers read these statistics at the end of the step's post-hook
             self._measured.append((step, b, st))
@@ -1138,13 +930,6 @@ class Recorder:
             layer_mean_sq_norm=st["layer_mean_sq_norm"][None], layer_trace=st["layer_trace"][None],
             sample_norms=st["sample_norms"][None],
             **({"cov_eigs": st["cov_eigs"][None]} if self._grad_cov else {}))
-
-    def _write_proj_row(self, step: int, samples: list[torch.Tensor], n_finite: int) -> None:
-        """The ``grad_proj`` row of a measurement (projected, centred samples; see SampleProjector)."""
-        row = self._proj.row(samples, self.grad_samples_max, n_finite)
-        if row is not None:
-            self.writer.append("grad_proj", step=np.array([step], dtype="i8"), n=np.array([row["n"]], dtype="i8"),
-                               mean=row["mean"][None], samples=row["samples"][None])
 
     def _grad_proj_spec(self, old_tables: Any) -> fmt.TableSpec | None:
         """The ``grad_proj`` table to declare: when projections are asked for, and when resuming a run
@@ -1169,35 +954,6 @@ class Recorder:
             return fmt.grad_proj_table(*old["samples"][1])
         return fmt.grad_proj_table(self.grad_samples_max, self._proj.d)
 
-    def _per_example_samples(self, step: int) -> None:
-        model = self._model
-        modes = None
-        if self._grad_probe_eval:
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()
-        else:
-            bn = training_batchnorm(model)
-            if bn:
-                raise RecorderError(f"grad_probe: BatchNorm {bn[0]} is in training mode; per-example "
-                                    "gradients are undefined (pass grad_probe_eval=True)")
-        try:
-            inputs, targets = self._grad_probe
-            samples = apply_masks(per_example_gradients(model, self.param_names, inputs, targets,
-                                                        self._grad_loss, self._grad_chunk), self._grad_masks)
-        finally:
-            if modes is not None:
-                for m, tr in modes:
-                    m.training = tr
-        st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
-        if st is not None and self._proj is not None:
-            self._write_proj_row(step, samples, st["n"])
-        del samples
-        if st is None:
-            log.debug("phasewatch: step %d: fewer than 2 finite per-example gradients; no grad_samples row",
-                      step)
-            return
-        self._write_grad_row(step, "per_example", 1.0, st)
-
     def _per_rank_row(self, step: int, st: dict) -> None:
         """Rank 0: the statistics of the per-rank samples (phasewatch.record.distributed)."""
         if not self.enabled:
@@ -1207,73 +963,12 @@ class Recorder:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
-    def _micro_batch_samples(self, step: int) -> None:
-        per_param = self._mb.take()
-        counts = {int(s.shape[0]) if s.ndim else 0 for s in per_param}
-        if len(counts) != 1:
-            log.debug("phasewatch: step %d: parameters saw different numbers of backward passes %s; "
-                      "no micro-batch grad_samples row", step, sorted(counts))
-            return
-        n_micro = counts.pop()
-        if n_micro < 2:
-            log.debug("phasewatch: step %d: %d backward pass(es) before the step; micro-batch samples "
-                      "need >= 2; no grad_samples row", step, n_micro)
-            return
-        scale = float(n_micro) if self._grad_mb_scale == "n_micro" else float(self._grad_mb_scale)
-        samples = apply_masks([s.mul_(scale) for s in per_param], self._grad_masks)
-        del per_param
-        st = gram_statistics(samples, self._param_group, len(self.group_labels), self.grad_samples_max)
-        if st is None:
-            log.debug("phasewatch: step %d: fewer than 2 finite micro-batch gradients; no row", step)
-            return
-        if self._proj is not None:
-            self._write_proj_row(step, samples, st["n"])
-        self._write_grad_row(step, "micro_batch", self._grad_mb_size, st)
-
-    # ------------------------------------------------------------------------------------------
-    # controllers
-    def _control(self, step: int) -> None:
-        """After step ``step``: the controllers see this step's measurements (if any), then
-        ``on_step``; every change they make is kept in :attr:`interventions` and written to the run."""
-        from .control import estimates
-
-        made: list[tuple[Any, Any]] = []
-        measured, self._measured = self._measured, []
-        if measured:
-            loss = None
-            if self._last_loss is not None:
-                s, value = self._last_loss
-                vals = self._losses.get(s) or [value]  # the mean over a step's micro-batches
-                loss = float(np.mean([float(v) for v in vals]))
-            for s, b, st in measured:
-                est = estimates(st, b, loss=loss, batch_size=self._batch_size)
-                for c in self.controllers:
-                    made += [(c, iv) for iv in c.on_measurement(s, est)]
-        for c in self.controllers:
-            made += [(c, iv) for iv in c.on_step(step)]
-        if not made:
-            return
-        rows = []
-        for c, iv in made:
-            self.interventions.append(iv)
-            dry = iv.param != "stop" and (getattr(c, "dry_run", False) or getattr(c, "optimizer", None) is None)
-            note = ("dry run: " if dry else "") + str(iv.note)
-            rows.append((iv.step, str(iv.rule).encode()[:32], str(iv.param).encode()[:32], iv.old, iv.new,
-                         note.encode()[:96].decode("utf-8", "ignore").encode()))
-        step_c, rule, param, old, new, note = zip(*rows)
-        self.writer.append("interventions", step=np.array(step_c, dtype="i8"), rule=np.array(rule, dtype="S32"),
-                           param=np.array(param, dtype="S32"), old=np.array(old, dtype="f8"),
-                           new=np.array(new, dtype="f8"), note=np.array(note, dtype="S96"))
-        for _, iv in made:
-            log.info("phasewatch: %s", iv)
-
     # ------------------------------------------------------------------------------------------
     # failure policy
     def _fail(self, e: BaseException) -> None:
         if self.strict:
             raise e
-        if getattr(self, "_shard", None) is not None:  # FSDP: no collective here (record/fsdp.py)
-            self._shard.fail(self, e)
+        if getattr(self, "_sharding", NO_SHARDING).fail(self, e):  # FSDP: no collective here (record/fsdp.py)
             return
         if self.enabled:
             log.error("phasewatch: recorder disabled after an error (%s: %s); training continues, "
@@ -1361,11 +1056,6 @@ def _values(taken: list[list], host: list[np.ndarray]) -> tuple[np.ndarray, np.n
     return arr, given
 
 
-def _probe_size(inputs: Any) -> int | None:
-    t = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
-    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.ndim else None
-
-
 def _close_at_exit(ref: weakref.WeakMethod) -> None:
     close = ref()
     if close is not None:
@@ -1383,16 +1073,3 @@ def _recorded_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gr
     labels = [_group_of(n, groups) for n, _ in named]
     order = list(dict.fromkeys(labels))
     return [p for _, (_, p) in sorted(zip(labels, named), key=lambda t: order.index(t[0]))]
-
-
-def _curvature_groups(want: Any, labels: list[str], param_group_idx: list[int]) -> list[list[int] | None] | None:
-    """curvature_groups=True (every group) or a list of group names → per recorded group the
-    indices of its tensors (None: not asked for)."""
-    if want is False or want is None:
-        return None
-    names = list(labels) if want is True else [want] if isinstance(want, str) else list(want)
-    unknown = [n for n in names if n not in labels]
-    if unknown:
-        raise RecorderError(f"curvature_groups: no layer group {unknown[0]!r}; the groups are {labels[:8]}")
-    return [[i for i, g in enumerate(param_group_idx) if g == gi] if lbl in names else None
-            for gi, lbl in enumerate(labels)]

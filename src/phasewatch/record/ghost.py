@@ -1,0 +1,226 @@
+"""Per-example gradient Gram matrices without per-example gradients ("ghost" Grams).
+
+For a layer whose per-example weight gradient is a sum of outer products over positions t,
+``G_i = Σ_t δ_{i,t} a_{i,t}ᵀ`` (``nn.Linear``: a = layer input, δ = ∂(Σ_k ℓ_k)/∂(layer output);
+``transformers`` ``Conv1D`` the same with the weight transposed), the Gram entry is
+
+    ⟨G_i, G_j⟩ = Σ_{t,s} (a_{i,t}·a_{j,s}) (δ_{i,t}·δ_{j,s}),
+
+the sum of the elementwise product of the two (n·T × n·T) Grams (Goodfellow 2015; Li et al.
+2022, "Large language models can be strong differentially private learners", §4).  The bias
+gradient is ``Σ_t δ_{i,t}``.  ``nn.Embedding``: ``G_i = Σ_t e_{id_{i,t}} δ_{i,t}ᵀ``, so
+``⟨G_i, G_j⟩ = Σ_{t,s} [id_{i,t} = id_{j,s} ≠ padding_idx] δ_{i,t}·δ_{j,s}``.  ``nn.LayerNorm``
+affine: the per-example vectors ``Σ_t δ⊙x̂`` and ``Σ_t δ`` are small and formed directly.
+Everything comes from ONE forward of the probe batch and one backward of the summed per-example
+losses (δ is then per example, because examples do not interact), with forward hooks for the
+inputs and tensor hooks on the outputs; ``p.grad`` is never touched (``torch.autograd.grad``).
+A module called several times in the forward contributes each call as more positions t (the
+gradient sums over calls).  Where the explicit per-example gradient is cheaper than the T×T
+Grams (in·out < T·T, Li et al.'s rule) it is formed from the same a and δ instead; both exact.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import RecorderError
+
+
+def _conv1d_type() -> type | None:
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover - a transformers without Conv1D
+        return None
+    return Conv1D
+
+
+def _kind(m: torch.nn.Module) -> str | None:
+    c1 = _conv1d_type()
+    if isinstance(m, torch.nn.Linear):
+        return "linear"
+    if c1 is not None and isinstance(m, c1):
+        return "conv1d"
+    if isinstance(m, torch.nn.Embedding) and m.max_norm is None and not m.scale_grad_by_freq:
+        return "embedding"
+    if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+        return "layernorm"
+    return None
+
+
+def ghost_plan(model: torch.nn.Module, names: Sequence[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Which of the parameters ``names`` the ghost route covers: ``({name: (module path, role)},
+    fallback names)``.  Covered: the ``weight``/``bias`` of a Linear, transformers Conv1D,
+    Embedding (no ``max_norm``/``scale_grad_by_freq``) or affine LayerNorm that owns the tensor
+    alone (a tensor shared by two modules, e.g. tied input/output embeddings, or renamed by
+    ``torch.nn.utils.prune``, falls back to the explicit route)."""
+    owners: dict[int, list[tuple[str, str, str | None]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        k = _kind(m)
+        for role, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, role, k))
+    named = dict(model.named_parameters())
+    covered: dict[str, tuple[str, str]] = {}
+    fallback: list[str] = []
+    for n in names:
+        own = {(a, b, c) for a, b, c in owners.get(id(named[n]), [])}
+        if len(own) == 1:
+            mname, role, k = own.pop()
+            if k is not None and role in ("weight", "bias"):
+                covered[n] = (mname, role)
+                continue
+        fallback.append(n)
+    return covered, fallback
+
+
+def _per_example_losses(out: Any, targets: Any, loss_fn: Callable, n: int) -> torch.Tensor:
+    """Σ_i ℓ_i with ℓ_i = loss_fn(out_i, y_i) on a batch of one (as the torch.func route
+    defines it), by ``vmap`` over the outputs; a loss ``vmap`` cannot run through falls back to
+    ``loss_fn(out, targets)``: per-example losses (shape (n,)) are summed, a scalar is taken to
+    be their mean and multiplied by n (the documented ``grad_loss`` contract)."""
+    from torch.func import vmap
+
+    def one(o, y):
+        o1 = pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, o)
+        y1 = pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, y)
+        return loss_fn(o1, y1).sum()
+
+    try:
+        return vmap(one)(out, targets).sum()
+    except Exception:
+        val = loss_fn(out, targets)
+        if val.ndim == 0:
+            return val * n
+        if val.shape[0] != n:
+            raise RecorderError(f"grad_loss returned shape {tuple(val.shape)}; return per-example "
+                                f"losses (shape ({n},)) or their mean") from None
+        return val.sum()
+
+
+def _flat(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, ..., f) -> (n, T, f) float64."""
+    return x.reshape(n, -1, x.shape[-1]).to(torch.float64)
+
+
+def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Σ_{t,s} (a_it·a_js)(d_it·d_js) for a (n, T, p), d (n, T, q): the ghost Gram, or G Gᵀ with
+    G_i = Σ_t d_it a_itᵀ formed explicitly when p·q < T² (cheaper; same number)."""
+    n, T = a.shape[0], a.shape[1]
+    if a.shape[2] * d.shape[2] < T * T:
+        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1)
+        return g @ g.T
+    A, D = a.reshape(n * T, -1), d.reshape(n * T, -1)
+    return ((A @ A.T) * (D @ D.T)).reshape(n, T, n, T).sum(dim=(1, 3))
+
+
+def _embedding_gram(ids: torch.Tensor, d: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
+    n, T = d.shape[0], d.shape[1]
+    ids = ids.reshape(n * T)
+    D = d.reshape(n * T, -1)
+    same = (ids[:, None] == ids[None, :]).to(torch.float64)
+    if padding_idx is not None:
+        keep = (ids != padding_idx).to(torch.float64)
+        same = same * keep[:, None] * keep[None, :]
+    return ((D @ D.T) * same).reshape(n, T, n, T).sum(dim=(1, 3))
+
+
+def _layernorm_hat(m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(x.ndim - len(m.normalized_shape), x.ndim))
+    x = x.to(torch.float64)
+    mu = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    return (x - mu) / torch.sqrt(var + m.eps)
+
+
+def _param_gram(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list, n: int) -> torch.Tensor:
+    """The n×n Gram of one covered parameter from its module's captured inputs and output grads."""
+    if kind in ("linear", "conv1d"):
+        d = torch.cat([_flat(g, n) for g in grads], dim=1)
+        if role == "bias":
+            b = d.sum(dim=1)
+            return b @ b.T
+        a = torch.cat([_flat(x, n) for x in calls], dim=1)
+        return _dense_gram(a, d)
+    if kind == "embedding":
+        d = torch.cat([_flat(g, n) for g in grads], dim=1)
+        ids = torch.cat([x.reshape(n, -1) for x in calls], dim=1)
+        return _embedding_gram(ids, d, m.padding_idx)
+    k = len(m.normalized_shape)  # layernorm: per-example vectors directly
+    tot = None
+    for x, g in zip(calls, grads):
+        g = g.to(torch.float64)
+        v = g * _layernorm_hat(m, x) if role == "weight" else g
+        v = v.reshape(n, -1, *v.shape[v.ndim - k:]).sum(dim=1).reshape(n, -1)
+        tot = v if tot is None else tot + v
+    return tot @ tot.T
+
+
+def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple[str, str]], group: dict[str, int],
+                n_groups: int, inputs: Any, targets: Any, loss_fn: Callable) -> tuple[torch.Tensor, list[str]]:
+    """Per-group raw Gram matrices ``(n_groups, n, n)`` float64 of the per-example gradients of
+    the ``covered`` parameters (see :func:`ghost_plan`; ``group[name]`` its group index), from one
+    forward of ``inputs`` and one ``torch.autograd.grad`` of Σ_i ℓ_i with respect to the covered
+    modules' outputs, and the names of covered parameters it could not do: those of a module
+    that ran on an input without the examples along dim 0 (e.g. GPT-2's position embedding,
+    called on ``(1, T)`` position ids and broadcast), which the caller must take another route.
+    The model's ``.grad`` fields are left unchanged."""
+    mods = dict(model.named_modules(remove_duplicate=False))
+    wanted = {mname for mname, _ in covered.values()}
+    seen: dict[int, str] = {}
+    for mname in wanted:
+        seen.setdefault(id(mods[mname]), mname)
+    store: dict[str, tuple[list, list]] = {mname: ([], []) for mname in seen.values()}
+    outs: list[tuple[str, torch.Tensor]] = []
+    unbatched: set[str] = set()
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    n = int(pytree.tree_leaves(args)[0].shape[0])
+
+    def make_hook(mname: str, kind: str):
+        def hook(mod, inp, out):
+            if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            x = inp[0] if inp else None
+            if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] != n or out.shape[0] != n:
+                unbatched.add(mname)
+                return
+            store[mname][0].append(x.detach())
+            outs.append((mname, out))
+        return hook
+
+    handles = [mods[mname].register_forward_hook(make_hook(mname, _kind(mods[mname])))
+               for mname in store]
+    try:
+        with torch.enable_grad():
+            out = model(*args)
+            total = _per_example_losses(out, targets, loss_fn, n)
+            if not outs:
+                raise RecorderError("ghost Grams: no covered module ran with gradients in the forward")
+            gs = torch.autograd.grad(total, [o for _, o in outs], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for (mname, o), g in zip(outs, gs):
+        store[mname][1].append(torch.zeros_like(o) if g is None else g.detach())
+    del outs, gs, out
+    dev = total.device
+    Ms = torch.zeros(n_groups, n, n, dtype=torch.float64, device=dev)
+    skipped = []
+    with torch.no_grad():
+        for pname, (mname, role) in covered.items():
+            key = seen[id(mods[mname])]
+            if key in unbatched:
+                skipped.append(pname)
+                continue
+            m = mods[key]
+            calls, grads = store[key]
+            if not calls:  # the module did not run: a zero gradient, a zero Gram
+                continue
+            Ms[group[pname]] += _param_gram(_kind(m), role, m, calls, grads, n)
+    return Ms, skipped

@@ -162,6 +162,33 @@ def _param_gram(kind: str, role: str, m: torch.nn.Module, calls: list, grads: li
     return tot @ tot.T
 
 
+def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple[str, str]], inputs: Any) -> list[str]:
+    """The covered parameters whose module, in a no-grad forward of ``inputs``, ran on an input
+    or gave an output without the examples along dim 0 (so no per-example ghost Gram exists)."""
+    mods = dict(model.named_modules(remove_duplicate=False))
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    n = int(pytree.tree_leaves(args)[0].shape[0])
+    bad: set[str] = set()
+
+    def make_hook(mname: str):
+        def hook(mod, inp, out):
+            x = inp[0] if inp else None
+            if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.ndim
+                    and x.shape[0] == n and out.shape[0] == n):
+                bad.add(mname)
+        return hook
+
+    names = {mname for mname, _ in covered.values()}
+    handles = [mods[m].register_forward_hook(make_hook(m)) for m in names]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return [p for p, (mname, _) in covered.items() if mname in bad]
+
+
 def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple[str, str]], group: dict[str, int],
                 n_groups: int, inputs: Any, targets: Any, loss_fn: Callable) -> tuple[torch.Tensor, list[str]]:
     """Per-group raw Gram matrices ``(n_groups, n, n)`` float64 of the per-example gradients of

@@ -22,7 +22,7 @@ from ..probes import (
     per_example_gradients,
     training_batchnorm,
 )
-from ..ghost import ghost_grams, ghost_plan
+from ..ghost import ghost_grams, ghost_plan, unbatched_modules
 from .base import Quantity
 
 log = logging.getLogger("phasewatch")
@@ -125,15 +125,13 @@ class GradNoise(Quantity):
             raise RecorderError(f"grad_method='ghost': parameter {fallback[0]} is not owned by a Linear, "
                                 "Conv1D, Embedding or LayerNorm module alone; use grad_method='auto' "
                                 "(those parameters then go through torch.func)")
-        if covered:  # a dry run on two examples finds modules that see no per-example batch dim
-            inputs, targets = self.probe
+        if covered:  # a no-grad forward of two examples finds modules that see no per-example batch dim
             two = lambda t: t[:2] if isinstance(t, torch.Tensor) else t  # noqa: E731
             modes = [(m, m.training) for m in rec._model.modules()] if self.probe_eval else []
             if self.probe_eval:
                 rec._model.eval()
             with torch.random.fork_rng(devices=[rec.device] if rec.device.type == "cuda" else []):
-                _, skipped = ghost_grams(rec._model, covered, {k: 0 for k in covered}, 1,
-                                         pytree.tree_map(two, inputs), pytree.tree_map(two, targets), self.loss)
+                skipped = unbatched_modules(rec._model, covered, pytree.tree_map(two, self.probe[0]))
             for m, tr in modes:
                 m.training = tr
             if skipped and self.method == "ghost":
@@ -231,7 +229,7 @@ def _ghost_statistics(rec: Any, gn: GradNoise, inputs: Any, targets: Any) -> dic
     group = dict(zip(rec.param_names, rec._param_group))
     L = len(rec.group_labels)
     Ms, skipped = ghost_grams(rec._model, gn.ghost_covered, group, L, inputs, targets, gn.loss)
-    if skipped:  # (not seen by the dry run at bind: move them to torch.func from now on)
+    if skipped:  # (not seen by the forward at bind: move them to torch.func from now on)
         log.info("phasewatch: ghost Grams: %s ran without a per-example batch dim; torch.func for them",
                  ", ".join(skipped))
         gn.ghost_fallback = [n for n in rec.param_names if n in set(gn.ghost_fallback) | set(skipped)]

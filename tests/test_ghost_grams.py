@@ -119,10 +119,12 @@ def test_ghost_gram_equals_func_per_parameter_gpt2(tie):
     model = _gpt2(tie)
     ids = torch.randint(0, 50, (6, 8), generator=torch.Generator().manual_seed(4))
     covered, fallback = _check_per_param(model, ids, ids, _lm_loss)
-    # Conv1D attention/MLP weights are covered; a tied wte/lm_head tensor and the position
-    # embedding (called on (1, T) position ids, broadcast over the batch) fall back
+    # Conv1D attention/MLP weights and the tied wte/lm_head tensor (Embedding + Linear owners,
+    # explicit per-example gradients summed) are covered; the position embedding (called on
+    # (1, T) position ids, broadcast over the batch) falls back
     assert any(n.endswith("c_attn.weight") for n in covered)
-    assert sorted(fallback) == sorted(["lm.transformer.wpe.weight"] + (["lm.transformer.wte.weight"] if tie else []))
+    assert len(covered["lm.transformer.wte.weight"]) == (2 if tie else 1)
+    assert fallback == ["lm.transformer.wpe.weight"]
 
 
 def _record(tmp_path, name, model, probe, loss, method, steps=4, **kw):
@@ -167,8 +169,9 @@ def test_recorded_rows_ghost_equal_func_mlp(tmp_path, raw):
     _assert_rows_equal(tg, tf)
 
 
-def test_recorded_rows_ghost_equal_func_gpt2(tmp_path):
-    m1, m2 = _gpt2(False), _gpt2(False)
+@pytest.mark.parametrize("tie", [False, True])
+def test_recorded_rows_ghost_equal_func_gpt2(tmp_path, tie):
+    m1, m2 = _gpt2(tie), _gpt2(tie)
     m2.load_state_dict(m1.state_dict())
     ids = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(6))
     tg, mg = _record(tmp_path, "g", m1, (ids, ids), _lm_loss, "auto")
@@ -207,3 +210,27 @@ def test_ghost_gram_statistics_drop_nonfinite_example():
     assert st["n"] == sr["n"] == 6
     for k in STATS:
         assert abs(st[k] - sr[k]) <= TOL * abs(sr[k]), k
+
+
+@pytest.mark.parametrize("T", [1, 40])
+def test_ghost_and_explicit_forms_agree(T):
+    # _dense_gram / _embedding_gram switch between the T×T ghost form and explicit per-example
+    # gradients by cost; at T = 1 (ghost) and T = 40 (explicit) both equal the brute-force Gram
+    from phasewatch.record.ghost import _dense_gram, _embedding_gram
+
+    g = torch.Generator().manual_seed(T)
+    n, p, q, V = 5, 3, 4, 6
+    a = torch.randn(n, T, p, generator=g, dtype=torch.float64)
+    d = torch.randn(n, T, q, generator=g, dtype=torch.float64)
+    G = torch.einsum("ntq,ntp->nqp", d, a).reshape(n, -1)
+    R = G @ G.T
+    assert float((_dense_gram(a, d) - R).abs().max() / R.abs().max()) < TOL
+    ids = torch.randint(0, V, (n, T), generator=g)
+    E = torch.zeros(n, V, q, dtype=torch.float64)
+    for i in range(n):
+        for t in range(T):
+            if ids[i, t] != 2:
+                E[i, ids[i, t]] += d[i, t]
+    E = E.reshape(n, -1)
+    R = E @ E.T
+    assert float((_embedding_gram(ids, d, V, 2) - R).abs().max() / R.abs().max()) < TOL

@@ -54,12 +54,12 @@ def _kind(m: torch.nn.Module) -> str | None:
     return None
 
 
-def ghost_plan(model: torch.nn.Module, names: Sequence[str]) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """Which of the parameters ``names`` the ghost route covers: ``({name: (module path, role)},
-    fallback names)``.  Covered: the ``weight``/``bias`` of a Linear, transformers Conv1D,
-    Embedding (no ``max_norm``/``scale_grad_by_freq``) or affine LayerNorm that owns the tensor
-    alone (a tensor shared by two modules, e.g. tied input/output embeddings, or renamed by
-    ``torch.nn.utils.prune``, falls back to the explicit route)."""
+def ghost_plan(model: torch.nn.Module, names: Sequence[str]) -> tuple[dict[str, tuple], list[str]]:
+    """Which of the parameters ``names`` the ghost route covers: ``({name: ((module path, role),
+    ...)}, fallback names)``.  Covered: the ``weight``/``bias`` of Linear, transformers Conv1D,
+    Embedding (no ``max_norm``/``scale_grad_by_freq``) or affine LayerNorm modules, one or several
+    (tied weights, e.g. input/output embeddings: their explicit per-example gradients are summed);
+    a tensor also owned by another module, or renamed by ``torch.nn.utils.prune``, falls back."""
     owners: dict[int, list[tuple[str, str, str | None]]] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
         k = _kind(m)
@@ -67,15 +67,17 @@ def ghost_plan(model: torch.nn.Module, names: Sequence[str]) -> tuple[dict[str, 
             if p is not None:
                 owners.setdefault(id(p), []).append((mname, role, k))
     named = dict(model.named_parameters())
-    covered: dict[str, tuple[str, str]] = {}
+    covered: dict[str, tuple[tuple[str, str], ...]] = {}
     fallback: list[str] = []
     for n in names:
-        own = {(a, b, c) for a, b, c in owners.get(id(named[n]), [])}
-        if len(own) == 1:
-            mname, role, k = own.pop()
-            if k is not None and role in ("weight", "bias"):
-                covered[n] = (mname, role)
-                continue
+        by_mod: dict[int, tuple] = {}  # (a module registered under two paths is one owner)
+        for a, b, c in owners.get(id(named[n]), []):
+            by_mod.setdefault(id(model.get_submodule(a)), (a, b, c))
+        own = sorted(by_mod.values())
+        if own and all(c is not None and b in ("weight", "bias") for _, b, c in own) \
+                and len({b for _, b, _ in own}) == 1:
+            covered[n] = tuple((a, b) for a, b, _ in own)
+            continue
         fallback.append(n)
     return covered, fallback
 
@@ -111,24 +113,42 @@ def _flat(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Σ_{t,s} (a_it·a_js)(d_it·d_js) for a (n, T, p), d (n, T, q): the ghost Gram, or G Gᵀ with
-    G_i = Σ_t d_it a_itᵀ formed explicitly when p·q < T² (cheaper; same number)."""
-    n, T = a.shape[0], a.shape[1]
-    if a.shape[2] * d.shape[2] < T * T:
+    G_i = Σ_t d_it a_itᵀ formed explicitly when that costs fewer multiply-adds
+    (n·T·p·q + n²·p·q against n²·T²·(p + q)); the same number either way."""
+    n, T, p_ = a.shape
+    q = d.shape[2]
+    if n * T * p_ * q + n * n * p_ * q < n * n * T * T * (p_ + q):
         g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1)
         return g @ g.T
     A, D = a.reshape(n * T, -1), d.reshape(n * T, -1)
     return ((A @ A.T) * (D @ D.T)).reshape(n, T, n, T).sum(dim=(1, 3))
 
 
-def _embedding_gram(ids: torch.Tensor, d: torch.Tensor, padding_idx: int | None) -> torch.Tensor:
-    n, T = d.shape[0], d.shape[1]
+def _embedding_rows(ids: torch.Tensor, d: torch.Tensor, num: int, padding_idx: int | None) -> torch.Tensor:
+    """Explicit per-example embedding gradients (n, num·D): row id_{i,t} of G_i gets δ_{i,t}."""
+    n, T, D = d.shape
+    z = torch.zeros(n * num, D, dtype=d.dtype, device=d.device)
+    idx = (ids.reshape(n, T) + num * torch.arange(n, device=ids.device)[:, None]).reshape(-1)
+    z.index_add_(0, idx, d.reshape(n * T, D))
+    z = z.reshape(n, num, D)
+    if padding_idx is not None:
+        z[:, padding_idx] = 0
+    return z.reshape(n, -1)
+
+
+def _embedding_gram(ids: torch.Tensor, d: torch.Tensor, num: int, padding_idx: int | None) -> torch.Tensor:
+    """Σ_{t,s} [id_it = id_js ≠ padding] δ_it·δ_js, or the explicit rows' Gram when cheaper."""
+    n, T, D = d.shape
+    if n * num * D < n * T * T * D:
+        g = _embedding_rows(ids, d, num, padding_idx)
+        return g @ g.T
     ids = ids.reshape(n * T)
-    D = d.reshape(n * T, -1)
+    Dm = d.reshape(n * T, -1)
     same = (ids[:, None] == ids[None, :]).to(torch.float64)
     if padding_idx is not None:
         keep = (ids != padding_idx).to(torch.float64)
         same = same * keep[:, None] * keep[None, :]
-    return ((D @ D.T) * same).reshape(n, T, n, T).sum(dim=(1, 3))
+    return ((Dm @ Dm.T) * same).reshape(n, T, n, T).sum(dim=(1, 3))
 
 
 def _layernorm_hat(m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -139,30 +159,51 @@ def _layernorm_hat(m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return (x - mu) / torch.sqrt(var + m.eps)
 
 
-def _param_gram(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list, n: int) -> torch.Tensor:
-    """The n×n Gram of one covered parameter from its module's captured inputs and output grads."""
-    if kind in ("linear", "conv1d"):
-        d = torch.cat([_flat(g, n) for g in grads], dim=1)
-        if role == "bias":
-            b = d.sum(dim=1)
-            return b @ b.T
-        a = torch.cat([_flat(x, n) for x in calls], dim=1)
-        return _dense_gram(a, d)
+def _factors(kind: str, m: torch.nn.Module, calls: list, grads: list, n: int):
+    d = torch.cat([_flat(g, n) for g in grads], dim=1)
     if kind == "embedding":
-        d = torch.cat([_flat(g, n) for g in grads], dim=1)
-        ids = torch.cat([x.reshape(n, -1) for x in calls], dim=1)
-        return _embedding_gram(ids, d, m.padding_idx)
-    k = len(m.normalized_shape)  # layernorm: per-example vectors directly
-    tot = None
-    for x, g in zip(calls, grads):
-        g = g.to(torch.float64)
-        v = g * _layernorm_hat(m, x) if role == "weight" else g
-        v = v.reshape(n, -1, *v.shape[v.ndim - k:]).sum(dim=1).reshape(n, -1)
-        tot = v if tot is None else tot + v
-    return tot @ tot.T
+        return torch.cat([x.reshape(n, -1) for x in calls], dim=1), d
+    return torch.cat([_flat(x, n) for x in calls], dim=1), d
 
 
-def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple[str, str]], inputs: Any) -> list[str]:
+def _explicit(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list, n: int) -> torch.Tensor:
+    """The per-example gradients (n, numel) of one module's parameter, in the parameter's layout."""
+    if kind == "layernorm":
+        k = len(m.normalized_shape)
+        tot = None
+        for x, g in zip(calls, grads):
+            g = g.to(torch.float64)
+            v = g * _layernorm_hat(m, x) if role == "weight" else g
+            v = v.reshape(n, -1, *v.shape[v.ndim - k:]).sum(dim=1).reshape(n, -1)
+            tot = v if tot is None else tot + v
+        return tot
+    a, d = _factors(kind, m, calls, grads, n)
+    if role == "bias":
+        return d.sum(dim=1)
+    if kind == "embedding":
+        return _embedding_rows(a, d, m.num_embeddings, m.padding_idx)
+    eq = "nto,nti->noi" if kind == "linear" else "nti,nto->nio"  # (Conv1D stores W as (in, out))
+    return torch.einsum(eq, d, a).reshape(n, -1)
+
+
+def _param_gram(owners: list, n: int) -> torch.Tensor:
+    """The n×n Gram of one covered parameter from its owners' captured inputs and output grads:
+    ``owners`` = [(kind, role, module, calls, grads)]; one owner by the cheaper of the ghost and
+    explicit forms, several (tied weights) by the sum of their explicit per-example gradients."""
+    if len(owners) > 1:
+        g = sum(_explicit(*o, n) for o in owners)
+        return g @ g.T
+    kind, role, m, calls, grads = owners[0]
+    if kind == "layernorm" or role == "bias":
+        g = _explicit(kind, role, m, calls, grads, n)
+        return g @ g.T
+    a, d = _factors(kind, m, calls, grads, n)
+    if kind == "embedding":
+        return _embedding_gram(a, d, m.num_embeddings, m.padding_idx)
+    return _dense_gram(a, d)
+
+
+def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple], inputs: Any) -> list[str]:
     """The covered parameters whose module, in a no-grad forward of ``inputs``, ran on an input
     or gave an output without the examples along dim 0 (so no per-example ghost Gram exists)."""
     mods = dict(model.named_modules(remove_duplicate=False))
@@ -178,7 +219,7 @@ def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple[str, str]
                 bad.add(mname)
         return hook
 
-    names = {mname for mname, _ in covered.values()}
+    names = {mname for owners in covered.values() for mname, _ in owners}
     handles = [mods[m].register_forward_hook(make_hook(m)) for m in names]
     try:
         with torch.no_grad():
@@ -186,10 +227,10 @@ def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple[str, str]
     finally:
         for h in handles:
             h.remove()
-    return [p for p, (mname, _) in covered.items() if mname in bad]
+    return [p for p, owners in covered.items() if any(mname in bad for mname, _ in owners)]
 
 
-def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple[str, str]], group: dict[str, int],
+def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple], group: dict[str, int],
                 n_groups: int, inputs: Any, targets: Any, loss_fn: Callable) -> tuple[torch.Tensor, list[str]]:
     """Per-group raw Gram matrices ``(n_groups, n, n)`` float64 of the per-example gradients of
     the ``covered`` parameters (see :func:`ghost_plan`; ``group[name]`` its group index), from one
@@ -199,7 +240,7 @@ def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple[str, str]], gro
     called on ``(1, T)`` position ids and broadcast), which the caller must take another route.
     The model's ``.grad`` fields are left unchanged."""
     mods = dict(model.named_modules(remove_duplicate=False))
-    wanted = {mname for mname, _ in covered.values()}
+    wanted = {mname for owners in covered.values() for mname, _ in owners}
     seen: dict[int, str] = {}
     for mname in wanted:
         seen.setdefault(id(mods[mname]), mname)
@@ -240,14 +281,13 @@ def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple[str, str]], gro
     Ms = torch.zeros(n_groups, n, n, dtype=torch.float64, device=dev)
     skipped = []
     with torch.no_grad():
-        for pname, (mname, role) in covered.items():
-            key = seen[id(mods[mname])]
-            if key in unbatched:
+        for pname, owners in covered.items():
+            keys = [(seen[id(mods[mname])], role) for mname, role in owners]
+            if any(k in unbatched for k, _ in keys):
                 skipped.append(pname)
                 continue
-            m = mods[key]
-            calls, grads = store[key]
-            if not calls:  # the module did not run: a zero gradient, a zero Gram
-                continue
-            Ms[group[pname]] += _param_gram(_kind(m), role, m, calls, grads, n)
+            # (a module that did not run contributes a zero gradient: it is left out)
+            ran = [(_kind(mods[k]), role, mods[k], *store[k]) for k, role in keys if store[k][0]]
+            if ran:
+                Ms[group[pname]] += _param_gram(ran, n)
     return Ms, skipped

@@ -16,7 +16,7 @@ import torch
 
 import phasewatch
 from phasewatch.errors import RecorderError
-from phasewatch.record.ghost import ghost_grams, ghost_plan
+from phasewatch.record.ghost import ghost_grams, ghost_plan, unbatched_modules
 from phasewatch.record.probes import gram_matrix_statistics, per_example_gradients
 
 STATS = ("mean_sq_norm", "trace", "quad", "trace_sq", "fourth", "third")
@@ -62,7 +62,9 @@ def _check_per_param(model, inputs, targets, loss):
     names = [n for n, _ in model.named_parameters()]
     covered, fallback = ghost_plan(model, names)
     group = {n: i for i, n in enumerate(covered)}
-    Ms, skipped = ghost_grams(model, covered, group, len(covered), inputs, targets, loss)
+    skipped, broadcast = unbatched_modules(model, covered, inputs)
+    Ms, skipped2 = ghost_grams(model, covered, group, len(covered), inputs, targets, loss, broadcast)
+    assert skipped2 == skipped
     fallback = fallback + skipped
     covered = {k: v for k, v in covered.items() if k not in skipped}
     Ms = Ms[[group[k] for k in covered]]
@@ -119,12 +121,12 @@ def test_ghost_gram_equals_func_per_parameter_gpt2(tie):
     model = _gpt2(tie)
     ids = torch.randint(0, 50, (6, 8), generator=torch.Generator().manual_seed(4))
     covered, fallback = _check_per_param(model, ids, ids, _lm_loss)
-    # Conv1D attention/MLP weights and the tied wte/lm_head tensor (Embedding + Linear owners,
-    # explicit per-example gradients summed) are covered; the position embedding (called on
-    # (1, T) position ids, broadcast over the batch) falls back
+    # Conv1D attention/MLP weights, the tied wte/lm_head tensor (Embedding + Linear owners,
+    # explicit per-example gradients summed) and the position embedding (called on (1, T)
+    # position ids, broadcast over the batch: its output is expanded to n) are covered
     assert any(n.endswith("c_attn.weight") for n in covered)
     assert len(covered["lm.transformer.wte.weight"]) == (2 if tie else 1)
-    assert fallback == ["lm.transformer.wpe.weight"]
+    assert fallback == []
 
 
 def _record(tmp_path, name, model, probe, loss, method, steps=4, **kw):
@@ -176,7 +178,7 @@ def test_recorded_rows_ghost_equal_func_gpt2(tmp_path, tie):
     ids = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(6))
     tg, mg = _record(tmp_path, "g", m1, (ids, ids), _lm_loss, "auto")
     tf, _ = _record(tmp_path, "f", m2, (ids, ids), _lm_loss, "func")
-    assert mg["grad_method_used"] == "mixed" and mg["grad_method_fallback"] == ["lm.transformer.wpe.weight"]
+    assert mg["grad_method_used"] == "ghost" and mg["grad_method_fallback"] == []
     assert tg["layer_trace"].shape[1] > 1  # per layer as well as in total
     _assert_rows_equal(tg, tf)
 
@@ -185,7 +187,7 @@ def test_ghost_refusals_and_explicit_fallbacks(tmp_path):
     torch.manual_seed(3)
     model = SeqMLP(raw=True).double()
     probe = _mlp_data()
-    with pytest.raises(RecorderError, match="scale is not owned"):
+    with pytest.raises(RecorderError, match="scale is not owned by"):
         _record(tmp_path, "a", model, probe, _seq_loss, "ghost")
     with pytest.raises(RecorderError, match="cannot project or mask"):
         _record(tmp_path, "b", model, probe, _seq_loss, "ghost", grad_proj_dim=4)
@@ -234,3 +236,30 @@ def test_ghost_and_explicit_forms_agree(T):
     E = E.reshape(n, -1)
     R = E @ E.T
     assert float((_embedding_gram(ids, d, V, 2) - R).abs().max() / R.abs().max()) < TOL
+
+
+class Broadcast(torch.nn.Module):
+    """A Linear run on a (1, d) buffer whose output is broadcast over the batch (``reduce=False``:
+    expanding it to n changes nothing) or first summed over dim 0 (``reduce=True``: expanding it
+    would multiply it by n, so it must fall back)."""
+
+    def __init__(self, reduce, d=4, h=3):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, h)
+        self.side = torch.nn.Linear(d, h)
+        self.register_buffer("c", torch.randn(1, d))
+        self.reduce = reduce
+
+    def forward(self, x):
+        s = self.side(self.c)
+        return torch.tanh(self.fc(x) + (s.sum(0) if self.reduce else s))
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_broadcast_module_expanded_only_when_output_unchanged(reduce):
+    torch.manual_seed(5)
+    model = Broadcast(reduce).double()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    covered, fallback = _check_per_param(model, x, y, lambda o, t: ((o - t) ** 2).sum(-1))
+    assert fallback == (["side.weight", "side.bias"] if reduce else [])

@@ -203,42 +203,75 @@ def _param_gram(owners: list, n: int) -> torch.Tensor:
     return _dense_gram(a, d)
 
 
-def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple], inputs: Any) -> list[str]:
-    """The covered parameters whose module, in a no-grad forward of ``inputs``, ran on an input
-    or gave an output without the examples along dim 0 (so no per-example ghost Gram exists)."""
+def _probe_forward(model: torch.nn.Module, names: set, args: tuple, n: int, expand: set) -> tuple:
+    """A no-grad forward with shape-checking hooks on the modules ``names``: returns (modules
+    that ran without the examples along dim 0, those of them whose input and output had dim 0 of
+    size 1, the model output); modules in ``expand`` have a size-1 dim 0 expanded to n."""
     mods = dict(model.named_modules(remove_duplicate=False))
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    n = int(pytree.tree_leaves(args)[0].shape[0])
     bad: set[str] = set()
+    ones: set[str] = set()
 
     def make_hook(mname: str):
         def hook(mod, inp, out):
             x = inp[0] if inp else None
-            if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.ndim
-                    and x.shape[0] == n and out.shape[0] == n):
+            if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.ndim):
                 bad.add(mname)
+                return None
+            if x.shape[0] == n and out.shape[0] == n:
+                return None
+            if x.shape[0] == 1 and out.shape[0] == 1 and mname in expand:
+                return out.expand(n, *out.shape[1:])
+            bad.add(mname)
+            if x.shape[0] == 1 and out.shape[0] == 1:
+                ones.add(mname)
+            return None
         return hook
 
-    names = {mname for owners in covered.values() for mname, _ in owners}
     handles = [mods[m].register_forward_hook(make_hook(m)) for m in names]
-    try:
-        with torch.no_grad():
-            model(*args)
+    dev = [x.device for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor) and x.is_cuda][:1]
+    try:  # (the same random stream each time, so dropout cannot make two probes differ)
+        with torch.no_grad(), torch.random.fork_rng(devices=dev):
+            torch.manual_seed(0)
+            out = model(*args)
     finally:
         for h in handles:
             h.remove()
-    return [p for p, owners in covered.items() if any(mname in bad for mname, _ in owners)]
+    return bad, ones, out
+
+
+def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple], inputs: Any) -> tuple[list[str], set]:
+    """(covered parameters with no per-example ghost Gram, modules to broadcast): a module that
+    runs without the examples along dim 0 has none, unless its input and output have dim 0 of
+    size 1 (GPT-2's position embedding on ``(1, T)`` position ids) and expanding that output to n
+    leaves the model's output bit-for-bit unchanged (it was broadcast over the batch anyway):
+    then its output is expanded in :func:`ghost_grams` and the per-example gradients exist."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    n = int(pytree.tree_leaves(args)[0].shape[0])
+    names = {mname for owners in covered.values() for mname, _ in owners}
+    bad, ones, ref = _probe_forward(model, names, args, n, set())
+    expand: set = set()
+    if ones and n > 1:
+        bad2, _, out = _probe_forward(model, names, args, n, ones)
+        la, lb = pytree.tree_leaves(ref), pytree.tree_leaves(out)
+        same = len(la) == len(lb) and all(
+            (torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a is b or a == b)
+            for a, b in zip(la, lb))
+        if same and not (bad2 & names - ones):
+            bad, expand = bad - ones, set(ones)
+    return [p for p, owners in covered.items() if any(m in bad for m, _ in owners)], expand
 
 
 def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple], group: dict[str, int],
-                n_groups: int, inputs: Any, targets: Any, loss_fn: Callable) -> tuple[torch.Tensor, list[str]]:
+                n_groups: int, inputs: Any, targets: Any, loss_fn: Callable,
+                broadcast: set | frozenset = frozenset()) -> tuple[torch.Tensor, list[str]]:
     """Per-group raw Gram matrices ``(n_groups, n, n)`` float64 of the per-example gradients of
     the ``covered`` parameters (see :func:`ghost_plan`; ``group[name]`` its group index), from one
     forward of ``inputs`` and one ``torch.autograd.grad`` of Σ_i ℓ_i with respect to the covered
     modules' outputs, and the names of covered parameters it could not do: those of a module
     that ran on an input without the examples along dim 0 (e.g. GPT-2's position embedding,
     called on ``(1, T)`` position ids and broadcast), which the caller must take another route.
-    The model's ``.grad`` fields are left unchanged."""
+    Modules in ``broadcast`` (from :func:`unbatched_modules`) have a size-1 dim 0 of their input
+    and output expanded to n.  The model's ``.grad`` fields are left unchanged."""
     mods = dict(model.named_modules(remove_duplicate=False))
     wanted = {mname for owners in covered.values() for mname, _ in owners}
     seen: dict[int, str] = {}
@@ -255,11 +288,17 @@ def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple], group: dict[s
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 return
             x = inp[0] if inp else None
+            ret = None
+            if (mname in broadcast and isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1
+                    and out.shape[0] == 1 and n > 1):
+                x, out = x.expand(n, *x.shape[1:]), out.expand(n, *out.shape[1:])
+                ret = out
             if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] != n or out.shape[0] != n:
                 unbatched.add(mname)
-                return
+                return None
             store[mname][0].append(x.detach())
             outs.append((mname, out))
+            return ret
         return hook
 
     handles = [mods[mname].register_forward_hook(make_hook(mname, _kind(mods[mname])))

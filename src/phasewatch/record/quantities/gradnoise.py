@@ -81,6 +81,7 @@ class GradNoise(Quantity):
         self.method_used: str | None = None  # ghost | mixed | func, by bind() (per-example probes)
         self.ghost_covered: dict = {}
         self.ghost_fallback: list = []
+        self.ghost_broadcast: set = set()
 
     def resolve(self) -> str | None:
         """The source this recorder samples from (:func:`phasewatch.record.distributed.choose_source`)."""
@@ -122,16 +123,16 @@ class GradNoise(Quantity):
             return
         covered, fallback = ghost_plan(rec._model, rec.param_names)
         if self.method == "ghost" and fallback:
-            raise RecorderError(f"grad_method='ghost': parameter {fallback[0]} is not owned by a Linear, "
-                                "Conv1D, Embedding or LayerNorm module alone; use grad_method='auto' "
+            raise RecorderError(f"grad_method='ghost': parameter {fallback[0]} is not owned by Linear, "
+                                "Conv1D, Embedding or LayerNorm modules only; use grad_method='auto' "
                                 "(those parameters then go through torch.func)")
         if covered:  # a no-grad forward of two examples finds modules that see no per-example batch dim
             two = lambda t: t[:2] if isinstance(t, torch.Tensor) else t  # noqa: E731
             modes = [(m, m.training) for m in rec._model.modules()] if self.probe_eval else []
             if self.probe_eval:
                 rec._model.eval()
-            with torch.random.fork_rng(devices=[rec.device] if rec.device.type == "cuda" else []):
-                skipped = unbatched_modules(rec._model, covered, pytree.tree_map(two, self.probe[0]))
+            skipped, self.ghost_broadcast = unbatched_modules(rec._model, covered,
+                                                              pytree.tree_map(two, self.probe[0]))
             for m, tr in modes:
                 m.training = tr
             if skipped and self.method == "ghost":
@@ -228,7 +229,8 @@ def _ghost_statistics(rec: Any, gn: GradNoise, inputs: Any, targets: Any) -> dic
     their torch.func per-example gradients (summed per group)."""
     group = dict(zip(rec.param_names, rec._param_group))
     L = len(rec.group_labels)
-    Ms, skipped = ghost_grams(rec._model, gn.ghost_covered, group, L, inputs, targets, gn.loss)
+    Ms, skipped = ghost_grams(rec._model, gn.ghost_covered, group, L, inputs, targets, gn.loss,
+                              gn.ghost_broadcast)
     if skipped:  # (not seen by the forward at bind: move them to torch.func from now on)
         log.info("phasewatch: ghost Grams: %s ran without a per-example batch dim; torch.func for them",
                  ", ".join(skipped))

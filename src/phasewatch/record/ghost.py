@@ -107,8 +107,11 @@ def _per_example_losses(out: Any, targets: Any, loss_fn: Callable, n: int) -> to
 
 
 def _flat(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, ..., f) -> (n, T, f) float64."""
-    return x.reshape(n, -1, x.shape[-1]).to(torch.float64)
+    """(n, ..., f) -> (n, T, f) in the layer's dtype."""
+    return x.reshape(n, -1, x.shape[-1])
+
+
+_F64 = torch.float64
 
 
 def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -118,16 +121,18 @@ def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     n, T, p_ = a.shape
     q = d.shape[2]
     if n * T * p_ * q + n * n * p_ * q < n * n * T * T * (p_ + q):
-        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1)
+        # (per-example gradients in the layer's dtype, as autograd forms them; the Gram in float64)
+        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1).to(_F64)
         return g @ g.T
-    A, D = a.reshape(n * T, -1), d.reshape(n * T, -1)
+    A, D = a.reshape(n * T, -1).to(_F64), d.reshape(n * T, -1).to(_F64)
     return ((A @ A.T) * (D @ D.T)).reshape(n, T, n, T).sum(dim=(1, 3))
 
 
 def _embedding_rows(ids: torch.Tensor, d: torch.Tensor, num: int, padding_idx: int | None) -> torch.Tensor:
     """Explicit per-example embedding gradients (n, num·D): row id_{i,t} of G_i gets δ_{i,t}."""
     n, T, D = d.shape
-    z = torch.zeros(n * num, D, dtype=d.dtype, device=d.device)
+    d = d.to(_F64)
+    z = torch.zeros(n * num, D, dtype=_F64, device=d.device)
     idx = (ids.reshape(n, T) + num * torch.arange(n, device=ids.device)[:, None]).reshape(-1)
     z.index_add_(0, idx, d.reshape(n * T, D))
     z = z.reshape(n, num, D)
@@ -143,7 +148,7 @@ def _embedding_gram(ids: torch.Tensor, d: torch.Tensor, num: int, padding_idx: i
         g = _embedding_rows(ids, d, num, padding_idx)
         return g @ g.T
     ids = ids.reshape(n * T)
-    Dm = d.reshape(n * T, -1)
+    Dm = d.reshape(n * T, -1).to(_F64)
     same = (ids[:, None] == ids[None, :]).to(torch.float64)
     if padding_idx is not None:
         keep = (ids != padding_idx).to(torch.float64)
@@ -179,11 +184,11 @@ def _explicit(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list
         return tot
     a, d = _factors(kind, m, calls, grads, n)
     if role == "bias":
-        return d.sum(dim=1)
+        return d.to(_F64).sum(dim=1)
     if kind == "embedding":
         return _embedding_rows(a, d, m.num_embeddings, m.padding_idx)
     eq = "nto,nti->noi" if kind == "linear" else "nti,nto->nio"  # (Conv1D stores W as (in, out))
-    return torch.einsum(eq, d, a).reshape(n, -1)
+    return torch.einsum(eq, d, a).reshape(n, -1).to(_F64)
 
 
 def _param_gram(owners: list, n: int) -> torch.Tensor:

@@ -266,6 +266,46 @@ def unbatched_modules(model: torch.nn.Module, covered: dict[str, tuple], inputs:
     return [p for p, owners in covered.items() if any(m in bad for m, _ in owners)], expand
 
 
+def _capture(model, mods: dict, names: set, args: tuple, n: int, broadcast, targets, loss_fn) -> tuple:
+    """One forward with hooks on the modules ``names`` and one autograd.grad of Σ_i ℓ_i: returns
+    ({module: (inputs per call, output grads per call)}, modules run without a batch dim, device)."""
+    store: dict[str, tuple[list, list]] = {mname: ([], []) for mname in names}
+    outs: list[tuple[str, torch.Tensor]] = []
+    unbatched: set[str] = set()
+
+    def make_hook(mname: str):
+        def hook(mod, inp, out):
+            if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                return None
+            x = inp[0] if inp else None
+            ret = None
+            if (mname in broadcast and isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1
+                    and out.shape[0] == 1 and n > 1):
+                x, out = x.expand(n, *x.shape[1:]), out.expand(n, *out.shape[1:])
+                ret = out
+            if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] != n or out.shape[0] != n:
+                unbatched.add(mname)
+                return None
+            store[mname][0].append(x.detach())
+            outs.append((mname, out))
+            return ret
+        return hook
+
+    handles = [mods[mname].register_forward_hook(make_hook(mname)) for mname in store]
+    try:
+        with torch.enable_grad():
+            total = _per_example_losses(model(*args), targets, loss_fn, n)
+            if not outs:
+                raise RecorderError("ghost Grams: no covered module ran with gradients in the forward")
+            gs = torch.autograd.grad(total, [o for _, o in outs], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for (mname, o), g in zip(outs, gs):
+        store[mname][1].append(torch.zeros_like(o) if g is None else g.detach())
+    return store, unbatched, total.device
+
+
 def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple], group: dict[str, int],
                 n_groups: int, inputs: Any, targets: Any, loss_fn: Callable,
                 broadcast: set | frozenset = frozenset()) -> tuple[torch.Tensor, list[str]]:
@@ -282,46 +322,9 @@ def ghost_grams(model: torch.nn.Module, covered: dict[str, tuple], group: dict[s
     seen: dict[int, str] = {}
     for mname in wanted:
         seen.setdefault(id(mods[mname]), mname)
-    store: dict[str, tuple[list, list]] = {mname: ([], []) for mname in seen.values()}
-    outs: list[tuple[str, torch.Tensor]] = []
-    unbatched: set[str] = set()
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     n = int(pytree.tree_leaves(args)[0].shape[0])
-
-    def make_hook(mname: str, kind: str):
-        def hook(mod, inp, out):
-            if not (isinstance(out, torch.Tensor) and out.requires_grad):
-                return
-            x = inp[0] if inp else None
-            ret = None
-            if (mname in broadcast and isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1
-                    and out.shape[0] == 1 and n > 1):
-                x, out = x.expand(n, *x.shape[1:]), out.expand(n, *out.shape[1:])
-                ret = out
-            if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] != n or out.shape[0] != n:
-                unbatched.add(mname)
-                return None
-            store[mname][0].append(x.detach())
-            outs.append((mname, out))
-            return ret
-        return hook
-
-    handles = [mods[mname].register_forward_hook(make_hook(mname, _kind(mods[mname])))
-               for mname in store]
-    try:
-        with torch.enable_grad():
-            out = model(*args)
-            total = _per_example_losses(out, targets, loss_fn, n)
-            if not outs:
-                raise RecorderError("ghost Grams: no covered module ran with gradients in the forward")
-            gs = torch.autograd.grad(total, [o for _, o in outs], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-    for (mname, o), g in zip(outs, gs):
-        store[mname][1].append(torch.zeros_like(o) if g is None else g.detach())
-    del outs, gs, out
-    dev = total.device
+    store, unbatched, dev = _capture(model, mods, set(seen.values()), args, n, broadcast, targets, loss_fn)
     Ms = torch.zeros(n_groups, n, n, dtype=torch.float64, device=dev)
     skipped = []
     with torch.no_grad():

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import RecorderError
 from ..distributed import choose_source
+from ..ghost import ghost_grams, ghost_plan, unbatched_modules
 from ..probes import (
     MicroBatchCapture,
     SampleProjector,
@@ -22,7 +23,6 @@ from ..probes import (
     per_example_gradients,
     training_batchnorm,
 )
-from ..ghost import ghost_grams, ghost_plan, unbatched_modules
 from .base import Quantity
 
 log = logging.getLogger("phasewatch")

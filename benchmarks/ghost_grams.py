@@ -42,6 +42,26 @@ def mlp():
     return "MLP 784-256-256-10", model, data, loss, 128
 
 
+def cnn():
+    """A 3C3D-like CNN (DeepOBS CIFAR-10 3c3d layout, ≈895k parameters) on 32×32 inputs."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 5), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(64, 96, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Flatten(),
+        nn.Linear(128 * 3 * 3, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+    g = torch.Generator().manual_seed(1)
+
+    def data(n):
+        return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def loss(out, t):
+        return torch.nn.functional.cross_entropy(out, t, reduction="none")
+
+    return "3C3D-like CNN", model, data, loss, 128
+
+
 def gpt2():
     import transformers
 
@@ -156,7 +176,7 @@ def main() -> None:
     clock = time.process_time if a.cpu_time else time.perf_counter
     print(f"{torch.get_num_threads()} thread(s), {'process CPU time' if a.cpu_time else 'wall time'}")
     print(f"{'model':<22} {'ghost ms':>9} {'func ms':>9} {'func/ghost':>10} {'rel diff trace':>15}")
-    for make in (mlp, gpt2):
+    for make in (mlp, cnn, gpt2):
         label, model, data, loss, _ = make()
         tg, tf, rel = one_measurement(model, data, loss, clock)
         print(f"{label:<22} {tg:9.1f} {tf:9.1f} {tf / tg:10.2f} {rel:15.2e}")
@@ -165,7 +185,7 @@ def main() -> None:
     print("ratios vs plain training (recorder off); in brackets the min-max over rounds")
     print(f"{'model':<22} {'plain ms':>9} {'recorder, no grad stats':>26} {'+ ghost grad stats':>26} "
           f"{'+ func grad stats':>26}")
-    for make in (mlp, gpt2):
+    for make in (mlp, cnn, gpt2):
         label, t = training(make, a.every, a.rounds, a.steps, clock, tmp)
         p = t["plain"][0]
         cells = [f"{t[k][0]:6.1f} ({t[k][0] / p:.2f}, {t[k][1] / p:.2f}-{t[k][2] / p:.2f})" for k in ("recorder", "ghost", "func")]

@@ -263,3 +263,43 @@ def test_broadcast_module_expanded_only_when_output_unchanged(reduce):
     x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
     covered, fallback = _check_per_param(model, x, y, lambda o, t: ((o - t) ** 2).sum(-1))
     assert fallback == (["side.weight", "side.bias"] if reduce else [])
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(3, 4, (2, 3), stride=2, dilation=(1, 2), padding=(0, 1))
+        self.c3 = torch.nn.Conv2d(4, 4, 3, groups=2, padding=1)  # grouped: torch.func fallback
+        self.fc = torch.nn.Linear(4 * 3 * 2, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.tanh(self.c3(z)).flatten(1))
+
+
+def _cnn_data(n=7, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def _ce(o, t):
+    return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+
+def test_ghost_gram_equals_func_per_parameter_cnn():
+    torch.manual_seed(6)
+    model = SmallCNN().double()
+    covered, fallback = _check_per_param(model, *_cnn_data(), _ce)
+    assert fallback == ["c3.weight", "c3.bias"] and "c2.weight" in covered
+
+
+def test_recorded_rows_ghost_equal_func_cnn(tmp_path):
+    torch.manual_seed(7)
+    m1, m2 = SmallCNN().double(), SmallCNN().double()
+    m2.load_state_dict(m1.state_dict())
+    probe = _cnn_data(n=10, seed=9)
+    tg, mg = _record(tmp_path, "g", m1, probe, _ce, "auto")
+    tf, _ = _record(tmp_path, "f", m2, probe, _ce, "func")
+    assert mg["grad_method_used"] == "mixed" and mg["grad_method_fallback"] == ["c3.weight", "c3.bias"]
+    _assert_rows_equal(tg, tf)

@@ -11,6 +11,8 @@ the sum of the elementwise product of the two (n·T × n·T) Grams (Goodfellow 2
 gradient is ``Σ_t δ_{i,t}``.  ``nn.Embedding``: ``G_i = Σ_t e_{id_{i,t}} δ_{i,t}ᵀ``, so
 ``⟨G_i, G_j⟩ = Σ_{t,s} [id_{i,t} = id_{j,s} ≠ padding_idx] δ_{i,t}·δ_{j,s}``.  ``nn.LayerNorm``
 affine: the per-example vectors ``Σ_t δ⊙x̂`` and ``Σ_t δ`` are small and formed directly.
+``nn.Conv2d`` (groups 1, zero padding given as numbers) is a Linear on the unfolded input patches,
+t running over output pixels.
 Everything comes from ONE forward of the probe batch and one backward of the summed per-example
 losses (δ is then per example, because examples do not interact), with forward hooks for the
 inputs and tensor hooks on the outputs; ``p.grad`` is never touched (``torch.autograd.grad``).
@@ -51,13 +53,16 @@ def _kind(m: torch.nn.Module) -> str | None:
         return "embedding"
     if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
         return "layernorm"
+    if (isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)):
+        return "conv2d"
     return None
 
 
 def ghost_plan(model: torch.nn.Module, names: Sequence[str]) -> tuple[dict[str, tuple], list[str]]:
     """Which of the parameters ``names`` the ghost route covers: ``({name: ((module path, role),
     ...)}, fallback names)``.  Covered: the ``weight``/``bias`` of Linear, transformers Conv1D,
-    Embedding (no ``max_norm``/``scale_grad_by_freq``) or affine LayerNorm modules, one or several
+    Conv2d (groups 1, numeric zero padding), Embedding (no ``max_norm``/``scale_grad_by_freq``) or affine LayerNorm modules, one or several
     (tied weights, e.g. input/output embeddings: their explicit per-example gradients are summed);
     a tensor also owned by another module, or renamed by ``torch.nn.utils.prune``, falls back."""
     owners: dict[int, list[tuple[str, str, str | None]]] = {}
@@ -165,6 +170,12 @@ def _layernorm_hat(m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _factors(kind: str, m: torch.nn.Module, calls: list, grads: list, n: int):
+    """(a, d): inputs (n, T, p) (token ids (n, T) for an embedding) and output grads (n, T, q)
+    over all calls; for Conv2d a = the unfolded input patches, T = output pixels."""
+    if kind == "conv2d":
+        a = torch.cat([torch.nn.functional.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+                       .transpose(1, 2) for x in calls], dim=1)
+        return a, torch.cat([g.reshape(n, g.shape[1], -1).transpose(1, 2) for g in grads], dim=1)
     d = torch.cat([_flat(g, n) for g in grads], dim=1)
     if kind == "embedding":
         return torch.cat([x.reshape(n, -1) for x in calls], dim=1), d
@@ -187,7 +198,7 @@ def _explicit(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list
         return d.to(_F64).sum(dim=1)
     if kind == "embedding":
         return _embedding_rows(a, d, m.num_embeddings, m.padding_idx)
-    eq = "nto,nti->noi" if kind == "linear" else "nti,nto->nio"  # (Conv1D stores W as (in, out))
+    eq = "nti,nto->nio" if kind == "conv1d" else "nto,nti->noi"  # (Conv1D stores W as (in, out))
     return torch.einsum(eq, d, a).reshape(n, -1).to(_F64)
 
 

@@ -86,7 +86,7 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
     grad_method: how per-example gradient Grams of a ``grad_probe`` are formed: ``"func"``
         explicit per-example gradients (torch.func); ``"ghost"`` from the layer inputs and output
         gradients of one ordinary backward, without per-example gradients (Linear, transformers
-        Conv1D, Embedding, LayerNorm; refused if another parameter is sampled, or with
+        Conv1D, Conv2d, Embedding, LayerNorm; refused if another parameter is sampled, or with
         ``grad_proj_dim``/``grad_mask``, which need the samples); ``"auto"`` (default) ghost for
         the covered parameters and torch.func for the rest (explicit with projection or masks).
         ``recorder.grad_method_used`` records which ran.  The ghost route runs the probe in one

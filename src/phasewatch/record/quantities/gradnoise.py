@@ -121,10 +121,16 @@ class GradNoise(Quantity):
         if self.method == "func" or self.proj_dim or self.mask:  # (samples needed explicitly)
             self.method_used = "func"
             return
+        if isinstance(rec._model, torch.nn.parallel.DistributedDataParallel):
+            if self.method == "ghost":
+                raise RecorderError("grad_method='ghost' is not supported on a DDP-wrapped model (its "
+                                    "forward prepares a gradient reduction); use 'auto' or 'func'")
+            self.method_used = "func"
+            return
         covered, fallback = ghost_plan(rec._model, rec.param_names)
         if self.method == "ghost" and fallback:
             raise RecorderError(f"grad_method='ghost': parameter {fallback[0]} is not owned by Linear, "
-                                "Conv1D, Embedding or LayerNorm modules only; use grad_method='auto' "
+                                "Conv1D, Conv2d, Embedding or LayerNorm modules only; use grad_method='auto' "
                                 "(those parameters then go through torch.func)")
         if covered:  # a no-grad forward of two examples finds modules that see no per-example batch dim
             two = lambda t: t[:2] if isinstance(t, torch.Tensor) else t  # noqa: E731

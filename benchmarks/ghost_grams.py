@@ -17,7 +17,7 @@ Measured (2026-12-02, 2-core machine shared with other jobs, OMP_NUM_THREADS=1, 
   3C3D    282 / 543 ms (1.9x); recorder alone 1.05x, + ghost stats 1.15x, + func stats 1.31x
   GPT-2   673 / 562 ms (0.8x); recorder alone 1.06x, + ghost stats 1.58x, + func stats 1.56x
 At GPT-2's width 128 and T = 32 the explicit per-example form is cheaper than the T×T Grams for
-every matrix, so both routes pay the n²·P float64 Gram; the ghost form wins when T² ≪ p·q/n.
+every matrix, so both routes pay the n²·P float64 Gram; the T×T ghost form wins when T² < p·q/(p + q) (roughly).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
                 grad_microbatch_size: int | None = None, grad_microbatch_scale: str | float = "n_micro",
                 grad_source: str | None = None, grad_mask: dict[str, Any] | None = None,
                 grad_proj_dim: int | None = None, grad_proj: str = "coords", grad_proj_seed: int = 0,
-                curvature_every: Any = None, curvature_batch: Any = None,
+                grad_method: str = "auto", curvature_every: Any = None, curvature_batch: Any = None,
                 curvature_loss: Callable[[Any, Any], torch.Tensor] | None = None, curvature_topk: int = 1,
                 curvature_tol: float = 1e-6, curvature_max_iter: int | None = None,
                 curvature_trace: int | str | None = None, curvature_mode: str = "eval",
@@ -83,6 +83,14 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
         in the run's ``recorder.grad_proj.index``), for coordinate-wise tail indices;
         ``"gaussian"`` a seeded Gaussian sketch R (d × P, N(0, 1/d) entries, generated per tensor
         and chunk, never materialised for large P).  Per-example and micro-batch samples only.
+    grad_method: how per-example gradient Grams of a ``grad_probe`` are formed: ``"func"``
+        explicit per-example gradients (torch.func); ``"ghost"`` from the layer inputs and output
+        gradients of one ordinary backward, without per-example gradients (Linear, transformers
+        Conv1D, Conv2d, Embedding, LayerNorm; refused if another parameter is sampled, or with
+        ``grad_proj_dim``/``grad_mask``, which need the samples); ``"auto"`` (default) ghost for
+        the covered parameters and torch.func for the rest (explicit with projection or masks).
+        ``recorder.grad_method_used`` records which ran.  The ghost route runs the probe in one
+        batch (``grad_chunk`` applies to the torch.func part).
     grad_microbatch_size: b of the micro-batch route (examples per micro-batch; NaN if None).
         Under FSDP2 give the per-rank micro-batch size: the samples are the reduce-scattered
         (all-ranks) micro-batch gradients, so the stored b is ``grad_microbatch_size`` × world size.
@@ -128,7 +136,8 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
     grad = GradNoise(grad_samples_every, probe=grad_probe, loss=grad_loss, samples_max=grad_samples_max,
                      chunk=grad_chunk, probe_eval=grad_probe_eval, microbatch_size=grad_microbatch_size,
                      microbatch_scale=grad_microbatch_scale, source=grad_source, mask=grad_mask,
-                     proj_dim=grad_proj_dim, proj=grad_proj, proj_seed=grad_proj_seed)
+                     proj_dim=grad_proj_dim, proj=grad_proj, proj_seed=grad_proj_seed,
+                     method=grad_method)
     curv = Curvature(curvature_every, batch=curvature_batch, loss=curvature_loss, topk=curvature_topk,
                      tol=curvature_tol, max_iter=curvature_max_iter, trace=curvature_trace, mode=curvature_mode,
                      hvp=curvature_hvp, groups=curvature_groups, basis_device=curvature_basis_device,

@@ -12,11 +12,13 @@ from torch.utils import _pytree as pytree
 
 from ...errors import RecorderError
 from ..distributed import choose_source
+from ..ghost import ghost_grams, ghost_plan, unbatched_modules
 from ..probes import (
     MicroBatchCapture,
     SampleProjector,
     apply_masks,
     gradient_masks,
+    gram_matrix_statistics,
     gram_statistics,
     per_example_gradients,
     training_batchnorm,
@@ -32,7 +34,9 @@ class GradNoise(Quantity):
     ``probe=(inputs, targets)`` and ``loss`` for per-example gradients after the step; without a
     probe the micro-batch gradients of gradient accumulation (``microbatch_size``,
     ``microbatch_scale``); ``source="per_rank"`` under DDP; ``mask``, ``samples_max``, ``chunk``,
-    ``probe_eval``; ``proj_dim``/``proj``/``proj_seed`` for the ``grad_proj`` table."""
+    ``probe_eval``; ``proj_dim``/``proj``/``proj_seed`` for the ``grad_proj`` table; ``method``
+    (``"auto"``, ``"ghost"``, ``"func"``) how per-example Grams are formed (see
+    :mod:`phasewatch.record.ghost`)."""
 
     order = 20
 
@@ -41,8 +45,13 @@ class GradNoise(Quantity):
                  chunk: int | None = None, probe_eval: bool = False, microbatch_size: int | None = None,
                  microbatch_scale: str | float = "n_micro", source: str | None = None,
                  mask: dict[str, Any] | None = None, proj_dim: int | None = None, proj: str = "coords",
-                 proj_seed: int = 0) -> None:
+                 proj_seed: int = 0, method: str = "auto") -> None:
         super().__init__(every)
+        if method not in ("auto", "ghost", "func"):
+            raise RecorderError(f"grad_method={method!r}: use 'auto', 'ghost' or 'func'")
+        if method == "ghost" and (proj_dim or mask):
+            raise RecorderError("grad_method='ghost' forms Grams without per-example gradients, so it "
+                                "cannot project or mask them; drop grad_proj_dim/grad_mask or use 'auto'/'func'")
         if int(samples_max) < 1:
             raise RecorderError(f"grad_samples_max={samples_max}: must be a positive integer")
         if probe is not None and not self.on:
@@ -68,6 +77,11 @@ class GradNoise(Quantity):
         self.mask_meta: Any = None
         self.capture: MicroBatchCapture | None = None
         self.projector: SampleProjector | None = None
+        self.method = method
+        self.method_used: str | None = None  # ghost | mixed | func, by bind() (per-example probes)
+        self.ghost_covered: dict = {}
+        self.ghost_fallback: list = []
+        self.ghost_broadcast: set = set()
 
     def resolve(self) -> str | None:
         """The source this recorder samples from (:func:`phasewatch.record.distributed.choose_source`)."""
@@ -97,6 +111,43 @@ class GradNoise(Quantity):
         self.capture = MicroBatchCapture(rec.params, on_error=rec._fail) if self.source == "micro_batch" else None
         if self.proj_dim:
             self.projector = SampleProjector(rec.params, self.proj, self.proj_dim, self.proj_seed)
+        if self.probe is not None and self.source == "per_example":
+            self._choose_method(rec)
+
+    def _choose_method(self, rec: Any) -> None:
+        """``method_used``: "func" (explicit per-example gradients of every parameter), "ghost"
+        (every parameter covered by :func:`~phasewatch.record.ghost.ghost_plan`) or "mixed"
+        (covered ones by ghost Grams, the rest by torch.func, per-group Grams summed)."""
+        if self.method == "func" or self.proj_dim or self.mask:  # (samples needed explicitly)
+            self.method_used = "func"
+            return
+        if isinstance(rec._model, torch.nn.parallel.DistributedDataParallel):
+            if self.method == "ghost":
+                raise RecorderError("grad_method='ghost' is not supported on a DDP-wrapped model (its "
+                                    "forward prepares a gradient reduction); use 'auto' or 'func'")
+            self.method_used = "func"
+            return
+        covered, fallback = ghost_plan(rec._model, rec.param_names)
+        if self.method == "ghost" and fallback:
+            raise RecorderError(f"grad_method='ghost': parameter {fallback[0]} is not owned by Linear, "
+                                "Conv1D, Conv2d, Embedding or LayerNorm modules only; use grad_method='auto' "
+                                "(those parameters then go through torch.func)")
+        if covered:  # a no-grad forward of two examples finds modules that see no per-example batch dim
+            two = lambda t: t[:2] if isinstance(t, torch.Tensor) else t  # noqa: E731
+            modes = [(m, m.training) for m in rec._model.modules()] if self.probe_eval else []
+            if self.probe_eval:
+                rec._model.eval()
+            skipped, self.ghost_broadcast = unbatched_modules(rec._model, covered,
+                                                              pytree.tree_map(two, self.probe[0]))
+            for m, tr in modes:
+                m.training = tr
+            if skipped and self.method == "ghost":
+                raise RecorderError(f"grad_method='ghost': parameter {skipped[0]} belongs to a module "
+                                    "called without the examples along dim 0; use grad_method='auto'")
+            fallback = [n for n in rec.param_names if n in set(fallback) | set(skipped)]
+            covered = {k: v for k, v in covered.items() if k not in skipped}
+        self.ghost_covered, self.ghost_fallback = covered, fallback
+        self.method_used = "func" if not covered else ("mixed" if fallback else "ghost")
 
     def should_compute(self, step: int) -> bool:
         """True at the steps this quantity runs after."""
@@ -112,6 +163,8 @@ class GradNoise(Quantity):
             "grad_microbatch_size": None if math.isnan(self.microbatch_size) else self.microbatch_size,
             "grad_microbatch_scale": self.microbatch_scale, "grad_mask": self.mask_meta,
             "grad_proj": self.projector.describe() if self.projector is not None else None,
+            "grad_method": self.method, "grad_method_used": self.method_used,
+            "grad_method_fallback": list(self.ghost_fallback) if self.method_used == "mixed" else [],
         }
 
     def compute(self, rec: Any, step: int) -> None:
@@ -155,13 +208,18 @@ def _per_example_samples(rec: Any, gn: GradNoise, step: int) -> None:
                                 "gradients are undefined (pass grad_probe_eval=True)")
     try:
         inputs, targets = gn.probe
-        samples = apply_masks(per_example_gradients(model, rec.param_names, inputs, targets,
-                                                    gn.loss, gn.chunk), gn.masks)
+        if gn.method_used in ("ghost", "mixed"):
+            st = _ghost_statistics(rec, gn, inputs, targets)
+            samples = None
+        else:
+            samples = apply_masks(per_example_gradients(model, rec.param_names, inputs, targets,
+                                                        gn.loss, gn.chunk), gn.masks)
     finally:
         if modes is not None:
             for m, tr in modes:
                 m.training = tr
-    st = gram_statistics(samples, rec._param_group, len(rec.group_labels), gn.samples_max)
+    if samples is not None:
+        st = gram_statistics(samples, rec._param_group, len(rec.group_labels), gn.samples_max)
     if st is not None and gn.projector is not None:
         gn.write_proj_row(rec, step, samples, st["n"])
     del samples
@@ -170,6 +228,28 @@ def _per_example_samples(rec: Any, gn: GradNoise, step: int) -> None:
                   step)
         return
     rec._write_grad_row(step, "per_example", 1.0, st)
+
+
+def _ghost_statistics(rec: Any, gn: GradNoise, inputs: Any, targets: Any) -> dict | None:
+    """Statistics from ghost Grams of the covered parameters plus, for the others, the Grams of
+    their torch.func per-example gradients (summed per group)."""
+    group = dict(zip(rec.param_names, rec._param_group))
+    L = len(rec.group_labels)
+    Ms, skipped = ghost_grams(rec._model, gn.ghost_covered, group, L, inputs, targets, gn.loss,
+                              gn.ghost_broadcast)
+    if skipped:  # (not seen by the forward at bind: move them to torch.func from now on)
+        log.info("phasewatch: ghost Grams: %s ran without a per-example batch dim; torch.func for them",
+                 ", ".join(skipped))
+        gn.ghost_fallback = [n for n in rec.param_names if n in set(gn.ghost_fallback) | set(skipped)]
+        gn.ghost_covered = {k: v for k, v in gn.ghost_covered.items() if k not in skipped}
+    if gn.ghost_fallback:
+        samples = per_example_gradients(rec._model, gn.ghost_fallback, inputs, targets, gn.loss, gn.chunk)
+        with torch.no_grad():
+            for name, s_ in zip(gn.ghost_fallback, samples):
+                g = s_.reshape(s_.shape[0], -1).to(torch.float64)
+                Ms[group[name]] += g @ g.T
+        del samples
+    return gram_matrix_statistics(Ms, gn.samples_max)
 
 
 def _micro_batch_samples(rec: Any, gn: GradNoise, step: int) -> None:

@@ -404,7 +404,7 @@ def analyze(
         more (``level``, the confidence level of every interval; ``hill_window``); when given, the
         keywords are not read.  Without it one is built from the keywords.
 
-    Notes
+    Notes:
     -----
     The analysis is a composition of stages, one per table (:mod:`~phasewatch.analysis.stages`),
     each returning its table and the conventions of its columns.

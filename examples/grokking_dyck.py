@@ -47,7 +47,9 @@ class DyckTransformer(torch.nn.Module):
 
 
 def _balanced(seq: np.ndarray) -> bool:
-    return bool(np.all(np.cumsum(np.where(seq == 0, 1, -1)) >= 0))
+    """Every prefix has at least as many '(' (0) as ')' (1), and the counts end equal."""
+    depth = np.cumsum(np.where(seq == 0, 1, -1))
+    return bool(np.all(depth >= 0) and depth[-1] == 0)
 
 
 def dyck_data(length: int = 16, n_train: int = 50, n_test: int = 1000, seed: int = 0, negatives: str = "random"):

@@ -266,3 +266,75 @@ def test_char_lm_muon_takes_the_block_matrices():
     adam_mat, _ = lm.optimizers(model, "adamw", cfg)
     assert mat.param_groups[0]["lr"] * mat.param_groups[0]["weight_decay"] == pytest.approx(
         adam_mat.param_groups[0]["lr"] * adam_mat.param_groups[0]["weight_decay"], rel=1e-12)
+
+
+def _example(rel: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / rel
+    spec = importlib.util.spec_from_file_location("phasewatch_test_" + path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_claim2_table7_statistic_on_known_series():
+    """Table 7's statistic against a hand computation: peak over the windows ending before the
+    grok, divided by the last of them; a window ending at the grok step itself does not count."""
+    c2 = _example("claims/claim_02_gap_precedes_grokking.py")
+    steps = np.arange(100, 1100, 100)
+    g = np.array([1.0, 4.0, np.nan, 6.0, 3.0, 2.0, 9.0, 9.0, 9.0, 9.0])
+    d = c2.table7_decline(steps, g, 700)  # windows 100..600 count, 700 does not
+    assert d["pre_windows"] == 5 and d["peak"] == 6.0 and d["peak_step"] == 400
+    assert d["last"] == 2.0 and d["last_step"] == 600 and d["decline"] == 3.0
+    one = c2.table7_decline(steps, g, 200)
+    assert one["pre_windows"] == 1 and np.isnan(one["decline"]) and "two" in one["why"]
+    assert np.isnan(c2.table7_decline(steps, g, None)["decline"])
+
+
+def test_dyck_data_labels_and_split():
+    """Every label equals the brute-force balance check; train and test are disjoint, half each class."""
+    dy = _example("grokking_dyck.py")
+    trx, try_, tex, tey = dy.dyck_data(16, 50, 200, seed=3)
+    x, y = np.concatenate([trx.numpy(), tex.numpy()]), np.concatenate([try_.numpy(), tey.numpy()])
+    for seq, lab in zip(x, y):
+        depth, ok = 0, True
+        for t in seq:
+            depth += 1 if t == 0 else -1
+            ok &= depth >= 0
+        assert lab == int(ok and depth == 0)
+    assert len({s.tobytes() for s in x}) == len(x) and y.sum() == len(y) // 2 and len(trx) == 50
+    with pytest.raises(ValueError, match="balanced sequences"):
+        dy.dyck_data(10, 50, 1000)
+
+
+def test_dyck_records_attention_only_and_two_adamw_are_one(tmp_path: Path):
+    """The Dyck run records exactly the attention matrices; two AdamW instances (attention / rest)
+    train bit for bit as one AdamW over all parameters (AdamW's update is per parameter tensor)."""
+    import torch
+
+    import phasewatch
+
+    dy = _example("grokking_dyck.py")
+    s = dy.train(tmp_path / "run", weight_decay=1.0, seed=0, steps=20, stride=5, k=4, eval_every=10)
+    run = phasewatch.open_run(tmp_path / "run")
+    assert run.n_params == s["recorded_params"] == 2 * (3 * 32 * 32 + 32 * 32) < s["total_params"]
+    assert list(run.band["step"]) == [5, 10, 15, 20]
+    assert phasewatch.open_run(dy.step_run(tmp_path / "run")).n_params == s["recorded_params"]
+    x, y, _, _ = dy.dyck_data(16, 50, 10, 0)
+    models = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        m = dy.DyckTransformer(16)
+        att, rest = dy.attention_matrices(m)
+        opts = ([torch.optim.AdamW(att, lr=1e-3, weight_decay=1.0), torch.optim.AdamW(rest, lr=1e-3, weight_decay=1.0)]
+                if split else [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1.0)])
+        for _ in range(5):
+            for o in opts:
+                o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            for o in opts:
+                o.step()
+        models.append(m)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)

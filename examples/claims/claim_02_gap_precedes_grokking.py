@@ -116,7 +116,9 @@ def _null_lag(an, grok_step: int | None) -> dict[str, Any]:
     lag = None if first is None or grok_step is None else first - grok_step
     pre = v & (t["step"] < grok_step) if grok_step is not None else v
     post = v & (t["step"] >= grok_step) if grok_step is not None else np.zeros_like(v)
-    frac = (lambda m: float(np.mean(above[m])) if m.any() else None)
+    def frac(m):
+        return float(np.mean(above[m])) if m.any() else None
+
     return {"first_above_null_step": first, "lag": lag, "above_null_fraction_before": frac(pre),
             "above_null_fraction_after": frac(post)}
 

@@ -252,17 +252,12 @@ class Recorder:
     def _select_params(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any,
                        sharded: bool) -> tuple[list[str], list[int]]:
         """Which parameters, in which layout: the group labels and each parameter's group."""
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
+        order, named, missing = _recorded_layout(model, optimizer, groups)
         if not named:
             raise RecorderError("the model has no trainable parameters in this optimizer; nothing to record")
-        seen_ids = {id(p) for _, p in named}
-        if len(in_opt - seen_ids):
+        if missing:
             log.warning("phasewatch: %d optimizer parameters are not in model.named_parameters(); "
-                        "they are not recorded", len(in_opt - seen_ids))
-        labels = [_group_of(n, groups) for n, _ in named]
-        order = list(dict.fromkeys(labels))
-        named = sorted(zip(labels, named), key=lambda t: order.index(t[0]))
+                        "they are not recorded", missing)
         self.group_labels = order
         self.params = [p for _, (_, p) in named]
         self.param_names = [n for _, (n, _) in named]
@@ -1065,11 +1060,19 @@ def _close_at_exit(ref: weakref.WeakMethod) -> None:
             pass
 
 
-def _recorded_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any) -> list[torch.Tensor]:
-    """The recorded parameters in rank 0's order (trainable, in the optimizer, grouped in order of
-    first appearance), for the idle DDP ranks' share of the curvature probes."""
+def _recorded_layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any):
+    """The recorded parameters and their order — trainable, in the optimizer, grouped in order of
+    first appearance — as (group labels, [(label, (name, param)), ...], optimizer parameters missing
+    from ``model.named_parameters()``).  One rule for every rank, so the idle DDP ranks' share of the
+    curvature probes sees rank 0's order."""
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in in_opt]
     labels = [_group_of(n, groups) for n, _ in named]
     order = list(dict.fromkeys(labels))
-    return [p for _, (_, p) in sorted(zip(labels, named), key=lambda t: order.index(t[0]))]
+    missing = len(in_opt - {id(p) for _, p in named})
+    return order, sorted(zip(labels, named), key=lambda t: order.index(t[0])), missing
+
+
+def _recorded_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: Any) -> list[torch.Tensor]:
+    """The recorded parameters in rank 0's order (:func:`_recorded_layout`)."""
+    return [p for _, (_, p) in _recorded_layout(model, optimizer, groups)[1]]

@@ -479,6 +479,10 @@ def test_analyze_c_levy_and_c_langevin(tmp_path):
         assert key in a.probes or key in a.tail_index or key in a.conventions
     assert "C_langevin" in a.conventions and "C_levy" in a.conventions and "alpha_coord" in a.conventions
     assert "C (Langevin)" in a.summary() and "C (Levy)" in a.summary() and "noise cov." in a.summary()
+    # 16 samples span at most 15 directions: the summary states the bound, and calls a rank near it n's doing
+    line = next(ln for ln in a.summary().splitlines() if ln.startswith("noise cov."))
+    assert "at most n-1 = 15 from n = 16 samples" in line
+    assert ("set by n" in line) == bool(a.probes["cov_eff_rank"][-1] >= 0.9 * 15)
     csv = a.probes_to_csv(tmp_path / "p.csv").read_text().splitlines()[1].split(",")
     assert {"cov_top", "cov_eff_rank", "C_langevin"} <= set(csv)
 

@@ -300,9 +300,14 @@ class Analysis:
             lines.append(f"alpha (Hill) median {a:.2f} over {hill_window_of(self)}-step windows of gradient norms"
                          + ("; > 2: no evidence of a stable heavy tail" if a > 2 else ""))
         if "cov_eff_rank_last" in d:
+            n = d.get("n_last")
+            # n samples span at most n − 1 directions: near that bound the rank says n, not the noise
+            cap = (f"; at most n-1 = {n - 1} from n = {n} samples"
+                   + (": set by n, not a reading" if d["cov_eff_rank_last"] >= 0.9 * (n - 1) else "")
+                   if n and n >= 2 else "")
             lines.append(f"noise cov.   last: effective rank {d['cov_eff_rank_last']:.3g} (plug-in"
                          + (f"; Gaussian-corrected {d['cov_eff_rank_corrected_last']:.3g}"
-                            if "cov_eff_rank_corrected_last" in d else "") + ")"
+                            if "cov_eff_rank_corrected_last" in d else "") + cap + ")"
                          + (f", top direction {100 * d['cov_top_fraction_last']:.0f}% of the variance"
                             if "cov_top_fraction_last" in d else ""))
         if "alpha_coord_last" in d:

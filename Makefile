@@ -16,13 +16,13 @@ DEMO_OUT ?= demo-out
 .PHONY: install demo test test-threads test-repeat lint bench claims docs clean
 
 # the tests whose results depend on thread count / reduction order: run under 1 and 2 threads
-THREADED_TESTS ?= tests/test_fsdp.py tests/test_distributed.py tests/test_integrations_ddp.py \
-	tests/test_integrations.py tests/test_curvature.py tests/test_recorder.py tests/test_grad_cov.py \
-	tests/test_gram.py tests/test_streaming.py
+THREADED_TESTS ?= tests/record/test_fsdp.py tests/record/test_distributed.py tests/record/test_integrations_ddp.py \
+	tests/record/test_integrations.py tests/record/test_curvature.py tests/record/test_recorder.py tests/analysis/test_grad_cov.py \
+	tests/analysis/test_gram.py tests/analysis/test_streaming.py
 # the tests that race processes, signals and the disk: `make test-repeat` runs them REPEAT times
 REPEAT ?= 5
-REPEAT_TESTS ?= tests/test_distributed.py tests/test_fsdp.py tests/test_integrations_ddp.py \
-	tests/test_crash.py tests/test_signals.py tests/fault
+REPEAT_TESTS ?= tests/record/test_distributed.py tests/record/test_fsdp.py tests/record/test_integrations_ddp.py \
+	tests/record/test_crash.py tests/record/test_signals.py tests/fault
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

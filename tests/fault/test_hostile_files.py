@@ -1,4 +1,4 @@
-"""Hostile and damaged files beyond what ``tests/test_store.py`` covers: enormous declared sizes
+"""Hostile and damaged files beyond what ``tests/store/test_store.py`` covers: enormous declared sizes
 (no allocation bomb), counts that are not counts, foreign filters and dtypes, hard-link cycles,
 absurdly nested metadata.  Every file is read in a child with a limited address space (a bomb
 would be a MemoryError there, a hang a timeout): in a run directory the damaged segment is

@@ -17,7 +17,7 @@ HuggingFace ``Trainer``/Accelerate and Lightning do — it sees one bucket per s
 the rank's micro-batches, so n would be R, not R·m.  The tensor hook gives every micro-batch with
 or without ``no_sync``, with ``gradient_as_bucket_view``, and it leaves DDP's single comm-hook slot
 free for the user's own (PowerSGD, fp16 compression ...).  Tested against brute force (each rank's
-gradient of its own shard, gathered) in ``tests/test_distributed.py``.
+gradient of its own shard, gathered) in ``tests/record/test_distributed.py``.
 
 How they are reduced.  At the step (optimizer pre-hook, after all backward passes; with a closure
 optimizer such as Lightning's, right after the closure) each rank holds its samples X_r (m×P,

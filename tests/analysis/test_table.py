@@ -29,7 +29,7 @@ from phasewatch.analysis.table import Table
 from phasewatch.errors import PhasewatchError
 
 pd = pytest.importorskip("pandas")
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "grokking-p71.h5"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "grokking-p71.h5"
 
 
 def _same(a, b) -> bool:

@@ -1056,7 +1056,7 @@ def test_probe_memory_basis_is_resident_and_float32_halves_it():
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_memory.py"
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "curvature_memory.py"
     got = {}
     for dt in ("float64", "float32"):
         out = subprocess.run([sys.executable, str(bench), "--child", "--width", "1000", "--iters", "10",

@@ -25,7 +25,7 @@ from phasewatch.outputs.report import build_report, report_markdown, segments  #
 from phasewatch.plot.multirun import band_stats, mean_band, sweep  # noqa: E402
 from phasewatch.workflows.study import run_study  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 GROK = DATA / "grokking-p71.h5"
 NOWD = DATA / "grokking-p71-no-wd.h5"
 

@@ -23,7 +23,7 @@ from phasewatch.cli import main  # noqa: E402
 from phasewatch.plot import FIGURES, WIDTHS, MissingDataError, paper_style, save, style  # noqa: E402
 from phasewatch.plot import figures as F  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 SAMPLE = DATA / "grokking-p71.h5"
 CURVATURE_FIGURES = ("sharpness", "ntk", "criticality")
 
@@ -576,7 +576,7 @@ def test_cli_on_a_run_with_gradient_samples(tmp_path, capsys):
 
 def test_gallery_images_are_small():
     """docs/gallery (made with ``phasewatch plot … --format png --dpi 150``) stays light for the README."""
-    gallery = Path(__file__).resolve().parents[1] / "docs" / "gallery"
+    gallery = Path(__file__).resolve().parents[2] / "docs" / "gallery"
     pngs = sorted(gallery.glob("*.png"))
     assert {p.stem for p in pngs} >= {"overview", "spectrum", "hill"}
     for p in pngs:

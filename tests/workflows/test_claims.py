@@ -159,7 +159,7 @@ def test_quick_mode_cli(tmp_path: Path):
 def _char_lm():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "char_lm_stdlib.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "char_lm_stdlib.py"
     spec = importlib.util.spec_from_file_location("phasewatch_example_char_lm_stdlib", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -271,7 +271,7 @@ def test_char_lm_muon_takes_the_block_matrices():
 def _example(rel: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "examples" / rel
+    path = Path(__file__).resolve().parents[2] / "examples" / rel
     spec = importlib.util.spec_from_file_location("phasewatch_test_" + path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -23,7 +23,7 @@ from phasewatch.analysis.pipeline import analyze_band, null_reading, run_null
 from phasewatch.errors import PhasewatchError
 
 EPS = np.finfo(np.float64).eps
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 
 import phasewatch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "numpy_writer.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "numpy_writer.py"
 
 
 def _example():

@@ -15,7 +15,7 @@ from phasewatch.cli import main
 from phasewatch.store import RunWriter
 from phasewatch.store import format as fmt
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 SAMPLE = DATA / "grokking-p71.h5"
 
 

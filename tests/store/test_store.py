@@ -886,7 +886,7 @@ def test_file_whose_metadata_hangs_hdf5_is_refused(tmp_path, monkeypatch):
     2.0 loop forever reading the root attribute; the reader refuses it after a time limit."""
     import time
 
-    sample = Path(__file__).resolve().parents[1] / "data" / "grokking-p71.h5"
+    sample = Path(__file__).resolve().parents[2] / "data" / "grokking-p71.h5"
     data = bytearray(sample.read_bytes())
     data[4341:4626] = bytes(4626 - 4341)
     bad = tmp_path / "damaged.h5"

@@ -38,7 +38,7 @@ from phasewatch.store.live import run_closed
 
 ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "grokking-p71.h5"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "grokking-p71.h5"
 K, W = 12, 8
 LAYERS = ("W", "V")
 SIZES = (24, 16)

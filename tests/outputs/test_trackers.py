@@ -306,9 +306,10 @@ def test_follow_after_a_resume_over_exported_steps(tmp_path):
     resumed (MLflow: a tag; W&B: the config)."""
     from collections import Counter
 
+    from test_export import SIZES, K
+
     from phasewatch.analysis.gram import band_from_updates
     from phasewatch.outputs.trackers import MlflowSink, WandbSink
-    from test_export import SIZES, K
 
     syn = Synthetic(100, seed=5)
     path = tmp_path / "run"

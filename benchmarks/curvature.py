@@ -9,7 +9,11 @@ process, one thread, median of repeats; CPU time is what a loaded machine does n
 time ÷ gradient time, by double backward (autograd) and by central differences (fd; its measured
 error against autograd along a random vector and along the top eigenvector), on the tanh MLP and on
 a small GPT-2 (transformers, built from a config, float32); a Lanczos iteration ÷ its HVP; HVPs to
-1e-3 / 1e-6 relative error by Lanczos and by power iteration on the same operator.
+1e-3 / 1e-6 relative error by Lanczos and by power iteration on the same operator.  With
+``--compile``, also a compiled HVP (``torch.func`` forward-over-reverse ``jvp(grad(f))`` through
+``torch.compile``, the route curvlinops times; double backward itself does not compile) ÷ the eager
+and the compiled gradient, its compile time and its error against autograd; and the peak memory
+of one HVP ÷ that of one gradient (the peak resident-set growth of a forked child, Linux only).
 
 Cases (float64 models, so 1e-6 relative is well above round-off):
   * eos: the tanh MLP 64-200-200-10 of examples/edge_of_stability.py after full-batch GD with
@@ -183,6 +187,16 @@ def hvp_costs(name, model, loss_fn, batch, reps=7):
     print(f"{name:10} {dt:8} {op.n:9d} | {t_grad * 1e3:8.2f} {t_setup / t_grad:6.2f} {t_ag / t_grad:6.2f} "
           f"{t_fd / t_grad:6.2f} | {err_v:8.1e} {err_y:8.1e} | {it * 1e3:8.2f} {it / it_hvp:6.3f} ({top.n_matvec} HVPs)")
     pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps)
+    m_grad = _peak_growth(_gradient_fn(model, loss_fn, batch))
+    m_ag = _peak_growth(lambda: cv.HessianOperator(model, loss_fn, batch).matvec(v))
+    m_fd = _peak_growth(lambda: fd.matvec(v))
+    print(f"  peak memory above the model ÷ one gradient's ({m_grad / 2**20:.1f} MiB): autograd HVP (setup + one "
+          f"product) {m_ag / m_grad:.2f}, FD HVP {m_fd / m_grad:.2f}")
+    if COMPILE:
+        compiled_hvp_cost(model, loss_fn, batch, t_grad, reps)
+
+
+COMPILE = False  # set by --compile (inductor needs a C++ compiler and ~30-120 s per model)
 
 
 def pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps):
@@ -217,6 +231,73 @@ def pyhessian_costs(model, loss_fn, batch, v, t_grad, t_ag, it, reps):
             model.train(was)
     print(f"{'  PyHessian':19} {'':9} | {'':8} {'':6} {t_hvp / t_grad:6.2f} {'':6} | {'':17} | {t_it * 1e3:8.2f} "
           f"{t_it / t_hvp:6.3f}   ours/PyHessian: HVP {t_ag / t_hvp:.2f}, iteration {it / t_it:.2f}{note}")
+
+
+def _peak_growth(fn) -> float:
+    """Bytes by which the resident set of a forked child peaks above its start while it runs ``fn()``
+    (Linux: VmHWM after resetting it through /proc/self/clear_refs; glibc told to mmap every block of
+    64 KiB or more, so freed temporaries leave and the peak is the working set's); NaN elsewhere."""
+    if not Path("/proc/self/clear_refs").exists():
+        return float("nan")
+    import ctypes
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, write, leave without running the parent's exit handlers
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops its growth)
+            Path("/proc/self/clear_refs").write_text("5")
+
+            def kib(key):
+                line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+                return int(line.split()[1])
+
+            start = kib("VmRSS:")
+            fn()
+            os.write(w, str((kib("VmHWM:") - start) * 1024).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 64)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return float(out) if out else float("nan")
+
+
+def compiled_hvp_cost(model, loss_fn, batch, t_grad, reps=7) -> None:
+    """One line: a ``torch.compile``d forward-over-reverse HVP ÷ the eager gradient and ÷ the
+    compiled gradient (both in CPU seconds), the compile time, and the error against the eager
+    ``torch.func`` HVP; or the first line of why it does not compile here."""
+    from torch.func import functional_call, grad, jvp
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(0)
+    vs = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+
+    def f(ps):
+        return loss_fn(functional_call(model, ps, (batch[0],)), batch[1])
+
+    def hvp(ps, v):
+        return jvp(grad(f), (ps,), (v,))[1]
+
+    try:
+        with cv.double_differentiable_attention():
+            t0 = time.perf_counter()
+            c_hvp = torch.compile(hvp)
+            out = c_hvp(params, vs)
+            t_compile = time.perf_counter() - t0
+            c_grad = torch.compile(grad(f))
+            t_c_grad = _cpu_median(lambda: c_grad(params), reps)
+            t_c_hvp = _cpu_median(lambda: c_hvp(params, vs), reps)
+            ref = hvp(params, vs)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports what it could not measure
+        print(f"  compiled HVP: does not compile here ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
+        return
+    err = max(float((ref[n] - out[n]).norm() / ref[n].norm().clamp_min(1e-300)) for n in params)
+    print(f"  compiled HVP (torch.func jvp(grad), inductor): ÷ eager gradient {t_c_hvp / t_grad:.2f}, "
+          f"÷ compiled gradient {t_c_hvp / t_c_grad:.2f} (compile {t_compile:.0f} s; relative error vs eager "
+          f"{err:.1e})")
 
 
 def power_iteration_hvps(op, ref, target, cap=4000, seed=1):
@@ -262,7 +343,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer GD steps before the EoS case")
     ap.add_argument("--no-cost", action="store_true", help="skip the per-product cost section")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd HVP (slow to compile)")
     a = ap.parse_args()
+    global COMPILE
+    COMPILE = a.compile
     if not a.no_cost:
         cost_section(a.quick)
     try:

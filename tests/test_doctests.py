@@ -2,7 +2,8 @@
 
 Each example checks an estimator against a value known from arithmetic (Hill on exact Pareto
 quantiles, C and B_simple on a three-sample measurement worked by hand, the two-batch estimator
-on exact expectations, an exact logistic curve) or a truth inside a statistical tolerance (the
+on exact expectations, an exact logistic curve, the momentum null's Kac–Murdock–Szegő Gram,
+gap positions and ‖ΔC‖_F on hand-built spectra and bands, the edge-of-stability thresholds) or a truth inside a statistical tolerance (the
 stable index and McCulloch on Cauchy draws).  A module listed here with no example is an error:
 the test asserts that examples were found and that none failed.
 """
@@ -21,6 +22,10 @@ MODULES = (
     "phasewatch.analysis.consolidation",
     "phasewatch.analysis.noise_scale",
     "phasewatch.analysis.phases",
+    "phasewatch.analysis.nulls",
+    "phasewatch.analysis.gram",
+    "phasewatch.analysis.adiabatic",
+    "phasewatch.analysis.curvature",
 )
 
 

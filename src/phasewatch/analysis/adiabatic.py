@@ -137,6 +137,17 @@ def delta_fro_canonical(band: np.ndarray, ends: np.ndarray, window: int) -> np.n
     Returns
     -------
     ndarray, float64, ``(N,)`` (or ``(N, L)``).
+
+    Examples
+    --------
+    W = 1 and two orthogonal unit updates e₁, e₂: the window operator turns from e₁e₁ᵀ to e₂e₂ᵀ,
+    ‖ΔC‖_F = ‖e₂e₂ᵀ − e₁e₁ᵀ‖_F = √2; for two parallel ones (u₁ = u₀) it does not move:
+
+    >>> band = np.array([[1.0, 0.0], [1.0, 0.0]])  # rows [<u_t, u_t>, <u_t, u_t-1>]
+    >>> round(float(delta_fro_canonical(band, np.array([1]), 1)[0]), 6)
+    1.414214
+    >>> float(delta_fro_canonical(np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([1]), 1)[0])
+    0.0
     """
     b = np.asarray(band, dtype=np.float64)
     if b.ndim not in (2, 3):

@@ -40,6 +40,14 @@ def stability_threshold(optimizer: str, lr: float, hyper: dict | None = None, st
       λ_max(D⁻¹H) against (2 + 2β₁)/((1 − β₁)·η̃), η̃ = η/(1 − β₁ᵗ) (Cohen et al. 2022,
       arXiv:2207.14484: 38/η for β₁ = 0.9).  Plain λ_max against 2/η is meaningless for Adam.
     Other optimizers fall back to 2/η, said in the convention.
+
+    >>> round(stability_threshold("SGD", 0.1).value, 9)
+    20.0
+    >>> round(stability_threshold("SGD", 0.1, {"momentum": 0.9}).value, 9)  # 2·1.9/0.1
+    38.0
+    >>> t = stability_threshold("Adam", 1e-3, {"betas": [0.9, 0.999]})  # 3.8/(0.1·1e-3)
+    >>> round(t.value, 6), t.quantity
+    (38000.0, 'preconditioned')
     """
     h = hyper or {}
     if not (lr and np.isfinite(lr) and lr > 0):

@@ -218,6 +218,17 @@ def gap_position(
         float64 ``(N,)``, NaN where undefined.
     gap
         float64 ``(N,)``, NaN where undefined.
+
+    Examples
+    --------
+    σ = (4, 2, 1) has two equal ratios 2; the tie goes to j = 1. σ = (4, 3, 1) has its gap at 2
+    (4/3 < 3), and the weighted form keeps it there (4/8·4/3 = 0.67 < 3/8·3 = 1.125):
+
+    >>> k, r, g = gap_position(np.array([[4.0, 2.0, 1.0], [4.0, 3.0, 1.0]]))
+    >>> k.tolist(), r.tolist(), g.tolist()
+    ([1, 2], [2.0, 3.0], [2.0, 2.0])
+    >>> gap_position(np.array([[4.0, 3.0, 1.0]]), "weighted")[0].tolist()
+    [2]
     """
     if variant not in ("plain", "weighted"):
         raise ValueError(f"variant must be 'plain' or 'weighted', got {variant!r}")

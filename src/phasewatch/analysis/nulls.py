@@ -133,6 +133,14 @@ def filter_autocorrelation(beta: float, lags, *, a: float = 0.0, b: float = 1.0,
     Parameters: ``beta`` in [0, 1); ``lags`` non-negative integers (any shape); ``a, b`` the
     weights of the fresh gradient and the momentum buffer (not both 0); ``stride`` ≥ 1.
     Returns float64 ρ of the shape of ``lags`` (dimensionless, in [−1, 1]).
+
+    Heavy ball gives β^j; Nesterov at β = 0.9 has c(0) = 1 + 1.8 + 0.81/0.19 and
+    c(1) = 0.9·(0.9 + 0.81/0.19), so ρ(1) = 4.6468…/7.0631… = 0.6579:
+
+    >>> filter_autocorrelation(0.9, [0, 1, 2]).round(6).tolist()
+    [1.0, 0.9, 0.81]
+    >>> round(float(filter_autocorrelation(0.9, [1], a=1.0, b=0.9)[0]), 4)
+    0.6579
     """
     amp, decay = _amplitude_decay(beta, a, b, stride)
     j = np.asarray(lags)
@@ -315,7 +323,16 @@ def _muon_null(h: dict, s: int) -> MomentumNull:
 def null_gram(norms: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """``G⁰[n, a, b] = norms[n, a]·norms[n, b]·ρ(|a − b|)``: the Gram of momentum-filtered noise with
     the window's own update norms (``norms`` (N, W) = ‖u‖ of each row, i.e. √band[:, 0]; ``rho`` (W,), or (N, W) per window).
-    Units of ‖u‖²; float64 (N, W, W)."""
+    Units of ‖u‖²; float64 (N, W, W).
+
+    With equal norms and heavy-ball ρ(j) = β^j this is the Kac–Murdock–Szegő matrix: at W = 10
+    and β = 0.9 its σ₁/σ₂ is 2.247 and k* = 1 (momentum alone, no signal):
+
+    >>> rho = filter_autocorrelation(0.9, np.arange(10))
+    >>> lam = np.linalg.eigvalsh(null_gram(np.ones((1, 10)), rho)[0])[::-1]
+    >>> round(float(np.sqrt(lam[0] / lam[1])), 3)
+    2.247
+    """
     n = np.asarray(norms, dtype=np.float64)
     r = np.asarray(rho, dtype=np.float64)
     if n.ndim != 2 or r.shape not in ((n.shape[1],), n.shape):

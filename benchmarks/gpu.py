@@ -150,7 +150,7 @@ def overhead(make, steps: int, rounds: int, tmp: Path, label: str) -> tuple[dict
 
 
 def recorder_bytes(rec) -> dict:
-    """Bytes the recorder's per-step code reads + writes, counted from its code (record/recorder.py):
+    """Bytes the recorder's per-step code reads + writes, counted from its code (record/ring.py):
     gradient norms read every gradient once; an exact tensor of n elements of s bytes costs
     u = θ − θ_prev (read 2ns, write 8n into the float64 ring) and θ_prev ← θ (2ns); a folded one
     the fold of θ_t (projection.fold_float64: read θ and the signs, 2ns; its float64 chunk scratch

@@ -59,7 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import phasewatch
+from phasewatch.record import drain as pw_drain
 from phasewatch.record import recorder as pw_recorder
+from phasewatch.record import ring as pw_ring
 from phasewatch.store import writer as pw_writer
 from phasewatch.workflows.demo import QuadraticMLP, modular_addition
 
@@ -283,13 +285,13 @@ def quiet_rounds(others: list[float | None], limit: float) -> list[int]:
 WRAPPED = [
     (pw_recorder.Recorder, "_pre_hook"),
     (pw_recorder.Recorder, "_post_hook"),
-    (pw_recorder.Recorder, "_record_update"),
-    (pw_recorder.Recorder, "_drain"),
+    (pw_ring.RingMixin, "_record_update"),
+    (pw_drain.DrainMixin, "_drain"),
     (pw_recorder.Recorder, "loss"),
     (pw_writer.RunWriter, "append"),
     (pw_writer.RunWriter, "flush"),
-    (pw_recorder, "fold_float64"),  # the projection (of θ_t), looked up as a module global by _record_update
-    (pw_recorder, "fold_sum"),  # the projection of u_t (--ufold, FSDP)
+    (pw_ring, "fold_float64"),  # the projection (of θ_t), looked up as a module global by _record_update
+    (pw_ring, "fold_sum"),  # the projection of u_t (--ufold, FSDP)
 ]
 LABEL = {"fold_float64": "fold of θ_t (float64)", "fold_sum": "fold of u_t (sum)", "append": "writer.append", "flush": "writer.flush (HDF5)",
          "loss": "rec.loss()"}

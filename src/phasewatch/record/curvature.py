@@ -296,6 +296,40 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarr
     return eigh_tridiagonal(np.asarray(alphas, dtype=float), np.asarray(betas, dtype=float))
 
 
+def _basis_rows(n: int, k: int, which: str, max_iter: int | None, memory_budget: int,
+                basis_dtype: torch.dtype) -> tuple[int, int]:
+    """Check :func:`lanczos`'s arguments; the basis dtype's itemsize s and the rows the basis may
+    have, m_max = min(n, max_iter, max(k + 10, memory_budget // (s·n))) (its memory model)."""
+    if which not in WHICH:
+        raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")
+    if k < 1 or k > n:
+        raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise PhasewatchError(f"basis_dtype={basis_dtype}: use torch.float64 or torch.float32")
+    size = torch.empty((), dtype=basis_dtype).element_size()
+    m_max = int(min(n, max_iter or max(100, 20 * k), max(k + 10, memory_budget // (size * n))))
+    if m_max < k:
+        raise PhasewatchError(f"max_iter={max_iter} < k={k}")
+    return size, m_max
+
+
+def _ritz_vectors(basis: torch.Tensor, s: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """The unit Ritz vectors y_i = V_m s_i (k, n), float64 on ``dev``, from the m basis rows V_m
+    (in their own dtype, on their device) and the chosen eigenvectors s (m, k) of T_m."""
+    coeff = torch.as_tensor(s, dtype=torch.float64, device=basis.device)  # (m, k)
+    vecs = (basis.T @ coeff.to(basis.dtype)).T.to(torch.float64)  # (k, n)
+    return (vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)).to(dev)
+
+
+def _true_residuals(matvec: Matvec, vals: np.ndarray, vecs: torch.Tensor, dev: torch.device) -> np.ndarray:
+    """The measured residuals ‖A y_i − θ_i y_i‖ of the Ritz pairs, one product each."""
+    res = np.empty(len(vals))
+    for i in range(len(vals)):
+        r = matvec(vecs[i]).to(dev, torch.float64) - float(vals[i]) * vecs[i]
+        res[i] = float(torch.linalg.vector_norm(r))
+    return res
+
+
 def lanczos(
     matvec: Matvec,
     n: int,
@@ -348,16 +382,7 @@ def lanczos(
     ``basis_dtype``: float64 (default; orthogonality to ~1e-16) or float32 (half the memory;
     orthogonality to ~1e-7, which bounds the eigenvalues' relative accuracy by about m·2⁻²⁴).
     """
-    if which not in WHICH:
-        raise PhasewatchError(f"which={which!r}: use one of {', '.join(WHICH)}")
-    if k < 1 or k > n:
-        raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
-    if basis_dtype not in (torch.float64, torch.float32):
-        raise PhasewatchError(f"basis_dtype={basis_dtype}: use torch.float64 or torch.float32")
-    size = torch.empty((), dtype=basis_dtype).element_size()
-    m_max = int(min(n, max_iter or max(100, 20 * k), max(k + 10, memory_budget // (size * n))))
-    if m_max < k:
-        raise PhasewatchError(f"max_iter={max_iter} < k={k}")
+    size, m_max = _basis_rows(n, k, which, max_iter, memory_budget, basis_dtype)
     dev = torch.device(device) if device is not None else (v0.device if v0 is not None else torch.device("cpu"))
     bdev = choose_basis_device(basis_device, dev, m_max * n * size)
     if v0 is None:
@@ -401,15 +426,10 @@ def lanczos(
             basis[j + 1].copy_(w.div_(beta))
     idx = _pick(theta, min(k, m), which)
     vals = theta[idx]
-    coeff = torch.as_tensor(s[:, idx], dtype=torch.float64, device=bdev)  # (m, k)
-    vecs = (basis[:m].T @ coeff.to(basis_dtype)).T.to(torch.float64)  # (k, n)
-    vecs = (vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True)).to(dev)
+    vecs = _ritz_vectors(basis[:m], s[:, idx], dev)
     if verify:
-        res = np.empty(len(vals))
-        for i in range(len(vals)):
-            r = matvec(vecs[i]).to(dev, torch.float64) - float(vals[i]) * vecs[i]
-            n_mv += 1
-            res[i] = float(torch.linalg.vector_norm(r))
+        res = _true_residuals(matvec, vals, vecs, dev)
+        n_mv += len(vals)
         if converged and not invariant:
             # the estimate can be optimistic in finite precision: trust the measurement
             converged = bool(np.all(res <= max(10 * tol, 1e-12) * np.maximum(np.abs(vals), 1e-300)))

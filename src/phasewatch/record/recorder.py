@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -48,9 +47,10 @@ from ..store.reader import open_run
 from ..store.writer import Critical, RunWriter
 from . import fsdp, signals
 from .distributed import PerRankSampler, run_after_closure, trainable_named
-from .projection import fold_chunk_rows, fold_float64, fold_signs, fold_sum
+from .drain import DrainMixin
 from .quantities import Checkpoints, Controllers, Curvature, GradNoise, Quantity, Snapshots, resolve
 from .quantities.base import json_safe
+from .ring import RingMixin
 from .sharding import NO_SHARDING, SingleProcess
 
 log = logging.getLogger("phasewatch")
@@ -68,7 +68,7 @@ def _group_of(name: str, groups: None | dict | Callable[[str], str]) -> str:
     return "other"
 
 
-class Recorder:
+class Recorder(RingMixin, DrainMixin):
     """Record a training run to a phasewatch run directory.
 
     Parameters
@@ -269,81 +269,6 @@ class Recorder:
             self._shard = fsdp.ShardSync(self.params, self.param_names)
         self._sharding = self._shard if sharded else SingleProcess(self.params)
         return order, param_group_idx
-
-    def _choose_mode(self, mode: str, memory_budget: int, proj_dim: int, proj_seed: int,
-                     param_group_idx: list[int]) -> tuple[list[bool], list[int], list[int]]:
-        """Exact or projected: which tensors are folded, each tensor's ring width, the group slices."""
-        # elements of each tensor this rank's ring sees (under FSDP its shard)
-        local_numel = [self._sharding.local_numel(i) for i in range(len(self.params))]
-        # ring rows R >= K-1+B, a multiple of B so that a block of new rows never wraps around
-        self.rows = self.block * -(-(self.k - 1 + self.block) // self.block)
-        exact_bytes = self.rows * self._sharding.max_local_numel() * 8
-        if mode == "auto":
-            mode = "exact" if exact_bytes <= memory_budget else "projected"
-            if mode == "projected":
-                log.info("phasewatch: an exact ring of %d updates would take %.2f GiB > budget %.2f GiB; "
-                         "recording a sign-fold projection to d=%d per tensor (inner products within ~%.1f%%)",
-                         self.rows, exact_bytes / 2**30, memory_budget / 2**30, proj_dim,
-                         100 * math.sqrt(2 / proj_dim))
-        self.mode = mode
-        self.proj_dim, self.proj_seed = int(proj_dim), int(proj_seed)
-        projected = [mode == "projected" and p.numel() > self.proj_dim for p in self.params]
-        dims = [self.proj_dim if pr else n for n, pr in zip(local_numel, projected)]
-        self.dim = sum(dims)
-        self._offsets = offsets = np.concatenate([[0], np.cumsum(dims)]).astype(int)
-        self._group_slices = []
-        for g in range(len(self.group_labels)):
-            idx = [i for i, gi in enumerate(param_group_idx) if gi == g]
-            self._group_slices.append(slice(int(offsets[idx[0]]), int(offsets[idx[-1] + 1])))
-        return projected, dims, local_numel
-
-    def _init_ring(self, projected: list[bool], local_numel: list[int]) -> None:
-        """The device state: the float64 ring, θ_{t−stride}, the fold signs and preallocated scratch."""
-        with torch.no_grad():
-            dev = self.device
-            self._ring = torch.zeros(self.rows, self.dim, dtype=torch.float64, device=dev)
-            self._exact = [i for i, pr in enumerate(projected) if not pr]
-            self._folded = [i for i, pr in enumerate(projected) if pr]
-            self._signs = {i: fold_signs(self.params[i].numel(), self.proj_seed, i,
-                                         self.params[i].dtype, dev) for i in self._folded}
-            # Folded tensors (one process): the fold of θ_t itself, in float64, one read of θ a step;
-            # the ring row is fold(θ_t) − fold(θ_{t−stride}) (projection.fold_float64: error bound).
-            # Under FSDP the fold of the local update u_t as before (record/fsdp.py reads the scratch).
-            self._fold_theta = self._shard is None and self._FOLD_THETA
-            # θ_{t-stride} in its own dtype (u_t is computed in it): exact tensors; folded ones only
-            # where u_t itself is needed (raw snapshots, copied on the steps before a snapshot)
-            self._raw_snaps = self._snapq.raw
-            keep_prev = [i for i in range(len(self.params)) if i in self._exact or not self._fold_theta
-                         or self._raw_snaps]
-            self._prev = {i: fsdp.local(self.params[i].detach()).clone() for i in keep_prev}
-            self._prev_fresh = True  # the folded tensors' θ_prev is θ_{t−stride} of the coming update
-            # (under FSDP the signs of this rank's coordinates of each tensor)
-            self._signs = {i: self._sharding.local_signs(i, s) for i, s in self._signs.items()}
-            # preallocated scratch: no allocation (and no page faults) on the per-step path
-            self._scratch, self._fold_out, self._theta_fold = {}, {}, {}
-            if self._fold_theta and self._folded:
-                self._fold_buf = torch.empty(fold_chunk_rows(self.proj_dim, dev) + 1, self.proj_dim,
-                                             dtype=torch.float64, device=dev)
-                for i in self._folded:  # two buffers each: fold(θ_{t−stride}) and fold(θ_t), swapped
-                    self._theta_fold[i] = [fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim,
-                                                        torch.empty(self.proj_dim, dtype=torch.float64, device=dev),
-                                                        self._fold_buf),
-                                           torch.empty(self.proj_dim, dtype=torch.float64, device=dev)]
-            elif self._folded:
-                self._scratch = {i: torch.empty(local_numel[i], dtype=self.params[i].dtype, device=dev)
-                                 for i in self._folded}
-                self._fold_out = {i: torch.empty(self.proj_dim, dtype=torch.promote_types(
-                    self.params[i].dtype, torch.float32), device=dev) for i in self._folded}
-            # per ring slot: views of that row for each parameter (exact: shaped like the param)
-            self._slot_views = []
-            for r in range(self.rows):
-                row = self._ring[r]
-                views = {}
-                for i in range(len(self.params)):
-                    v = row[self._offsets[i]: self._offsets[i + 1]]
-                    views[i] = v if i in self._signs else v.view(self._prev[i].shape)
-                self._slot_views.append(views)
-
 
     def _init_buffers(self, param_group_idx: list[int]) -> None:
         """Host-side buffers of the per-step path."""
@@ -710,200 +635,6 @@ class Recorder:
             self._fail(e)
 
     # ------------------------------------------------------------------------------------------
-    # per-step work
-    @torch.no_grad()
-    def _record_update(self, step: int) -> None:
-        slot = self._n_updates % self.rows
-        views = self._slot_views[slot]
-        for i in self._exact:
-            # u = θ_t − θ_{t−stride} in the parameters' dtype, stored in the float64 ring
-            p, prev = self.params[i], self._prev[i]
-            if self._shard is not None:  # FSDP: this rank's shard
-                p = p.to_local()
-            torch.sub(p, prev, out=views[i])
-            prev.copy_(p)
-        if self._fold_theta:
-            for i in self._folded:  # the ring row: fold(θ_t) − fold(θ_{t−stride}), both in float64
-                old, new = self._theta_fold[i]
-                fold_float64(self.params[i].detach(), self._signs[i], self.proj_dim, new, self._fold_buf)
-                torch.sub(new, old, out=views[i])
-                self._theta_fold[i] = [new, old]
-        else:
-            for i in self._folded:
-                p, prev, u = self.params[i], self._prev[i], self._scratch[i]
-                if self._shard is not None:
-                    p = p.to_local()
-                torch.sub(p.reshape(-1), prev.reshape(-1), out=u)
-                prev.copy_(p)
-                u.mul_(self._signs[i])
-                if self._shard is None:
-                    views[i].copy_(fold_sum(u, self.proj_dim, self._fold_out[i]))
-                else:  # the shard's part of the full fold (summed over ranks in the drain's all-reduce)
-                    self._shard.place_fold(i, self.proj_dim, fold_sum(u, self.proj_dim, self._fold_out[i]),
-                                           views[i])
-        self._n_updates += 1
-        self._pending_update_steps.append((step, self._cur_lr[0] if self._cur_lr else float("nan")))
-        if self.snapshots(step) and self._shard is None:  # (FSDP: gathered by the shard's hook)
-            self._snapshot(step, slot)
-        if self._fold_theta and self._raw_snaps and self._folded:
-            # θ_prev of the folded tensors is needed (for u_t) only when the next update is a snapshot
-            self._prev_fresh = self.snapshots(step + self.stride)
-            if self._prev_fresh:
-                for i in self._folded:
-                    self._prev[i].copy_(self.params[i].detach())
-
-    @torch.no_grad()
-    def _snapshot(self, step: int, slot: int) -> None:
-        if self.snapshot_kind == "projected" or not self._folded:
-            data = self._ring[slot]  # exact tensors: the raw update in layout order
-        else:
-            views = self._slot_views[slot]
-            parts = []
-            for i in range(len(self.params)):
-                if i not in self._signs:
-                    parts.append(views[i].reshape(-1))
-                elif not self._fold_theta:  # the signed update u·s kept in the scratch buffer: s² = 1
-                    parts.append((self._scratch[i] * self._signs[i]).to(torch.float64))
-                elif self._prev_fresh:  # u_t = θ_t − θ_{t−stride} in the parameters' dtype
-                    parts.append(torch.sub(self.params[i].detach(), self._prev[i]).reshape(-1).to(torch.float64))
-                else:  # θ_{t−stride} was not kept (a schedule that changed its answer): unknown
-                    parts.append(torch.full((self.params[i].numel(),), float("nan"), dtype=torch.float64,
-                                            device=self.device))
-            data = torch.cat(parts)
-        arr = data.to(device="cpu", dtype=getattr(torch, self._snap_dtype), copy=True).numpy()[None]
-        self.writer.append("snapshots", step=np.array([step]), update=arr)
-
-    @torch.no_grad()
-    def _drain(self, final: bool) -> None:
-        """Compute band rows of pending updates (one GEMM per group) and hand rows to the writer.
-
-        Everything the host needs from the block (the band products, the steps' gradient norms,
-        their losses and pre-clip norms when given as tensors) reaches it in one device→host
-        transfer per device (:func:`_to_host`): the one host synchronisation of a block."""
-        reduced = None
-        if self._shard is not None:  # FSDP: one all-reduce of every rank's local contributions
-            reduced = self._shard.reduce(self)
-            if reduced is None:  # a rank other than 0 (it writes nothing), or recording stopped
-                return
-        pend = self._pending_update_steps
-        rows = self._step_rows
-        # with losses given after optimizer.step(), the newest step's loss may still come
-        keep = 1 if ((self._loss_mode == "after" or self._unclipped_late) and not final) else 0
-        out, self._step_rows = rows[: len(rows) - keep], rows[len(rows) - keep:]
-        # -- gather on the device ------------------------------------------------------------
-        tensors: list[torch.Tensor] = []
-        band_at = grad_at = None
-        if pend and reduced is None:
-            n1 = self._n_updates
-            n0 = n1 - len(pend)
-            first = n0 % self.rows
-            wraps = first + (n1 - n0) > self.rows  # only after a flush between block boundaries
-            slots_dev = torch.arange(n0, n1, device=self.device) % self.rows if wraps else None
-            per_group = []
-            for sl in self._group_slices:
-                block = self._ring[:, sl]
-                new = block.index_select(0, slots_dev) if wraps else block[first: first + n1 - n0]
-                per_group.append((new @ block.T).T)  # (R, nb): one GEMM per group and block (~20% faster)
-            band_at = len(tensors)
-            tensors.append(torch.stack(per_group))  # (G, R, nb)
-        steps = np.array([r["step"] for r in out], dtype="i8")
-        grads = [r["grad"] for r in out]
-        if out and all(g is not None for g in grads):
-            grad_at = len(tensors)
-            tensors.append(torch.stack(grads))  # (n, n_params)
-        elif out:
-            grad_at = {a: len(tensors) + j for j, a in enumerate(a for a, g in enumerate(grads) if g is not None)}
-            tensors += [g for g in grads if g is not None]
-        pend_lr = [_slot(lr, tensors) for _, lr in pend]
-        row_lr = [[_slot(v, tensors) for v in r["lr"]] for r in out]
-        losses = self._take(self._losses, steps, tensors)
-        unclipped = self._take(self._unclipped, steps, tensors, single=True) if self._unclipped_col else None
-        host = _to_host(tensors)
-        # -- on the host -----------------------------------------------------------------------
-        if pend:
-            self._band_rows([(s, _read(lr, host)) for (s, _), lr in zip(pend, pend_lr)],
-                            reduced if band_at is None else host[band_at])
-        if not out:
-            return
-        n = len(out)
-        if isinstance(grad_at, int):
-            gn = host[grad_at]
-        else:
-            gn = np.full((n, len(self.params)), np.nan)
-            for a, j in grad_at.items():
-                gn[a] = host[j]
-        loss, loss_given = _values(losses, host)
-        for r, lrs in zip(out, row_lr):
-            r["lr"] = [_read(v, host) for v in lrs]
-        self._steps_rows(out, steps, gn, loss, loss_given,
-                         None if unclipped is None else _values(unclipped, host)[0])
-
-    def _band_rows(self, pend: list[tuple[int, float]], m: np.ndarray) -> None:
-        """Band rows of the pending updates from their Gram blocks ``m`` (G, R, nb), to the writer."""
-        n1 = self._n_updates
-        n0 = n1 - len(pend)
-        i = np.arange(n0, n1)[:, None]
-        j = np.arange(self.k)[None, :]
-        src = i - j  # (nb, K)
-        valid = src >= 0
-        src_slot = np.where(valid, src, 0) % self.rows
-        cols = np.broadcast_to(np.arange(n1 - n0)[:, None], src.shape)
-        layer = m[:, src_slot, cols]  # (G, nb, K)
-        layer = np.where(valid[None], layer, np.nan).transpose(1, 0, 2)
-        band = layer.sum(axis=1)
-        steps = np.array([s for s, _ in pend], dtype="i8")
-        lrs = np.array([lr for _, lr in pend], dtype="f8")
-        self.writer.append("band", step=steps, lr=lrs, band=band, layer_band=layer)
-        # kept until their steps rows are written (a row may be held back for a late loss)
-        # (NaN/Inf stay NaN/Inf: that is how a non-finite update is flagged below)
-        self._update_norms.update(zip(steps.tolist(), np.sqrt(np.maximum(band[:, 0], 0)).tolist()))
-        self._pending_update_steps = []
-
-    @staticmethod
-    def _take(store: dict, steps: np.ndarray, tensors: list, single: bool = False) -> list:
-        """Pop the values of ``steps`` from ``store`` (step -> value, or list of values): per step a
-        list whose tensors are appended to ``tensors`` (replaced by their :class:`_At` index) and whose
-        numbers stay numbers.  Values of earlier steps (never taken: a GradScaler skip) are dropped."""
-        taken = []
-        for s in steps.tolist():
-            vals = store.pop(s, None)
-            vals = [] if vals is None else ([vals] if single else list(vals))
-            for a, v in enumerate(vals):
-                vals[a] = _slot(v, tensors)
-            taken.append(vals)
-        if len(steps):
-            for s in [s for s in store if s < int(steps[0])]:
-                del store[s]
-        return taken
-
-    def _steps_rows(self, out: list[dict], steps: np.ndarray, gn: np.ndarray, loss: np.ndarray,
-                    loss_given: np.ndarray, unclipped: np.ndarray | None) -> None:
-        """The ``steps`` rows of ``out`` from host arrays: per-tensor gradient norms ``gn`` (n, T), the
-        steps' mean losses (``loss_given``: a loss was given) and pre-clip norms (NaN where none was)."""
-        n = len(out)
-        layer_sq = np.zeros((n, len(self.group_labels)))
-        np.add.at(layer_sq.T, np.asarray(self._param_group), (gn**2).T)
-        grad_norm = np.sqrt(layer_sq.sum(axis=1))
-        loss_nan = loss_given & np.isnan(loss)  # a loss was given and it is NaN (not merely missing)
-        n_lr = len(self.optimizer.param_groups)
-        lr = np.array([(r["lr"] + [np.nan] * n_lr)[:n_lr] for r in out], dtype="f8")
-        has_update = np.array([s in self._update_norms for s in steps.tolist()], dtype=bool)
-        upd = np.array([self._update_norms.pop(s, np.nan) for s in steps.tolist()])
-        flags = np.zeros(n, dtype="i4")
-        flags |= np.where(np.isinf(loss) | loss_nan, fmt.FLAG_LOSS_NONFINITE, 0).astype("i4")
-        flags |= np.where(np.isfinite(grad_norm), 0, fmt.FLAG_GRAD_NONFINITE).astype("i4")
-        flags |= np.where(has_update & ~np.isfinite(upd), fmt.FLAG_UPDATE_NONFINITE, 0).astype("i4")
-        if np.any(flags) and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            bad = int(steps[np.nonzero(flags)[0][0]])
-            log.warning("phasewatch: non-finite loss/gradient/update at step %d (flagged in the run; "
-                        "analysis skips windows that contain it)", bad)
-        extra = {"grad_norm_unclipped": unclipped} if unclipped is not None else {}
-        self.writer.append("steps", step=steps, wall_time=np.array([r["wall"] for r in out]),
-                           loss=loss, lr=lr, grad_norm=grad_norm, layer_grad_norm=np.sqrt(layer_sq),
-                           update_norm=upd, flags=flags, **extra)
-
-    # ------------------------------------------------------------------------------------------
     # curvature probes
     def _ddp_curvature_probe(self, step: int) -> None:
         """Rank 0 under DDP, inside the session every rank takes part in (off or failed: a no-op)."""
@@ -1000,55 +731,6 @@ class Recorder:
             except Exception:  # noqa: BLE001
                 pass
         self._hooks = []
-
-
-class _At(int):
-    """Where a value sits in the list handed to :func:`_to_host` (a number stays a float)."""
-
-
-def _slot(v: Any, tensors: list[torch.Tensor]) -> Any:
-    """A tensor goes to ``tensors`` (for :func:`_to_host`) and becomes its :class:`_At` index; a
-    number becomes a float."""
-    if isinstance(v, torch.Tensor):
-        tensors.append(v)
-        return _At(len(tensors) - 1)
-    return float(v)
-
-
-def _read(v: Any, host: list[np.ndarray]) -> float:
-    """The value of a :func:`_slot` entry once ``host`` holds the transferred tensors."""
-    return float(host[v].item()) if isinstance(v, _At) else v
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Copy tensors to the host as float64 arrays of their shapes in one transfer per device: they
-    are flattened, cast and concatenated on their device, then read with a single ``.cpu()`` (the
-    drain's one host synchronisation; a cast to float64 is exact from every float dtype)."""
-    by_dev: dict[torch.device, list[int]] = {}
-    for a, t in enumerate(tensors):
-        by_dev.setdefault(t.device, []).append(a)
-    out: list[Any] = [None] * len(tensors)
-    for idx in by_dev.values():
-        flat = torch.cat([tensors[a].detach().reshape(-1).to(torch.float64) for a in idx])
-        host = flat.cpu().numpy()  # the transfer (on one line: .numpy() reads the host copy)
-        o = 0
-        for a in idx:
-            t = tensors[a]
-            out[a] = host[o: o + t.numel()].reshape(t.shape)
-            o += t.numel()
-    return out
-
-
-def _values(taken: list[list], host: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per step the mean of its values (tensors read from ``host``), NaN where there is none; and
-    whether any was given.  A tensor with more than one element is refused (numpy's ``item``)."""
-    arr = np.full(len(taken), np.nan)
-    given = np.zeros(len(taken), dtype=bool)
-    for a, vals in enumerate(taken):
-        if vals:
-            given[a] = True
-            arr[a] = float(np.mean([_read(v, host) for v in vals]))
-    return arr, given
 
 
 def _close_at_exit(ref: weakref.WeakMethod) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import RunFormatError
 from . import format as fmt
-from .reader import _open_h5, open_run, read_table
+from .reader import open_run
+from .segments import _open_h5, read_table
 from .writer import _json_default, write_json_atomic, writer_is_live
 
 

@@ -43,9 +43,8 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
 
     Parameters
     ----------
-    snapshot_every: schedule of stored update vectors (int N, ``"log"``, list of steps, callable).
-    snapshot_kind: ``"raw"`` (u_t itself, in either mode) or ``"projected"`` (the ring row).
-    snapshot_dtype: dtype of stored raw snapshots (``"float64"``: the exact update).
+    snapshot_every, snapshot_kind, snapshot_dtype: :class:`Snapshots` ``(every, kind, dtype)``, stored
+        update vectors on that schedule (int N, ``"log"``, list of steps, callable).
     checkpoint_every: schedule of stored parameter vectors θ_t (float32 arrays, no pickle).
     grad_samples_every: schedule (int N, ``"log"``, list, callable) of gradient-noise measurements,
         stored as sufficient statistics in the ``grad_samples`` table (DEFINITIONS §2).  With
@@ -111,25 +110,17 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
         ``curvature_hvp``: ``"auto"`` (double backward, attention through the math SDPA backend;
         finite differences of gradients if that fails), ``"autograd"`` or ``"fd"``.  Each Hessian row
         also holds the curvature along the step's update, u_tᵀHu_t/u_tᵀu_t (when the recorder holds
-        u_t exactly: no projected tensors, one step per update, one process).  A
-        probe that fails is logged and switched off; training and the rest of the recording go on.
-        ``curvature_groups``: True (every layer group) or a list of group names: λ_max of each
-        group's diagonal Hessian block as well (columns ``group_lambda``/``group_residual``).
+        u_t exactly: no projected tensors, one step per update, one process).  ``curvature_groups``:
+        True (every layer group) or a list of group names: λ_max of each group's diagonal Hessian
+        block as well (columns ``group_lambda``/``group_residual``).
         ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
         memory model in :func:`phasewatch.record.curvature.lanczos`).  Under DDP build the recorder
         on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
         are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
         on the whole batch; rank 0 writes.
-    controllers: :mod:`phasewatch.record.control` controllers (off unless given).  After every gradient-noise
-        measurement each gets ``on_measurement(step, estimates(stats, b, loss=last loss,
-        batch_size=batch_size))`` (the statistics just recorded; no second pass over the model), and
-        after every step ``on_step(step)``; both run at the end of the step's post-hook, so a changed
-        learning rate is the lr of the next step (and is what the ``steps`` table records for it).
-        Every change is written to the ``interventions`` table.  A controller bound to an optimizer
-        must be bound to this one; one without an optimizer (or ``dry_run``) only tracks what it would
-        do, and its rows say ``dry run``.  :attr:`should_stop` is True once an early-stopping
-        controller fired.  Not under DDP (the change would reach rank 0 only).
-    batch_size: the training batch size B, for the ``C_batch``/``p_batch`` estimates (optional).
+    controllers, batch_size: :class:`Controllers` ``(controllers, batch_size=...)``,
+        :mod:`phasewatch.record.control` controllers (off unless given) and the training batch size
+        B for the ``C_batch``/``p_batch`` estimates (optional); when and how they run is described there.
     """
     snaps = Snapshots(snapshot_every, kind=snapshot_kind, dtype=snapshot_dtype)
     ctrl = Controllers(controllers, batch_size=batch_size)

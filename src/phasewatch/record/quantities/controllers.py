@@ -16,10 +16,18 @@ log = logging.getLogger("phasewatch")
 
 
 class Controllers(Quantity):
-    """Run controllers after every step: each gets ``on_measurement(step, estimates(...))`` after a
-    gradient-noise measurement and ``on_step(step)``; every change goes to the ``interventions``
-    table.  ``batch_size``: the training batch size B for the ``C_batch``/``p_batch`` estimates.
-    Runs last in a step, so a changed learning rate is the lr of the next step."""
+    """Run controllers (:mod:`phasewatch.record.control`) after every step.
+
+    After every gradient-noise measurement each gets ``on_measurement(step, estimates(stats, b,
+    loss=last loss, batch_size=batch_size))`` (the statistics just recorded; no second pass over the
+    model), and after every step ``on_step(step)``; both run at the end of the step's post-hook (this
+    quantity runs last in a step), so a changed learning rate is the lr of the next step (and is what
+    the ``steps`` table records for it).  Every change is written to the ``interventions`` table.  A
+    controller bound to an optimizer must be bound to the recorder's; one without an optimizer (or
+    ``dry_run``) only tracks what it would do, and its rows say ``dry run``.  The recorder's
+    ``should_stop`` is True once an early-stopping controller fired.  Not under DDP (the change would
+    reach rank 0 only).  ``batch_size``: the training batch size B for the ``C_batch``/``p_batch``
+    estimates (optional)."""
 
     order = 100
 

@@ -112,3 +112,17 @@ def test_no_module_over_the_size_limit():
     sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
     over = {n: s for n, s in sizes.items() if s > MAX_MODULE_LINES}
     assert not over, f"modules over {MAX_MODULE_LINES} lines (split them): {over}"
+
+
+MAX_FUNCTION_LINES = 120  # issue 16: "no function over ~120 lines" (docstring included)
+
+
+def test_no_function_over_the_size_limit():
+    over = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    over.append(f"{name}.{node.name} ({n} lines)")
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines (extract a coherent helper): {over}"

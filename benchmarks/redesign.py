@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 BLOCK = 16  # the recorder's default block B
 GRAD_EVERY = 16  # per-example probe schedule in the recorder benchmark
+HOOKED = [0.0]  # worker: CPU seconds spent in rec.loss() + optimizer.step() (the recorder's hooks run there)
 TABLES = ("table", "scalars", "probes", "tail_index", "curvature", "interventions")
 SEP = "::"  # npz key = f"{table}{SEP}{column}"
 
@@ -87,9 +88,11 @@ def _make_mlp(widths, batch=128, pool=16, probe=64):
         loss = F.cross_entropy(model(xs[i]), ys[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t0 = time.process_time()
         if rec is not None:
             rec.loss(loss)
-        opt.step()
+        opt.step()  # with the recorder's hooks
+        HOOKED[0] += time.process_time() - t0
 
     grad = {"grad_probe": (torch.randn(probe, widths[0], generator=g),
                            torch.randint(0, widths[-1], (probe,), generator=g)),
@@ -126,9 +129,11 @@ def _make_demo(p=71, width=2048, probe=64):
         loss = ((model(x) - target) ** 2).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        t0 = time.process_time()
         if rec is not None:
             rec.loss(loss)
-        opt.step()
+        opt.step()  # with the recorder's hooks
+        HOOKED[0] += time.process_time() - t0
 
     grad = {"grad_probe": (x[:probe], target[:probe]), "grad_loss": lambda out, y: ((out - y) ** 2).sum(1)}
     return model, opt, step, grad
@@ -145,7 +150,13 @@ def _clock():
     return time.perf_counter(), time.process_time()
 
 
-def w_hello(state, threads):
+def w_hello(state, threads, tuned_malloc=False):
+    if tuned_malloc:  # glibc: keep freed temporaries for reuse instead of returning them to the kernel
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD 1 GiB
     import torch
 
     import phasewatch
@@ -179,12 +190,17 @@ def w_rec_setup(state, workload, configs, tmp, warmup):
 
 
 def w_rec_run(state, label, n):
+    import resource
+
     step, rec = state["rec"][label]
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    HOOKED[0] = 0.0
     w0, c0 = _clock()
     for _ in range(n):
         step(rec)
     w1, c1 = _clock()
-    return {"wall": (w1 - w0) / n, "cpu": (c1 - c0) / n}
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
+    return {"wall": (w1 - w0) / n, "cpu": (c1 - c0) / n, "faults": faults, "hooked": HOOKED[0] / n}
 
 
 def w_rec_close(state):
@@ -351,14 +367,14 @@ def worker_main() -> None:
 class Worker:
     """One version's long-lived worker process."""
 
-    def __init__(self, name: str, src: Path, threads: int, cwd: str) -> None:
+    def __init__(self, name: str, src: Path, threads: int, cwd: str, tuned_malloc: bool = False) -> None:
         t = str(threads)
         env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=t, MKL_NUM_THREADS=t,
                    OPENBLAS_NUM_THREADS=t, PYTHONHASHSEED="0")
         self.name = name
         self.p = subprocess.Popen([sys.executable, str(HERE), "--worker"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, env=env, text=True, cwd=cwd)
-        self.info = self("hello", threads=threads)
+        self.info = self("hello", threads=threads, tuned_malloc=tuned_malloc)
 
     def __call__(self, cmd: str, **kw):
         self.p.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
@@ -493,7 +509,22 @@ def recorder_rows(workload: str, r: dict, clock: str) -> list[list[str]]:
             row += [f"{statistics.median(old) / statistics.median(t[('no recorder', 'old')]):.3f}",
                     f"{statistics.median(new) / statistics.median(t[('no recorder', 'new')]):.3f}"]
         row.append(fmt_range([b / a for a, b in zip(old, new)], nd=3))
+        row.append(" / ".join(f"{statistics.median(x['faults'] for x in r['times'][(lbl, v)]):.0f}" for v in ("old", "new")))
         rows.append(row)
+    return rows
+
+
+def hook_rows(workload: str, r: dict) -> list[list[str]]:
+    """Markdown rows: the recorder's own CPU time a step, measured where it runs (rec.loss() and
+    optimizer.step() with the recorder's hooks, minus optimizer.step() without a recorder in the same
+    round), so the forward and backward passes' noise stays out of it."""
+    h = {k: [x["hooked"] for x in v] for k, v in r["times"].items()}
+    rows = []
+    for lbl in r["labels"][1:]:
+        own = {v: [a - b for a, b in zip(h[(lbl, v)], h[("no recorder", v)])] for v in ("old", "new")}
+        rows.append([workload, lbl, fmt_range(own["old"], 1e3), fmt_range(own["new"], 1e3),
+                     f"{statistics.median(own['new']) / statistics.median(own['old']):.3f}",
+                     fmt_range([b / a for a, b in zip(own["old"], own["new"])], nd=3)])
     return rows
 
 
@@ -647,6 +678,8 @@ def parse(argv):
                     help="steps of the recorded mlp run analysed (default 5000, quick 1000)")
     ap.add_argument("--no-recorder", action="store_true", help="skip the recorder part")
     ap.add_argument("--no-analyzer", action="store_true", help="skip the analyzer part")
+    ap.add_argument("--tuned-malloc", action="store_true", help="glibc mallopt in the workers (mmap threshold 32 "
+                    "MiB, trim 1 GiB): freed temporaries are reused, not page-faulted in anew")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="the clock of the main tables")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 7)
@@ -666,24 +699,30 @@ def describe(workers: dict, args, old_src: Path) -> None:
           f"({workers['new'].info['src']})")
     i = workers["new"].info
     print(f"python {sys.version.split()[0]}, torch {i['torch']}, numpy {i['numpy']}, threads {i['threads']} per "
-          f"worker, {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}; {args.rounds} interleaved rounds")
+          f"worker, {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}; {args.rounds} interleaved rounds; "
+          f"malloc {'tuned (mallopt)' if args.tuned_malloc else 'glibc default'}")
 
 
 def run_recorder_part(workers, args, tmp) -> None:
     rows = {"cpu": [], "wall": []}
-    checks = []
+    own, checks = [], []
     for wl in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         r = bench_recorder(workers, wl, args.rounds, 0.5 if args.quick else 1.0, tmp)
         print(f"[recorder {wl}] {r['steps']} steps a measurement, {r['seconds']:.0f} s; other processes used "
               f"{r['others']:.2f} of {os.cpu_count()} cpus meanwhile", flush=True)
         for clock in rows:
             rows[clock] += recorder_rows(wl, r, clock)
+        own += hook_rows(wl, r)
         checks += [f"{wl} / {s}" for s in compare_recorded(workers, r, tmp)]
-    hdr = ["workload", "configuration", "old ms/step", "new ms/step", "old ÷ no rec.", "new ÷ no rec.", "new ÷ old"]
+    hdr = ["workload", "configuration", "old ms/step", "new ms/step", "old ÷ no rec.", "new ÷ no rec.", "new ÷ old",
+           "page faults/step old / new"]
     for clock in (args.clock, "wall" if args.clock == "cpu" else "cpu"):
         print(f"\nRecorder, {'process CPU' if clock == 'cpu' else 'wall'} time: median (min–max) over rounds; "
               "new ÷ old = median (min–max) of the per-round ratios\n")
         print(md_table(hdr, rows[clock]))
+    print("\nThe recorder's own CPU time, ms/step: rec.loss() + optimizer.step() (where its hooks run) minus "
+          "optimizer.step() without a recorder, per round; median (min–max)\n")
+    print(md_table(["workload", "configuration", "old", "new", "new ÷ old (medians)", "new ÷ old (per round)"], own))
     print("\nWhat the old and the new recorder wrote for the same training (read by the new reader; "
           "wall_time left out):")
     for s in checks:
@@ -733,7 +772,7 @@ def main(argv=None) -> int:
         try:
             for v, src in (("old", old_src / "src"), ("new", REPO / "src")):
                 (tmp / v).mkdir()
-                workers[v] = Worker(v, src, args.threads, cwd=str(tmp))
+                workers[v] = Worker(v, src, args.threads, cwd=str(tmp), tuned_malloc=args.tuned_malloc)
             describe(workers, args, old_src)
             if not args.no_recorder:
                 run_recorder_part(workers, args, tmp)

@@ -24,8 +24,11 @@ holds the same band GEMMs and probes.  Workloads: ``mlp`` 784-256-256-10 ReLU (2
 batch 128, AdamW), also with ``grad_method="func"`` in the new version (the old version's only
 route: the like-for-like figure, since the new default takes the ghost-Gram route on Linear layers);
 ``demo`` the grokking model of ``phasewatch demo`` (436 k parameters, full batch of 2016, Adam; exact
-mode); ``wide`` 784-2048-2048-10 (5.8 M, projected mode; not in the default list).  The files the
-old and new recorders wrote for the same training are then compared column by column.
+mode); ``wide`` 784-2048-2048-10 (5.8 M, projected mode; not in the default list).  Besides the
+step times: the recorder's own CPU time, timed where its hooks run (``rec.loss()`` and
+``optimizer.step()``, minus ``optimizer.step()`` without a recorder in the same round), which keeps
+the forward and backward passes' noise out, and page faults per step.  The files the old and new
+recorders wrote for the same training are then compared column by column.
 
 Analyzer.  ``analyze(path, window=8)`` (opening the run included) on a synthetic run of 10^5 steps
 written by the OLD version's RunWriter (updates in R^1024, two layer groups: a rank-3 slowly rotating

@@ -2,8 +2,8 @@
 """The redesign (issue 16), old against new: recorder overhead and ``analyze()`` time of an old
 commit and of this tree, side by side in one run, and whether the two analyse the same files alike.
 
-    .venv/bin/python benchmarks/redesign.py                  # old = 5302a15 (~8 min on 2 loaded cores)
-    .venv/bin/python benchmarks/redesign.py --quick          # smoke run (~1-2 min)
+    .venv/bin/python benchmarks/redesign.py                  # old = 5302a15 (~6 min on 2 loaded cores)
+    .venv/bin/python benchmarks/redesign.py --quick          # smoke run (~2-3 min)
     .venv/bin/python benchmarks/redesign.py --old REV        # another old commit (a detached worktree)
     .venv/bin/python benchmarks/redesign.py --old-src PATH   # an old tree already checked out (PATH/src)
 

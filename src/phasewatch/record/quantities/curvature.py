@@ -56,6 +56,11 @@ class Curvature(Quantity):
         try:
             cgroups = _curvature_groups(self.groups, rec.group_labels, rec._param_group)
             net = rec._model
+            if rec._shard is not None:  # FSDP2: shard-local FD products on every rank
+                from ..curvature_fsdp import bind
+
+                self.probe = bind(rec, o)
+                return
             if o["batch"] is not None and ddp_active(rec._shard is not None):
                 net = unwrap(rec._model)
                 self.service = make_service(rec._model, rec.params, o["loss_fn"], o["batch"], o["mode"])
@@ -66,8 +71,10 @@ class Curvature(Quantity):
 
     def should_compute(self, step: int) -> bool:
         """True at the steps this quantity runs after (under DDP the distributed schedule's hook
-        runs the probe instead, :meth:`phasewatch.Recorder._ddp_curvature_probe`)."""
-        return self.probe is not None and self.service is None and self.schedule(step)
+        runs the probe instead, :meth:`phasewatch.Recorder._ddp_curvature_probe`; under FSDP2
+        :class:`phasewatch.record.curvature_fsdp.ShardedSchedule`)."""
+        return (self.probe is not None and self.service is None and not getattr(self.probe, "sharded", False)
+                and self.schedule(step))
 
     def config(self, rec: Any) -> dict:
         """The recorder metadata keys of this quantity."""

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from phasewatch import open_run
 from phasewatch import curvature as cv
+from phasewatch import open_run
 from phasewatch.record.curvature_fsdp import sharded_lanczos
 
 COMMON = textwrap.dedent("""

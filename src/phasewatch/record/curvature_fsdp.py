@@ -331,6 +331,7 @@ class ShardedCurvatureProbe(CurvatureProbe):
         super().__init__(model, params, **dict(kw, hvp="fd"))
 
     def config(self) -> dict:
+        """:meth:`CurvatureProbe.config` with ``distributed`` = FSDP2 and its world size."""
         return dict(super().config(), distributed={"kind": "fsdp2", "world_size": _world()})
 
     def _make_op(self, route: str, seed: int) -> ShardedFiniteDifferenceHessian:

@@ -56,7 +56,7 @@ from .curvature import (
 )
 from .curvature_ddp import shard_size
 from .dtensor import local
-from .hvp import _as_args, chunk_weights, model_mode, seeded_randomness
+from .hvp import HVP_ROUTES, _as_args, chunk_weights, model_mode, seeded_randomness
 
 log = logging.getLogger("phasewatch")
 
@@ -387,6 +387,8 @@ class ShardedCurvatureProbe(CurvatureProbe):
 def refuse(curv: Any) -> None:
     """The curvature options FSDP2 does not support, as one clear error each."""
     o = curv.options
+    if curv.on and o["hvp"] not in HVP_ROUTES:
+        raise RecorderError(f"curvature_hvp={o['hvp']!r}: use one of {', '.join(HVP_ROUTES)}")
     if curv.on and o["hvp"] == "autograd":
         raise RecorderError("curvature_hvp='autograd' is not supported for FSDP-sharded (DTensor) parameters; "
                             "use curvature_hvp='fd' (shard-local finite differences)")

@@ -130,14 +130,16 @@ WORKER = COMMON + textwrap.dedent("""
     _, report["fail_probe_on"], report["fail_finite"] = train(
         f"{out}/fail" if rank == 0 else f"{out}/fail-rank{rank}", flaky, steps=16, strict=False)
 
-    # 4. autograd HVPs are refused with one line
-    try:
-        m = shard(build())
-        phasewatch.Recorder(f"{out}/err-{rank}", m, torch.optim.SGD(m.parameters(), lr=0.1), curvature_every=5,
-                            curvature_batch=share, curvature_loss=ce, curvature_hvp="autograd")
-        report["refused"] = None
-    except phasewatch.RecorderError as e:
-        report["refused"] = str(e)
+    # 4. autograd HVPs, the trace and per-group curvature are refused with one line each
+    report["refused"] = []
+    for kw in ({"curvature_hvp": "autograd"}, {"curvature_trace": 5}, {"curvature_groups": True}):
+        try:
+            m = shard(build())
+            phasewatch.Recorder(f"{out}/err-{rank}", m, torch.optim.SGD(m.parameters(), lr=0.1), curvature_every=5,
+                                curvature_batch=share, curvature_loss=ce, **kw)
+            report["refused"].append(None)
+        except phasewatch.RecorderError as e:
+            report["refused"].append(str(e))
     with open(f"{out}/report-{rank}.json", "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -245,10 +247,13 @@ def test_fsdp_probe_failure_on_one_rank_switches_probes_off_on_both(runs):
     assert int(np.asarray(run.table("steps")["step"])[-1]) == 16  # training and recording went on
 
 
-def test_fsdp_autograd_hvps_are_refused_in_one_line(runs):
+def test_fsdp_autograd_hvps_trace_and_groups_are_refused_in_one_line(runs):
     _, reports, _ = runs
     for r in reports:
-        assert r["refused"] is not None and "curvature_hvp='fd'" in r["refused"] and "\n" not in r["refused"]
+        autograd, trace, groups = r["refused"]
+        assert "curvature_hvp='fd'" in autograd and trace.startswith("curvature_trace is not supported")
+        assert groups.startswith("curvature_groups is not supported")
+        assert all("\n" not in e for e in r["refused"])
 
 
 def test_sharded_lanczos_with_one_process_is_lanczos_bit_for_bit():

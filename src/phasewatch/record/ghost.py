@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import RecorderError
+from .gram import add_gram64
 
 
 def _conv1d_type() -> type | None:
@@ -127,8 +128,8 @@ def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     q = d.shape[2]
     if n * T * p_ * q + n * n * p_ * q < n * n * T * T * (p_ + q):
         # (per-example gradients in the layer's dtype, as autograd forms them; the Gram in float64)
-        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1).to(_F64)
-        return g @ g.T
+        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1)
+        return add_gram64(g, torch.zeros(n, n, dtype=_F64, device=g.device))
     A, D = a.reshape(n * T, -1).to(_F64), d.reshape(n * T, -1).to(_F64)
     return ((A @ A.T) * (D @ D.T)).reshape(n, T, n, T).sum(dim=(1, 3))
 

@@ -25,7 +25,8 @@ Method: each configuration has its own model and optimizer (same initial weights
 number of steps that is a multiple of 10 (so every round holds the same number of tracked steps of
 every "every 10th" configuration), or 1-3 steps for Cockpit every step, which costs seconds a step.
 Per round: ms/step and its ratio to that round's plain training.  Printed: median ratio over rounds and
-its min-max.  The thread count is torch's (set OMP_NUM_THREADS to fix it).
+its min-max.  The thread count is torch's (set OMP_NUM_THREADS to fix it); ``--cpu-time`` times by process
+CPU time instead of wall time (on a loaded machine, with one thread, the robust choice).
 
 Compatibility: Cockpit 1.0.2 reads its version with ``pkg_resources``, which setuptools >= 81 no
 longer ships; when that import fails this script registers a stand-in ``pkg_resources`` module (in this
@@ -131,8 +132,10 @@ class Runner:
             self.cockpit = Cockpit(self.model.parameters(),
                                    quantities=configuration(level, track_schedule=schedules.linear(int(every[1:]))))
 
+    clock = staticmethod(time.perf_counter)
+
     def run(self, n: int) -> float:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         for _ in range(n):
             x, y = self.pool[self.step_no % len(self.pool)]
             self.opt.zero_grad()
@@ -149,7 +152,7 @@ class Runner:
             if self.rec is not None:
                 self.rec.loss(loss)
             self.step_no += 1
-        return (time.perf_counter() - t0) / n
+        return (self.clock() - t0) / n
 
     def close(self) -> None:
         if self.rec is not None:
@@ -184,7 +187,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="steps per round (rounded up to a multiple of 10)")
     ap.add_argument("--cases", default="cnn,mlp,mlp32")
+    ap.add_argument("--cpu-time", action="store_true", help="time by process CPU time (with OMP_NUM_THREADS=1: "
+                    "robust on a machine other jobs load; includes phasewatch's writer thread)")
     a = ap.parse_args(argv)
+    if a.cpu_time:
+        Runner.clock = staticmethod(time.process_time)
     if importlib.util.find_spec("cockpit") is None or importlib.util.find_spec("backpack") is None:
         print(f"vs_cockpit: needs Cockpit and BackPACK: {INSTALL}")
         return 0
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
     rounds, steps, cases = (2, 10, ["cnn"]) if a.quick else (a.rounds, -(-a.steps // 10) * 10, a.cases.split(","))
     if a.quick:
         CASES["cnn"] = (*CASES["cnn"][:2], 16, CONFIGS)
-    print(f"{torch.get_num_threads()} thread(s); {rounds} rounds x {steps} steps (Cockpit every step: "
+    print(f"{torch.get_num_threads()} thread(s), {'process CPU' if a.cpu_time else 'wall'} time; {rounds} rounds x {steps} steps (Cockpit every step: "
           f"{1 if a.quick else 2} steps); cockpit-for-pytorch {importlib.metadata.version('cockpit-for-pytorch')}, "
           f"backpack-for-pytorch {importlib.metadata.version('backpack-for-pytorch')}, torch {torch.__version__}")
     print("ratios to plain training, median over rounds (min-max of the per-round ratios)")

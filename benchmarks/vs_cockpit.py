@@ -2,7 +2,7 @@
 """phasewatch against Cockpit (Schneider et al. 2021, ``cockpit-for-pytorch`` on BackPACK): training
 time with each, side by side in one process.
 
-    python benchmarks/vs_cockpit.py            # the full table (< 10 min on 2 cores)
+    python benchmarks/vs_cockpit.py            # the full table (11 min, one thread, on a loaded 2-core machine)
     python benchmarks/vs_cockpit.py --quick    # smoke run (< 1 min)
 
 Needs Cockpit and BackPACK (``pip install --no-deps`` the ``bench`` extra's packages: BackPACK's torchvision

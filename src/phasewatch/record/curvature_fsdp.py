@@ -309,3 +309,83 @@ def sharded_update_curvature(op: ShardedFDHessian, u: torch.Tensor) -> float:
     """uᵀHu/‖u‖² along the update u (this rank's shard), the curvature along the step."""
     nu2 = op.dot(u, u)
     return op.dot(u, op.matvec(u)) / nu2 if nu2 > 0 else math.nan
+
+
+class FSDPCurvatureProbe:
+    """The recorder's curvature probe under FSDP2, run on every rank (rank 0's writer writes the
+    row, the others' write nothing): the rows of :class:`~phasewatch.record.curvature.CurvatureProbe`
+    (same columns) from :class:`ShardedFDHessian` and :func:`sharded_lanczos`; ``hvp`` is always
+    ``"fd"``; the trace by a fixed number of Hutchinson probes; ``u_curvature`` along the update
+    when the recorder holds it exactly (its shard); Adam's preconditioned sharpness is NaN."""
+
+    def __init__(self, base: Any):
+        self.base = base  # a CurvatureProbe (options, thresholds, config)
+        self.batch, self.ntk_size, self.hvp_column = base.batch, None, True
+        self.top_k = base.top_k
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["base"], name)
+
+    @staticmethod
+    def shards_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's shards of ``params`` (the recorder's ring holds an exact update in this order)."""
+        return [local(p) for p in params]
+
+    def config(self) -> dict:
+        """The base probe's metadata, with the route and the distribution stated."""
+        world = dist.get_world_size()
+        return dict(self.base.config(), hvp="fd", distributed={"kind": "fsdp2", "world_size": world})
+
+    def hessian_row(self, step: int, lr: float, seed: int | None = None, update: torch.Tensor | None = None) -> dict:
+        """One ``curvature`` row at the current θ (every rank calls this at the same step)."""
+        import time
+
+        t0 = time.perf_counter()
+        b = self.base
+        seed = int(step if seed is None else seed)
+        op = ShardedFDHessian(b.model, b.loss_fn, b.batch, params=b.params, mode=b.mode, seed=seed)
+        k = min(b.top_k, op.n)
+        eig = sharded_lanczos(op, k, tol=max(b.tol, op.noise_floor), max_iter=b.max_iter, seed=seed,
+                              basis_dtype=b.basis_dtype)
+        vals, res = np.full(b.top_k, np.nan), np.full(b.top_k, np.nan)
+        vals[: eig.eigenvalues.size], res[: eig.residuals.size] = eig.eigenvalues, eig.residuals
+        hvps = eig.n_matvec
+        ucurv = math.nan
+        if update is not None and update.numel() == op.n_local:
+            ucurv = sharded_update_curvature(op, update.to(op.device, torch.float64))
+            hvps += 1
+        row = {"step": step, "lr": lr, "loss": op.loss, "mode": b.mode.encode(), "eigenvalues": vals,
+               "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
+               "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
+               "pre_residual": np.nan}
+        if b.trace is not None:
+            s = int(b.trace)
+            est, se = sharded_trace(op, s, seed=seed + 1)
+            from scipy.stats import t as student
+
+            half = float(student.ppf(0.975, s - 1)) * se
+            row.update(trace=est, trace_lo=est - half, trace_hi=est + half, trace_se=se, trace_probes=s)
+            hvps += s
+        threshold, of = b._threshold(lr)
+        row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0,
+                   hvp=b"fd", hvp_check=np.nan, u_curvature=ucurv)
+        return row
+
+
+def fsdp_probe(base: Any) -> FSDPCurvatureProbe:
+    """The FSDP2 probe over ``base`` (a CurvatureProbe); one-line errors for what it cannot do."""
+    if base.hvp == "autograd":
+        raise PhasewatchError("curvature_hvp='autograd' is not supported for FSDP-sharded (DTensor) parameters; "
+                              "use curvature_hvp='fd' (or 'auto', which picks it)")
+    if base.groups is not None:
+        raise PhasewatchError("curvature_groups is not supported for FSDP-sharded (DTensor) parameters; "
+                              "record without it")
+    if base.trace == "adaptive":
+        raise PhasewatchError("curvature_trace='adaptive' is not supported for FSDP-sharded (DTensor) "
+                              "parameters; give a number of probes (an int >= 2)")
+    if base.ntk_inputs is not None:
+        raise PhasewatchError("ntk_inputs is not supported for FSDP-sharded (DTensor) parameters; record "
+                              "without it")
+    if base.batch is None:
+        raise PhasewatchError("curvature_every under FSDP needs curvature_batch (this rank's probe batch)")
+    return FSDPCurvatureProbe(base)

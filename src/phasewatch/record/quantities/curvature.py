@@ -59,6 +59,13 @@ class Curvature(Quantity):
             if o["batch"] is not None and ddp_active(rec._shard is not None):
                 net = unwrap(rec._model)
                 self.service = make_service(rec._model, rec.params, o["loss_fn"], o["batch"], o["mode"])
+            if rec._shard is not None:  # FSDP2: shard-local FD products on every rank (record/curvature_fsdp.py)
+                from ..curvature_fsdp import fsdp_probe
+
+                o["hvp"] = "fd" if o["hvp"] == "auto" else o["hvp"]
+                self.probe = fsdp_probe(CurvatureProbe(net, rec.params, optimizer=rec.optimizer, groups=cgroups,
+                                                       group_names=rec.group_labels, **o))
+                return
             self.probe = CurvatureProbe(net, rec.params, optimizer=rec.optimizer, groups=cgroups,
                                         group_names=rec.group_labels, service=self.service, **o)
         except PhasewatchError as e:
@@ -89,8 +96,10 @@ def _curvature_probe(rec: Any, q: Curvature, step: int) -> None:
         if c.batch is not None:
             lr = float(rec._cur_lr[0]) if rec._cur_lr else float("nan")
             # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
-            exact_u = not rec._folded and rec.stride == 1 and rec._shard is None and rec._n_updates
+            exact_u = not rec._folded and rec.stride == 1 and rec._n_updates
             upd = rec._ring[(rec._n_updates - 1) % rec.rows] if exact_u else None
+            if upd is not None and rec._shard is not None:  # FSDP2: this rank's shard, in parameter order
+                upd = upd[: sum(t.numel() for t in c.shards_of(rec.params))] if hasattr(c, "shards_of") else None
             row = c.hessian_row(step, lr, update=upd)
             rec.writer.append("curvature", **rows_to_columns([row]))
         if c.ntk_size:

@@ -115,14 +115,11 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
         True (every layer group) or a list of group names: λ_max of each group's diagonal Hessian
         block as well (columns ``group_lambda``/``group_residual``).
         ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
-        memory model in :func:`phasewatch.record.curvature.lanczos`); ``curvature_basis_dtype``:
-        ``"float64"`` (default) or ``"float32"`` (half the basis memory, eigenvalues to ~m·2⁻²⁴
-        relative).  Under DDP build the recorder
+        memory model in :func:`phasewatch.record.curvature.lanczos`); ``curvature_basis_dtype``
+        ``"float64"`` (default) or ``"float32"`` (half the memory).  Under DDP build the recorder
         on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
         are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
-        on the whole batch; rank 0 writes.  Under FSDP2 likewise (each rank its share): every rank
-        runs the probe on its shards by finite differences (:mod:`phasewatch.record.curvature_fsdp`;
-        ``"auto"`` means ``"fd"``, ``"autograd"``, groups, an adaptive trace and NTK are refused).
+        on the whole batch; rank 0 writes.  FSDP2: FD on the shards (:mod:`phasewatch.record.curvature_fsdp`).
     controllers, batch_size: :class:`Controllers` ``(controllers, batch_size=...)``,
         :mod:`phasewatch.record.control` controllers (off unless given) and the training batch size
         B for the ``C_batch``/``p_batch`` estimates (optional); when and how they run is described there.

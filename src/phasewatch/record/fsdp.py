@@ -109,7 +109,7 @@ def refuse_options(**given: Any) -> None:
             what = f"{name}={value!r}" if isinstance(value, str) else name
             raise RecorderError(f"{what} is not supported for FSDP-sharded (DTensor) parameters; record without "
                                 f"it (the band, gradient norms, micro-batch gradient samples, snapshots and "
-                                f"checkpoints are supported)")
+                                f"checkpoints and curvature probes by finite differences are supported)")
 
 
 class NullWriter:

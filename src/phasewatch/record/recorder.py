@@ -214,7 +214,7 @@ class Recorder(RingMixin, DrainMixin):
             fsdp.refuse_options(grad_probe=grad.probe,
                                 grad_source=grad.source if grad.source not in (None, "micro_batch") else None,
                                 grad_mask=grad.mask or None, grad_proj_dim=grad.proj_dim or None,
-                                curvature_every=curv.every)
+                                ntk_inputs=curv.options["ntk_inputs"])  # curvature: record/curvature_fsdp.py
         return bool(sharded)
 
     # the quantities' state read by the rest of the recorder and by record/fsdp.py, distributed.py

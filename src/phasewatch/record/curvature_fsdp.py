@@ -1,0 +1,391 @@
+"""Curvature probes under FSDP2 (``fully_shard``, DTensor parameters): shard-local FD products.
+
+Every rank holds its shards θ_r of the parameters and FSDP2's backward leaves it its shard of the
+gradient, g_r = (∇L)_r, where L is the mean over the ranks of each rank's probe-batch mean loss
+(FSDP2 averages the gradients over ranks; equal to the whole batch's mean loss when every rank
+holds an equal share, or the same batch).  So one product H v, v sharded like the parameters, is
+formed without gathering anything (Granziol & Juarev, arXiv:2602.00816): every rank perturbs its
+own shards by ±εv_r, runs the forward and backward (FSDP2 gathers and reduce-scatters as in
+training) and takes the central difference of its gradient shards,
+
+    (H v)_r ≈ (g_r(θ + εv) − g_r(θ − εv)) / (2ε),
+
+with the error bound and the measured step of :class:`phasewatch.record.hvp.FiniteDifferenceHessian`.
+Every scalar that step depends on (‖θ‖, ‖v‖, ‖g₊ − 2g₀ + g₋‖, ‖D‖) is a local sum of squares
+plus one all-reduce, so ε is the same on every rank.  Lanczos (:func:`sharded_lanczos`) keeps
+its vectors sharded like the parameters (m·P_r·8 bytes per rank); its inner products are local
+dot products plus scalar (or (j+1)-vector) all-reduces, so α, β and the tridiagonal T_m are
+bit-identical on every rank and every rank takes the same convergence decision (no broadcast).
+The small eigenproblem is solved on every rank; rank 0 writes.
+
+Failures.  A rank whose forward or loss fails says so in an all-reduced flag before the backward
+(whose reduce-scatter the others would otherwise wait in forever): every rank then raises the
+same ``RuntimeError``, restores its shards and gradients, and the recorder switches the probe
+off on all ranks.  A failure inside FSDP2's own collectives cannot be caught this way.
+
+Parameters are restored bit-exactly after every gradient (copied back from a clone of each
+shard), and the gradients the training left in ``p.grad`` are put back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import PhasewatchError
+from .curvature import EigenResult, _pick, _tridiagonal_eigh
+from .dtensor import is_sharded, local
+from .hvp import _as_args, chunk_weights, model_mode, seeded_randomness
+
+
+def _allsum(x: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """All-reduce ``x`` in place (sum by default) and return it."""
+    dist.all_reduce(x, op=op if op is not None else dist.ReduceOp.SUM)
+    return x
+
+
+class ShardedFDHessian:
+    """H v by central differences of FSDP2's sharded gradients; vectors are this rank's flat
+    float64 shards (the parameters' local shards in order).  Attributes as
+    :class:`~phasewatch.record.hvp.FiniteDifferenceHessian`: ``n`` (the global P), ``n_local``,
+    ``loss``, ``gradient`` (the local shard), ``n_matvec``, ``n_gradients``, ``steps``,
+    ``error_estimates``, ``noise_floor``; and :meth:`dot` / :meth:`norm` (global, all-reduced)."""
+
+    route = "fd"
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
+                 params: Sequence[torch.Tensor] | None = None, mode: str = "eval", seed: int = 0):
+        if mode not in ("train", "eval"):
+            raise PhasewatchError(f"mode={mode!r}: use 'train' or 'eval'")
+        self.model, self.loss_fn, self.mode, self.seed = model, loss_fn, mode, int(seed)
+        self.params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        if not self.params:
+            raise PhasewatchError("ShardedFDHessian: the model has no parameters that require grad")
+        self.shards = [local(p) for p in self.params]  # views of FSDP2's sharded storage
+        self.n_local = sum(t.numel() for t in self.shards)
+        self.device = self.shards[0].device
+        self.chunks, self.weights = chunk_weights(batch)
+        self.unit_roundoff = max(torch.finfo(p.dtype).eps / 2 for p in self.params)
+        self._theta = [t.detach().clone() for t in self.shards]
+        s = torch.tensor([float(self.n_local), sum(float((t.to(torch.float64) ** 2).sum()) for t in self._theta)],
+                         dtype=torch.float64)
+        _allsum(s)
+        self.n, self.theta_norm = int(s[0]), math.sqrt(float(s[1]))
+        self._scale = max(self.theta_norm, 1.0)
+        self.rel_step = self.unit_roundoff ** (1.0 / 3.0)
+        self._eps = self.rel_step * self._scale
+        self.n_matvec = self.n_gradients = 0
+        self.steps: list[float] = []
+        self.error_estimates: list[float] = []
+        self._at_theta: tuple[torch.Tensor, float] | None = None
+
+    # -- global reductions of local shards ---------------------------------------------------------
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """aᵀb over all ranks' shards."""
+        return float(_allsum(torch.dot(a, b).reshape(1).to(torch.float64).cpu())[0])
+
+    def norm(self, a: torch.Tensor) -> float:
+        """‖a‖ over all ranks' shards."""
+        return math.sqrt(max(self.dot(a, a), 0.0))
+
+    @property
+    def noise_floor(self) -> float:
+        """100·u^{2/3}, as :attr:`FiniteDifferenceHessian.noise_floor`."""
+        return 100 * self.unit_roundoff ** (2 / 3)
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """This rank's shard of ∇L at θ (flat float64; one gradient evaluation, on first use)."""
+        if self._at_theta is None:
+            self._at_theta = self._gradient_at(None)
+        return self._at_theta[0]
+
+    @property
+    def loss(self) -> float:
+        """L at θ, averaged over the ranks (as FSDP2 averages the gradients)."""
+        _ = self.gradient
+        return self._at_theta[1]
+
+    def _gradient_at(self, delta: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """(∇L shard, L) at θ + delta (delta: this rank's flat float64 shard, or None)."""
+        saved = [p.grad for p in self.params]
+        out = torch.zeros(self.n_local, dtype=torch.float64, device=self.device)
+        loss_sum = 0.0
+        try:
+            with torch.no_grad():
+                for p in self.params:
+                    p.grad = None
+                if delta is not None:
+                    o = 0
+                    for t, th in zip(self.shards, self._theta):
+                        k = t.numel()
+                        t.copy_((th.to(torch.float64) + delta[o: o + k].view(th.shape)).to(t.dtype))
+                        o += k
+            for (inputs, targets), w in zip(self.chunks, self.weights):
+                loss_sum += w * self._one_backward(inputs, targets)
+                o = 0
+                for p, t in zip(self.params, self.shards):
+                    k = t.numel()
+                    if p.grad is not None:
+                        out[o: o + k] += w * local(p.grad).detach().reshape(-1).to(torch.float64)
+                        p.grad = None
+                    o += k
+        finally:
+            with torch.no_grad():
+                for t, th in zip(self.shards, self._theta):
+                    t.copy_(th)
+                for p, g in zip(self.params, saved):
+                    p.grad = g
+        self.n_gradients += 1
+        s = _allsum(torch.tensor([loss_sum, 1.0], dtype=torch.float64))
+        return out, float(s[0] / s[1])
+
+    def _one_backward(self, inputs: Any, targets: Any) -> float:
+        """Forward and loss (failure agreed on by every rank before the backward), then backward."""
+        loss, why = None, ""
+        try:
+            with model_mode(self.model, self.mode), torch.enable_grad(), \
+                    seeded_randomness(self.mode, self.seed, self.device):
+                loss = self.loss_fn(self.model(*_as_args(inputs)), targets)
+            if loss.dim() != 0:
+                raise PhasewatchError("loss_fn must return the scalar mean loss of the batch")
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+            loss, why = None, f"{type(e).__name__}: {e}"
+        bad = _allsum(torch.tensor([0.0 if loss is not None else 1.0], dtype=torch.float64))
+        if float(bad[0]) > 0:
+            raise RuntimeError(f"the FSDP curvature forward failed on {int(bad[0])} rank(s)"
+                               + (f" ({why.splitlines()[0]})" if why else ""))
+        with model_mode(self.model, self.mode):
+            loss.backward()
+        return float(loss.detach())
+
+    def _central(self, v: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
+        """(D, ℓ) for a unit v: the central difference at ε and the curvature length (global norms)."""
+        gp, _ = self._gradient_at(eps * v)
+        gm, _ = self._gradient_at(-eps * v)
+        d = (gp - gm) / (2 * eps)
+        s = _allsum(torch.stack([((gp - 2 * self.gradient + gm) ** 2).sum(), (d ** 2).sum()]).cpu())
+        second, dn = math.sqrt(float(s[0])) / eps ** 2, math.sqrt(float(s[1]))
+        return d, (dn / second if second > 0 and dn > 0 else math.inf)
+
+    def _best(self, ell: float) -> float:
+        eps0 = self.rel_step * self._scale
+        return min(eps0, (3 * self.unit_roundoff * self._scale * ell ** 2) ** (1 / 3)) if math.isfinite(ell) else eps0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of H v for v this rank's shard (the step as FiniteDifferenceHessian's,
+        every scalar all-reduced, so the same ε on every rank)."""
+        v = v.to(self.device, torch.float64)
+        self.n_matvec += 1
+        nv = self.norm(v)
+        if nv == 0:
+            return torch.zeros_like(v)
+        vh = v / nv
+        eps = self._eps
+        d, ell = self._central(vh, eps)
+        best = self._best(ell)
+        if eps > 2 * best:
+            eps = best
+            d, ell = self._central(vh, eps)
+            best = self._best(ell)
+        self._eps = best
+        dn = self.norm(d)
+        trunc = eps ** 2 / (6 * ell ** 2) if math.isfinite(ell) else 0.0
+        self.error_estimates.append(dn * (trunc + self.unit_roundoff * self._scale / eps))
+        self.steps.append(eps)
+        return d * nv
+
+    __call__ = matvec
+
+    def random_shard(self, seed: int, kind: str = "normal") -> torch.Tensor:
+        """This rank's shard of a global random vector (N(0,1) or Rademacher, from ``seed``): every
+        rank draws each full tensor in order and keeps its part, so the vector is one vector."""
+        from torch.distributed.tensor import distribute_tensor
+
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        parts = []
+        for p in self.params:
+            full = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if kind == "rademacher":
+                full = torch.sign(full)
+            if is_sharded(p):
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            parts.append(full.reshape(-1))
+        return torch.cat(parts).to(self.device)
+
+
+def sharded_lanczos(op: ShardedFDHessian, k: int = 1, *, which: str = "LA", tol: float = 1e-6,
+                    max_iter: int | None = None, seed: int = 0, verify: bool = True,
+                    basis_dtype: torch.dtype = torch.float64) -> EigenResult:
+    """:func:`phasewatch.record.curvature.lanczos` (full reorthogonalisation, the same stopping
+    rule and verification) with the Lanczos vectors sharded like the parameters: basis m × P_r
+    per rank, inner products local then all-reduced (one (j+1)-vector per Gram–Schmidt pass), so
+    every rank builds the same T_m and stops at the same iteration.  ``eigenvectors`` are not
+    returned (they would be sharded)."""
+    n = op.n
+    if k < 1 or k > n:
+        raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
+    m_max = int(min(n, max_iter or max(100, 20 * k)))
+    q = op.random_shard(seed)
+    q = q / op.norm(q)
+    basis = torch.empty((m_max, op.n_local), dtype=basis_dtype, device=q.device)
+    basis[0] = q
+    alphas: list[float] = []
+    betas: list[float] = []
+    converged = invariant = False
+    theta = s = None
+    beta, m, n_mv = 0.0, 0, 0
+    for j in range(m_max):
+        w = op.matvec(basis[j].to(torch.float64)).clone()
+        n_mv += 1
+        w, a, beta = _sharded_orthogonalise(w, basis[: j + 1], betas[-1] if betas else 0.0)
+        alphas.append(a)
+        m = j + 1
+        theta, s = _tridiagonal_eigh(alphas, betas)
+        invariant = beta <= 1e-13 * max(np.abs(theta).max(), np.finfo(float).tiny)
+        if m >= k:
+            idx = _pick(theta, k, which)
+            est = beta * np.abs(s[-1, idx])
+            if invariant or np.all(est <= tol * np.maximum(np.abs(theta[idx]), 1e-300)):
+                converged = True
+                break
+        if invariant:
+            break
+        if j + 1 < m_max:
+            betas.append(beta)
+            basis[j + 1].copy_(w / beta)
+    idx = _pick(theta, min(k, m), which)
+    vals = theta[idx]
+    if verify:
+        coeff = torch.as_tensor(s[:, idx], dtype=torch.float64).to(basis.dtype)
+        vecs = (basis[:m].T @ coeff).T.to(torch.float64)
+        res = np.empty(len(vals))
+        for i in range(len(vals)):
+            y = vecs[i] / op.norm(vecs[i])
+            res[i] = op.norm(op.matvec(y) - float(vals[i]) * y)
+        n_mv += len(vals)
+        if converged and not invariant:
+            converged = bool(np.all(res <= max(10 * tol, 1e-12) * np.maximum(np.abs(vals), 1e-300)))
+    else:
+        res = beta * np.abs(s[-1, idx])
+    return EigenResult(eigenvalues=np.asarray(vals, dtype=float), residuals=res, n_matvec=n_mv,
+                       iterations=m, converged=converged, which=which, tol=tol)
+
+
+def _sharded_orthogonalise(w: torch.Tensor, v: torch.Tensor, beta_prev: float) -> tuple[torch.Tensor, float, float]:
+    """:func:`phasewatch.record.curvature._orthogonalise` on shards: the same recurrence and
+    conditional second Gram–Schmidt pass, each inner product a local one all-reduced."""
+    q = v[-1].to(w.dtype)
+    alpha = float(_allsum(torch.dot(w, q).reshape(1).cpu())[0])
+    w.sub_(q, alpha=alpha)
+    if v.shape[0] > 1:
+        w.sub_(v[-2].to(w.dtype), alpha=beta_prev)
+    beta = math.sqrt(float(_allsum((w ** 2).sum().reshape(1).cpu())[0]))
+    for _ in range(2):
+        before = beta
+        h = _allsum(torch.mv(v, w.to(v.dtype)).to(torch.float64).cpu()).to(w.device)
+        w.sub_(torch.mv(v.T, h.to(v.dtype)).to(w.dtype))
+        alpha += float(h[-1])
+        beta = math.sqrt(float(_allsum((w ** 2).sum().reshape(1).cpu())[0]))
+        if beta >= 0.7071 * before:
+            break
+    return w, alpha, beta
+
+
+def sharded_trace(op: ShardedFDHessian, samples: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Hutchinson tr H ≈ (1/s) Σ_i z_iᵀ H z_i, z_i Rademacher sharded like the parameters
+    (:meth:`ShardedFDHessian.random_shard`); returns (estimate, its standard error)."""
+    est = np.array([op.dot(z, op.matvec(z)) for z in (op.random_shard(seed + 1 + i, "rademacher")
+                                                       for i in range(samples))])
+    return float(est.mean()), float(est.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.nan
+
+
+def sharded_update_curvature(op: ShardedFDHessian, u: torch.Tensor) -> float:
+    """uᵀHu/‖u‖² along the update u (this rank's shard), the curvature along the step."""
+    nu2 = op.dot(u, u)
+    return op.dot(u, op.matvec(u)) / nu2 if nu2 > 0 else math.nan
+
+
+class FSDPCurvatureProbe:
+    """The recorder's curvature probe under FSDP2, run on every rank (rank 0's writer writes the
+    row, the others' write nothing): the rows of :class:`~phasewatch.record.curvature.CurvatureProbe`
+    (same columns) from :class:`ShardedFDHessian` and :func:`sharded_lanczos`; ``hvp`` is always
+    ``"fd"``; the trace by a fixed number of Hutchinson probes; ``u_curvature`` along the update
+    when the recorder holds it exactly (its shard); Adam's preconditioned sharpness is NaN."""
+
+    def __init__(self, base: Any):
+        self.base = base  # a CurvatureProbe (options, thresholds, config)
+        self.batch, self.ntk_size, self.hvp_column = base.batch, None, True
+        self.top_k = base.top_k
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["base"], name)
+
+    @staticmethod
+    def shards_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's shards of ``params`` (the recorder's ring holds an exact update in this order)."""
+        return [local(p) for p in params]
+
+    def config(self) -> dict:
+        """The base probe's metadata, with the route and the distribution stated."""
+        world = dist.get_world_size()
+        return dict(self.base.config(), hvp="fd", distributed={"kind": "fsdp2", "world_size": world})
+
+    def hessian_row(self, step: int, lr: float, seed: int | None = None, update: torch.Tensor | None = None) -> dict:
+        """One ``curvature`` row at the current θ (every rank calls this at the same step)."""
+        import time
+
+        t0 = time.perf_counter()
+        b = self.base
+        seed = int(step if seed is None else seed)
+        op = ShardedFDHessian(b.model, b.loss_fn, b.batch, params=b.params, mode=b.mode, seed=seed)
+        k = min(b.top_k, op.n)
+        eig = sharded_lanczos(op, k, tol=max(b.tol, op.noise_floor), max_iter=b.max_iter, seed=seed,
+                              basis_dtype=b.basis_dtype)
+        vals, res = np.full(b.top_k, np.nan), np.full(b.top_k, np.nan)
+        vals[: eig.eigenvalues.size], res[: eig.residuals.size] = eig.eigenvalues, eig.residuals
+        hvps = eig.n_matvec
+        ucurv = math.nan
+        if update is not None and update.numel() == op.n_local:
+            ucurv = sharded_update_curvature(op, update.to(op.device, torch.float64))
+            hvps += 1
+        row = {"step": step, "lr": lr, "loss": op.loss, "mode": b.mode.encode(), "eigenvalues": vals,
+               "residuals": res, "converged": int(eig.converged), "trace": np.nan, "trace_lo": np.nan,
+               "trace_hi": np.nan, "trace_se": np.nan, "trace_probes": 0, "pre_lambda": np.nan,
+               "pre_residual": np.nan}
+        if b.trace is not None:
+            s = int(b.trace)
+            est, se = sharded_trace(op, s, seed=seed + 1)
+            from scipy.stats import t as student
+
+            half = float(student.ppf(0.975, s - 1)) * se
+            row.update(trace=est, trace_lo=est - half, trace_hi=est + half, trace_se=se, trace_probes=s)
+            hvps += s
+        threshold, of = b._threshold(lr)
+        row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0,
+                   hvp=b"fd", hvp_check=np.nan, u_curvature=ucurv)
+        return row
+
+
+def fsdp_probe(base: Any) -> FSDPCurvatureProbe:
+    """The FSDP2 probe over ``base`` (a CurvatureProbe); one-line errors for what it cannot do."""
+    if base.hvp == "autograd":
+        raise PhasewatchError("curvature_hvp='autograd' is not supported for FSDP-sharded (DTensor) parameters; "
+                              "use curvature_hvp='fd' (or 'auto', which picks it)")
+    if base.groups is not None:
+        raise PhasewatchError("curvature_groups is not supported for FSDP-sharded (DTensor) parameters; "
+                              "record without it")
+    if base.trace == "adaptive":
+        raise PhasewatchError("curvature_trace='adaptive' is not supported for FSDP-sharded (DTensor) "
+                              "parameters; give a number of probes (an int >= 2)")
+    if base.ntk_inputs is not None:
+        raise PhasewatchError("ntk_inputs is not supported for FSDP-sharded (DTensor) parameters; record "
+                              "without it")
+    if base.batch is None:
+        raise PhasewatchError("curvature_every under FSDP needs curvature_batch (this rank's probe batch)")
+    return FSDPCurvatureProbe(base)

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.workflows.claims import GROKKING, grokking_runs, grokking_setup, reproduction, result, save_figure
+from phasewatch.workflows.claims import (
+    GROKKING,
+    grokking_runs,
+    grokking_setup,
+    reproduction,
+    result,
+    save_figure,
+)
 from phasewatch.workflows.notes import modular_runs, modular_setup
 
 CLAIM = "p = C/(1+C) crosses 0.5 at grokking; test accuracy at that moment is 51–53 %"

@@ -286,6 +286,20 @@ def _notes_protocol(out_dir: Path, quick: bool) -> dict:
     c = np.concatenate([r["log"]["C_notes"] for r in runs])
     a = np.concatenate([r["log"]["alpha"] for r in runs])
     band = (c >= 0.8) & (c <= 1.2)
+    import matplotlib.pyplot as plt
+
+    from phasewatch.plot.style import WIDTHS, paper_style
+
+    with paper_style():
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(WIDTHS["text"], 2.2), layout="constrained")
+    for r in runs:
+        ls = "-" if r["group"] == "wd" else "--"
+        ax.plot(r["log"]["step"], r["log"]["C_notes"], ls, color="C0", lw=0.8)
+        bx.plot(r["log"]["step"], r["log"]["alpha"], ls, color="C1", lw=0.8)
+    ax.axhspan(0.8, 1.2, color="C3", alpha=0.1, lw=0)
+    ax.set(xlabel="step", ylabel="C (notes: 20 minibatches, naive)")
+    bx.set(xlabel="step", ylabel="α (notes' Hill, clipped to [1, 2])", ylim=(0.9, 2.1))
+    fig_path = save_figure(fig, out_dir, "notes_protocol")
     numbers = {"measurements": int(c.size), "in_C_band": int(band.sum()),
                "C_notes_range": [float(np.nanmin(c)), float(np.nanmax(c))],
                "alpha_notes_median": float(np.nanmedian(a)), "alpha_notes_fraction_at_clip_2": float(np.mean(a >= 2.0)),
@@ -300,7 +314,7 @@ def _notes_protocol(out_dir: Path, quick: bool) -> dict:
         why += " (quick mode: CI-sized)"
     return reproduction(modular_setup(quick) + "; critical band of C as DEFINITIONS §6 (0.8 ≤ C ≤ 1.2); α by the "
                         "notes' Hill (top 100 |g| of one minibatch gradient, clipped to [1, 2])",
-                        "not feasible here", why, numbers)
+                        "not feasible here", why, numbers, fig_path)
 
 
 def run(out_dir, quick: bool, log=lambda *a: None) -> dict:

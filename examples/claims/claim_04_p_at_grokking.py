@@ -15,7 +15,7 @@ from phasewatch.workflows.claims import (
     result,
     save_figure,
 )
-from phasewatch.workflows.notes import modular_runs, modular_setup
+from phasewatch.workflows.notes import MODULAR, N_SAMPLES, modular_runs, modular_setup
 
 CLAIM = "p = C/(1+C) crosses 0.5 at grokking; test accuracy at that moment is 51–53 %"
 SOURCE = "notes 000/004"
@@ -51,6 +51,9 @@ def _notes_protocol(out_dir: Path, quick: bool) -> dict:
             row[f"p_{est}_max"] = float(np.nanmax(lg[f"p_{est}"]))
         if r["grok_step"] is not None:
             row["p_notes_at_grok"] = float(np.interp(r["grok_step"], lg["step"], lg["p_notes"]))
+            # C scales with the batch: naive C = b·C₁ + 1/n, so p = 0.5 at grokking for b* = (1 − 1/n)/C₁
+            c1 = float(np.interp(r["grok_step"], lg["step"], lg["C_ours"])) / MODULAR[bool(quick)]["batch_size"]
+            row["batch_for_p_half_at_grok"] = (1 - 1 / N_SAMPLES) / c1 if c1 > 0 else None
         rows[r["path"].name] = row
         ls = "-" if r["group"] == "wd" else "--"
         ax.plot(lg["step"], lg["p_notes"], ls, color="C0", lw=0.8)
@@ -70,7 +73,10 @@ def _notes_protocol(out_dir: Path, quick: bool) -> dict:
     numbers = {"per_run": rows, "test_acc_at_cross": accs, "p_notes_max": pmax}
     why = (f"{len(crossed)}/{len(ev)} grokking runs have the notes' p rising through 0.5 (test accuracy there "
            f"{accs}); max p (notes) per run {pmax}, p at the grokking step "
-           f"{[round(v.get('p_notes_at_grok', float('nan')), 3) for v in ev]}")
+           f"{[round(v.get('p_notes_at_grok', float('nan')), 3) for v in ev]}; the notes leave the batch size open and "
+           f"C grows with it: p = 0.5 at grokking would need minibatches of "
+           f"{[None if v['batch_for_p_half_at_grok'] is None else round(v['batch_for_p_half_at_grok']) for v in ev]} "
+           f"(we use {MODULAR[bool(quick)]['batch_size']})")
     if not ev:
         verdict, why = "not reproduced", "no run grokked within the run: " + why
     elif len(crossed) == len(ev) and all(0.45 <= a <= 0.60 for a in accs):

@@ -202,12 +202,29 @@ def _notes_arms(task: Task, seed: int, width: int, arms) -> dict:
             for a, final, start, m in arms}
 
 
-def _notes_part(notes: dict, acc: dict, quick: bool) -> dict:
+def _notes_part(notes: dict, acc: dict, quick: bool, out_dir: Path) -> dict:
     """The reproduction part from the notes' p of each arm (:func:`notes_p`) at the end of training."""
+    import matplotlib.pyplot as plt
+
+    from phasewatch.plot.style import WIDTHS, paper_style
+
     p = {a: [v["end"]["p_notes"] for (arm, _), v in notes.items() if arm == a] for a in ("dense", "ticket", "random")}
     po = {a: [v["end"]["p_ours"] for (arm, _), v in notes.items() if arm == a] for a in ("dense", "ticket", "random")}
     p0 = {a: [v["start"]["p_notes"] for (arm, _), v in notes.items() if arm == a] for a in ("ticket", "random")}
     med = {a: float(np.median(v)) for a, v in p.items()}
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(WIDTHS["column"], 2.2), layout="constrained")
+    for j, a in enumerate(("dense", "ticket", "random")):
+        ax.plot([j - 0.1] * len(p[a]), p[a], "o", ms=3, color="C0", label="end (notes)" if j == 0 else None)
+        ax.plot([j + 0.1] * len(po[a]), po[a], "x", ms=3, color="C2", label="end (ours)" if j == 0 else None)
+        if a in p0:
+            ax.plot([j] * len(p0[a]), p0[a], "s", ms=3, color="C1", label="rewound start (notes)" if j == 1 else None)
+    for lo, hi, c in (HOLDS_TICKET + ("C0",), HOLDS_RANDOM + ("C1",)):
+        ax.axhspan(lo, hi, color=c, alpha=0.08, lw=0)
+    ax.set_xticks([0, 1, 2], ["dense", "ticket", "random"])
+    ax.set(ylabel=f"p ({N_SAMPLES} minibatches of {BATCH})", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=5)
+    fig_path = save_figure(fig, out_dir, "notes_protocol")
     ok = HOLDS_TICKET[0] <= med["ticket"] <= HOLDS_TICKET[1] and HOLDS_RANDOM[0] <= med["random"] <= HOLDS_RANDOM[1]
     why = (f"the notes' p at the end of training: ticket {_fmt(p['ticket'])}, random {_fmt(p['random'])}, dense "
            f"{_fmt(p['dense'])} (ours: ticket {_fmt(po['ticket'])}, random {_fmt(po['random'])}); at the rewound start: "
@@ -221,7 +238,7 @@ def _notes_part(notes: dict, acc: dict, quick: bool) -> dict:
              f"to step {REWIND} are our choices); reproduced if the median ticket p is in {list(HOLDS_TICKET)} and "
              f"the random masks' in {list(HOLDS_RANDOM)}")
     return reproduction(setup, "reproduced" if ok else "not reproduced", why,
-                        {"p_notes_end": p, "p_ours_end": po, "p_notes_start": p0, "median_p_notes_end": med})
+                        {"p_notes_end": p, "p_ours_end": po, "p_notes_start": p0, "median_p_notes_end": med}, fig_path)
 
 
 def run(out_dir, quick: bool) -> dict:
@@ -337,7 +354,7 @@ def run(out_dir, quick: bool) -> dict:
                    "winning_ticket_criterion": "ticket mean test accuracy >= dense mean - 0.01, and above its "
                                                "random control in every seed by >= 0.01 on average", "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
                    "winning_ticket": {"matches_dense": bool(match), "beats_random": beats}}, fig_path,
-                  reproduction=_notes_part(notes, acc, quick))
+                  reproduction=_notes_part(notes, acc, quick, out_dir))
 
 
 def _fmt(v) -> str:

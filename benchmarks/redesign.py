@@ -35,9 +35,8 @@ written by the OLD version's RunWriter (updates in R^1024, two layer groups: a r
 signal plus noise, K = 16, Adam meta, so the momentum null is that of beta1 = 0.9 at d_eff = 1024) and
 on 5000 steps of the ``mlp`` recorded by the NEW recorder (gradient samples every 100 steps, a test
 accuracy every 500; d_eff from the gradient noise), with each version's defaults and, like for like,
-the new one without the work it added (``null_draws=0``: no finite-dimension band of the momentum
-null; ``rotation=False``: no subspace-rotation column; the null's expected spectrum per window, one
-more W x W eigensolve a window, has no switch in ``analyze()``), and ``analyze_band()`` alone on the
+the new one without the work it added (``null="off"``: no momentum null, neither its band nor its
+expected spectrum per window; ``rotation=False``: no subspace-rotation column), and ``analyze_band()`` alone on the
 synthetic band in memory (the numerical core; new: ``rotation=False``, no null).  A first, untimed call per version warms up
 imports and caches and saves the tables; every column both versions produce is then compared (the
 old ``regime``, classified on A, against the new ``regime_A``: the new ``regime`` is on A_dk by design).
@@ -546,7 +545,7 @@ def compare_recorded(workers: dict, r: dict, tmp: Path) -> list[str]:
 
 
 # -- analyzer ------------------------------------------------------------------------------------
-LIKE = {"null_draws": 0, "rotation": False}
+LIKE = {"null": "off", "rotation": False}
 ANALYZER_MODES = {  # label: (version, worker command, keyword arguments besides the window)
     "old": ("old", "analyze", {}),
     "new": ("new", "analyze", {}),
@@ -748,8 +747,7 @@ def run_analyzer_part(workers, args, tmp) -> None:
             rows[clock] += analyzer_rows(name, r, clock)
     for clock in (args.clock, "wall" if args.clock == "cpu" else "cpu"):
         print(f"\nanalyze(path, window=8), {'process CPU' if clock == 'cpu' else 'wall'} seconds: median "
-              "(min–max); 'like for like' = null_draws=0, rotation=False (the momentum null's own per-window "
-              "spectra remain: analyze() has no switch for them); 'band only' = analyze_band() on the band in "
+              "(min–max); 'like for like' = null='off', rotation=False; 'band only' = analyze_band() on the band in "
               "memory (new: rotation=False and, its default, no null)\n")
         print(md_table(["run", "version", "seconds", "÷ old"], rows[clock]))
     for name, r in res.items():

@@ -79,8 +79,9 @@ def main(argv=None) -> None:
     cv = res.curvature
     print(f"trained and probed {a.steps} steps in {t1 - t0:.1f} s; 2/eta = {2 / a.lr:g}")
     for i in range(0, len(cv["step"]), max(1, len(cv["step"]) // 12)):
-        print(f"  step {int(cv['step'][i]):4d}  lambda_max {cv['lambda_max'][i]:7.3f}  S {cv['S'][i]:+7.3f}  "
-              f"residual {cv['lambda_residual'][i]:.1e}  HVPs {int(cv['hvps'][i])}  rho {cv['ntk_rho'][i]:8.2f}")
+        # u_curvature: uᵀHu/uᵀu along the step's own update (one more product), at most lambda_max
+        print(f"  step {int(cv['step'][i]):4d}  lambda_max {cv['lambda_max'][i]:7.3f}  "
+              f"u_curvature {cv['u_curvature'][i]:7.3f}  S {cv['S'][i]:+7.3f}  residual {cv['lambda_residual'][i]:.1e}  HVPs {int(cv['hvps'][i])}  rho {cv['ntk_rho'][i]:8.2f}")
     try:
         import matplotlib
 

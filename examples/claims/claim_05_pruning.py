@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 import phasewatch
-from phasewatch.workflows.claims import result, save_figure
+from phasewatch.workflows.claims import reproduction, result, save_figure
+from phasewatch.workflows.notes import N_SAMPLES, minibatch_gradients, notes_ratio
 
 CLAIM = ("pruning raises the consolidation ratio: winning tickets (magnitude pruning with rewinding) have "
          "p ≈ 0.65–0.70 against 0.35–0.40 for random masks at 90% sparsity")
@@ -181,6 +182,65 @@ def _summary(s: dict, steps: int) -> dict:
             "n_clipped": s["clipped"], "n_measurements": int(len(s["step"]))}
 
 
+def notes_p(task: Task, state: dict, masks: dict | None, seed: int, width: int) -> dict:
+    """The notes' estimator at θ = ``state``: 20 fresh minibatches of BATCH, gradients of the
+    unpruned weights (and all biases) only, naive C (and our canonical C) on them."""
+    import torch
+
+    model = _mlp(width)
+    model.load_state_dict({k: v * masks[k] if masks is not None and k in masks else v for k, v in state.items()})
+    keep = [torch.ones_like(p) if masks is None or n not in masks else masks[n] for n, p in model.named_parameters()]
+    g = torch.Generator().manual_seed(90_000 + seed)
+    xs, ys = task.sample(N_SAMPLES * BATCH, g)
+    return notes_ratio(minibatch_gradients(model, torch.nn.functional.cross_entropy, xs, ys, BATCH, N_SAMPLES, g,
+                                           mask=keep), b=BATCH) | {"n_coordinates": int(sum(int(k.sum()) for k in keep))}
+
+
+def _notes_arms(task: Task, seed: int, width: int, arms) -> dict:
+    """The notes' p (:func:`notes_p`) of each ``(arm, final state, start state, masks)`` at its end and start."""
+    return {(a, seed): {"end": notes_p(task, final, m, seed, width), "start": notes_p(task, start, m, seed, width)}
+            for a, final, start, m in arms}
+
+
+def _notes_part(notes: dict, acc: dict, quick: bool, out_dir: Path) -> dict:
+    """The reproduction part from the notes' p of each arm (:func:`notes_p`) at the end of training."""
+    import matplotlib.pyplot as plt
+
+    from phasewatch.plot.style import WIDTHS, paper_style
+
+    p = {a: [v["end"]["p_notes"] for (arm, _), v in notes.items() if arm == a] for a in ("dense", "ticket", "random")}
+    po = {a: [v["end"]["p_ours"] for (arm, _), v in notes.items() if arm == a] for a in ("dense", "ticket", "random")}
+    p0 = {a: [v["start"]["p_notes"] for (arm, _), v in notes.items() if arm == a] for a in ("ticket", "random")}
+    med = {a: float(np.median(v)) for a, v in p.items()}
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(WIDTHS["column"], 2.2), layout="constrained")
+    for j, a in enumerate(("dense", "ticket", "random")):
+        ax.plot([j - 0.1] * len(p[a]), p[a], "o", ms=3, color="C0", label="end (notes)" if j == 0 else None)
+        ax.plot([j + 0.1] * len(po[a]), po[a], "x", ms=3, color="C2", label="end (ours)" if j == 0 else None)
+        if a in p0:
+            ax.plot([j] * len(p0[a]), p0[a], "s", ms=3, color="C1", label="rewound start (notes)" if j == 1 else None)
+    for lo, hi, c in (HOLDS_TICKET + ("C0",), HOLDS_RANDOM + ("C1",)):
+        ax.axhspan(lo, hi, color=c, alpha=0.08, lw=0)
+    ax.set_xticks([0, 1, 2], ["dense", "ticket", "random"])
+    ax.set(ylabel=f"p ({N_SAMPLES} minibatches of {BATCH})", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=5)
+    fig_path = save_figure(fig, out_dir, "notes_protocol")
+    ok = HOLDS_TICKET[0] <= med["ticket"] <= HOLDS_TICKET[1] and HOLDS_RANDOM[0] <= med["random"] <= HOLDS_RANDOM[1]
+    why = (f"the notes' p at the end of training: ticket {_fmt(p['ticket'])}, random {_fmt(p['random'])}, dense "
+           f"{_fmt(p['dense'])} (ours: ticket {_fmt(po['ticket'])}, random {_fmt(po['random'])}); at the rewound start: "
+           f"ticket {_fmt(p0['ticket'])}, random {_fmt(p0['random'])}; test accuracy ticket {np.mean(acc['ticket']):.3f}, "
+           f"random {np.mean(acc['random']):.3f}, dense {np.mean(acc['dense']):.3f}")
+    if quick:
+        why += " (quick mode: one-shot pruning, fewer steps)"
+    setup = (f"90% sparsity, the notes' estimator on the pruned network: {N_SAMPLES} minibatch gradients of {BATCH} "
+             "fresh examples over the unpruned weights, naive C, at the end of training (the notes do not say when "
+             "p is read, nor the task or network: the beyond part's MLP, teacher task and pruning with rewinding "
+             f"to step {REWIND} are our choices); reproduced if the median ticket p is in {list(HOLDS_TICKET)} and "
+             f"the random masks' in {list(HOLDS_RANDOM)}")
+    return reproduction(setup, "reproduced" if ok else "not reproduced", why,
+                        {"p_notes_end": p, "p_ours_end": po, "p_notes_start": p0, "median_p_notes_end": med}, fig_path)
+
+
 def run(out_dir, quick: bool) -> dict:
     import matplotlib.pyplot as plt
     import torch
@@ -193,7 +253,7 @@ def run(out_dir, quick: bool) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small MLP: one thread is fastest, and the budget is for one core
     t0, c0 = time.perf_counter(), time.process_time()
-    rows, series = [], {}
+    rows, series, notes = [], {}, {}
     try:
         for seed in cfg["seeds"]:
             task = Task(seed, cfg["probe"])
@@ -208,8 +268,12 @@ def run(out_dir, quick: bool) -> dict:
                 if r < rounds:
                     final = train(task, rewound, masks, steps, seed, None, every, width)["final"]
             ticket = train(task, rewound, masks, steps, seed, out_dir / "runs" / f"ticket-seed{seed}", every, width)
-            rnd = train(task, rewound, random_masks(masks, seed), steps, seed, out_dir / "runs" / f"random-seed{seed}",
+            rmasks = random_masks(masks, seed)
+            rnd = train(task, rewound, rmasks, steps, seed, out_dir / "runs" / f"random-seed{seed}",
                         every, width)
+            notes.update(_notes_arms(task, seed, width, (("dense", dense["final"], init, None),
+                                                         ("ticket", ticket["final"], rewound, masks),
+                                                         ("random", rnd["final"], rewound, rmasks))))
             for arm, res in (("dense", dense), ("ticket", ticket), ("random", rnd)):
                 s = _p_series(out_dir / "runs" / f"{arm}-seed{seed}")
                 series[(arm, seed)] = s
@@ -289,7 +353,8 @@ def run(out_dir, quick: bool) -> dict:
                   {"per_run": rows, "p_B_late_median": med,
                    "winning_ticket_criterion": "ticket mean test accuracy >= dense mean - 0.01, and above its "
                                                "random control in every seed by >= 0.01 on average", "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-                   "winning_ticket": {"matches_dense": bool(match), "beats_random": beats}}, fig_path)
+                   "winning_ticket": {"matches_dense": bool(match), "beats_random": beats}}, fig_path,
+                  reproduction=_notes_part(notes, acc, quick, out_dir))
 
 
 def _fmt(v) -> str:

@@ -483,3 +483,29 @@ def test_A_dk_of_recorded_runs_is_invariant_under_the_learning_rate(tmp_path, na
     np.testing.assert_allclose(t4["A_dk"][ok], t1["A_dk"][ok], rtol=64 * 400 * EPS)  # P·eps-level rounding
     np.testing.assert_allclose(4 * t4["A"][ok], t1["A"][ok], rtol=64 * 400 * EPS)
     np.testing.assert_array_equal(t4["regime"], t1["regime"])
+
+
+def test_null_off_drops_only_the_null_columns_and_says_so(tmp_path):
+    """null="off": every other column bit-identical to the default analysis, no null column, the
+    summary, report and overview figure say there is no null instead of failing or reading one."""
+    from phasewatch.outputs.report import build_report, report_markdown
+    from phasewatch.plot import figures
+
+    sample = DATA / "grokking-p71.h5"
+    on, off = phasewatch.analyze(sample), phasewatch.analyze(sample, null="off")
+    null_cols = {"kstar_null", "gap_ratio_null", "gap_excess", "gap_ratio_null_hi", "gap_excess_hi",
+                 "above_null", "g23_null", "g23_excess"}
+    assert set(on.table.columns) - set(off.table.columns) == null_cols
+    for c in off.table.columns:
+        assert np.array_equal(np.asarray(on.table[c]), np.asarray(off.table[c]), equal_nan=True), c
+    assert off.null["kind"] == "off"
+    assert "not judged against momentum alone" in off.summary()
+    assert "gap_excess_median" not in off.summary_dict()
+    assert "no momentum null" in off.conventions["null"]
+    md = report_markdown(build_report(sample, analysis=off))
+    assert "no momentum null" in md and "above the momentum null" not in md
+    fig = figures.FIGURES["overview"](off)
+    fig.savefig(tmp_path / "o.png")
+    assert (tmp_path / "o.png").stat().st_size > 0
+    with pytest.raises(PhasewatchError, match="'off'"):
+        phasewatch.analyze(sample, null="of")

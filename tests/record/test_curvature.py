@@ -1067,3 +1067,22 @@ def test_probe_memory_basis_is_resident_and_float32_halves_it():
     a, b = got["float64"], got["float32"]
     slack = max(a["hvp_bytes"], b["hvp_bytes"]) + 16 * a["P"]
     assert abs((a["lanczos_bytes"] - b["lanczos_bytes"]) - 10 * 4 * a["P"]) <= slack
+
+
+def test_recorder_float32_lanczos_basis(tmp_path):
+    """curvature_basis_dtype="float32": stated in the metadata, λ_1, λ_2 equal the dense Hessian within
+    the float32 probe bound plus the float32 basis's loss of orthogonality (≤ m·2⁻²⁴ relative, m ≤ 100
+    basis vectors, the default cap); a bad name is one clear line."""
+    from phasewatch import Recorder, RecorderError
+
+    m, batch = _train_recorded(tmp_path / "r", {"curvature_topk": 2, "curvature_basis_dtype": "float32"})
+    r = open_run(tmp_path / "r")
+    assert r.meta["recorder"]["curvature"]["basis_dtype"] == "float32"
+    ev = np.linalg.eigvalsh(cv.HessianOperator(m, torch.nn.functional.cross_entropy, batch).dense())[::-1]
+    np.testing.assert_allclose(r.table("curvature")["eigenvalues"][-1], ev[:2],
+                               rtol=F32_PROBE_RTOL + 100 * 2.0 ** -24)
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(RecorderError, match="curvature_basis_dtype='float16': use 'float64' or 'float32'"):
+        Recorder(tmp_path / "bad", lin, torch.optim.SGD(lin.parameters(), lr=0.1), curvature_every=2,
+                 curvature_batch=(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)),
+                 curvature_loss=torch.nn.functional.cross_entropy, curvature_basis_dtype="float16")

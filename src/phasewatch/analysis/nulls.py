@@ -261,8 +261,8 @@ def null_from_optimizer(name: str, hyper: dict | None, *, stride: int = 1, step:
     if override == "none":
         return MomentumNull("none", 0.0, 0.0, 1.0, s, "null='none': no momentum (white updates)")
     if override != "momentum":
-        raise PhasewatchError(f"null={override!r}: use 'momentum' (from the recorded optimizer), 'none' or a "
-                              "float beta in [0, 1)")
+        raise PhasewatchError(f"null={override!r}: use 'momentum' (from the recorded optimizer), 'none', a "
+                              "float beta in [0, 1), or 'off' (analyze only: no null)")
     name = str(name or "")
     if step is not None and not np.isfinite(float(step)):
         step = None

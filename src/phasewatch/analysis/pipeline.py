@@ -279,6 +279,8 @@ class Analysis:
                          f"median gap ratio {d['gap_ratio_median']:.3g}")
         if "gap_excess_median" in d:
             lines.append("null         " + null_reading(d))
+        elif self.null.get("kind") == "off" and "kstar_mode" in d:
+            lines.append("null         off (null='off'): k* and the gap ratio are not judged against momentum alone")
         if "A_dk_median" in d:
             fr = d["regime_fraction"]
             lines.append(f"A_dk         median {d['A_dk_median']:.3g} (dimensionless, sin theta bound); " +
@@ -386,7 +388,10 @@ def analyze(
         per-layer band is never read; a run opened eagerly is chunked from memory.
     null: the momentum null of k* and the gap ratio (:mod:`~phasewatch.analysis.nulls`):
         ``"momentum"`` (default: β from the run's recorded optimizer — SGD momentum/dampening/Nesterov,
-        Adam-type β₁, NAdam, Muon — and its ``stride``), ``"none"`` (β = 0) or a float β (heavy ball).
+        Adam-type β₁, NAdam, Muon — and its ``stride``), ``"none"`` (β = 0), a float β (heavy ball),
+        or ``"off"``: no null at all (no null columns, ``Analysis.null["kind"] == "off"``; one W×W
+        eigensolve a window less — the readings then have nothing to be judged against, said in the
+        summary).
     null_dim, null_draws, null_level, null_seed: its finite-dimension band (a window is
         ``above_null`` when its gap ratio exceeds the ``null_level`` quantile of the maximum gap ratio
         of ``null_draws`` seeded draws of filtered Gaussian noise in ``null_dim`` coordinates with the

@@ -66,14 +66,14 @@ class NullSetup:
     """The momentum null of a run and the dimension of its Monte Carlo band (``dim`` a number or a
     function of the window-end steps; ``why`` says where it came from)."""
 
-    null: nulls.MomentumNull
+    null: nulls.MomentumNull | None  # None: null="off"
     dim: Any
     why: Any
 
     @property
     def banded(self) -> bool:
         """True when the null has a finite-dimension band."""
-        return callable(self.dim) or math.isfinite(self.dim)
+        return self.null is not None and (callable(self.dim) or math.isfinite(self.dim))
 
     def table_options(self, o: AnalysisOptions) -> dict[str, Any]:
         """The null and classification keywords of :func:`band_table_chunked`."""
@@ -84,6 +84,8 @@ class NullSetup:
     def info(self, o: AnalysisOptions) -> dict[str, Any]:
         """``Analysis.null``."""
         m = self.null
+        if m is None:
+            return {"kind": "off", "draws": 0, "source": "null='off': no momentum null computed"}
         return {"kind": m.kind, "beta": m.beta, "rho1": float(m.rho(2)[1]), "stride": m.stride,
                 "dim": self.why if callable(self.dim) else self.dim,
                 "draws": int(o.null_draws) if self.banded else 0, "level": float(o.null_level), "source": m.source}
@@ -92,6 +94,8 @@ class NullSetup:
 def null_setup(run, o: AnalysisOptions) -> NullSetup:
     """The run's momentum null (``o.null``) and its band's dimension (``o.null_dim``, else
     :func:`~phasewatch.analysis.null_stage.null_dimension`)."""
+    if o.null == "off":
+        return NullSetup(None, math.inf, "off")
     mnull = run_null(run, o.null)
     if o.null_dim is None:
         dim, why = null_dimension(run)
@@ -118,7 +122,8 @@ def _spectra_conventions(o: AnalysisOptions, ns: NullSetup, source: str) -> dict
                    f"on A (units 1/eta): 0 plateau (A<{o.plateau_below:g}), 1 transition, 2 forgetting "
                    f"(A>{o.forgetting_above:g}), -1 undefined")
                   + f"; regime_A: the paper's A with {o.plateau_below:g} / {o.forgetting_above:g}",
-        "null": ns.null.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
+        "null": "off (null='off'): no momentum null; k* and the gap ratio are not judged against chance"
+                if ns.null is None else ns.null.describe() + "; G0[a,b] = |u_a||u_b| rho(|a-b|) with the window's own update norms; "
                 "gap_ratio_null = sigma0_k*/sigma0_k*+1 at the observed k*, gap_excess = gap_ratio/gap_ratio_null, "
                 "g23_excess = g23/(lambda0_2 - lambda0_3); above_null: gap_ratio > gap_ratio_null_hi, the "
                 + (f"{o.null_level:g} quantile of the max gap ratio of filtered Gaussian noise in d_eff coordinates "

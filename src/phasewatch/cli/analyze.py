@@ -14,11 +14,11 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     from ..analysis.pipeline import analyze
 
     null = a.null
-    if null not in ("momentum", "none"):
+    if null not in ("momentum", "none", "off"):
         try:
             null = float(null)
         except ValueError:
-            raise PhasewatchError(f"--null {a.null!r}: use momentum, none or a beta in [0, 1)") from None
+            raise PhasewatchError(f"--null {a.null!r}: use momentum, none, off or a beta in [0, 1)") from None
     res = analyze(a.run, window=a.window, source=a.source, chunk_steps=a.chunk_steps, null=null,
                   layers=a.layers, rotation=not a.no_rotation)
     print(res.summary())
@@ -57,7 +57,7 @@ def register(sub) -> None:
     s.add_argument("--no-rotation", action="store_true",
                    help="skip the subspace-rotation column (two small eigensolves a window; NaN instead)")
     s.add_argument("--format", nargs="+", default=["csv", "json"], help="csv and/or json (default both)")
-    s.add_argument("--null", default="momentum", metavar="momentum|none|BETA",
+    s.add_argument("--null", default="momentum", metavar="momentum|none|off|BETA",
                    help="momentum null of k* and the gap ratio: from the recorded optimizer (default), none "
-                        "(beta = 0) or a heavy-ball beta")
+                        "(beta = 0), a heavy-ball beta, or off (no null: faster, nothing to judge k* against)")
     s.set_defaults(func=cmd_analyze)

@@ -43,11 +43,7 @@ the step post-hook on every rank (also a failed one), gives M_l = Σ_r M_l^(r); 
 into the ``grad_samples`` row (:func:`~phasewatch.record.probes.gram_matrix_statistics`).  The
 vector's size 1 + G·n² is agreed without a collective: n is the number of hook calls, one per
 reduce-scatter, itself a collective, hence the same on every rank.  Per-example probes (full-model
-functional calls), per-rank samples, ``grad_mask`` and ``grad_proj_dim`` are refused.
-
-Curvature probes run on every rank with shard-local finite-difference products and Lanczos on
-sharded vectors (:mod:`phasewatch.record.curvature_fsdp`); autograd products
-(``curvature_hvp="autograd"``), ``curvature_trace``, ``curvature_groups`` and ``ntk_inputs`` are refused.
+functional calls), per-rank samples, ``grad_mask``, ``grad_proj_dim`` and curvature probes are refused.
 
 Failure policy.  Every rank must meet the others at the same collectives, even after its recorder
 failed: a rank whose recorder failed keeps taking part (sending zeros and status 0) until the next
@@ -112,8 +108,8 @@ def refuse_options(**given: Any) -> None:
         if value is not None:
             what = f"{name}={value!r}" if isinstance(value, str) else name
             raise RecorderError(f"{what} is not supported for FSDP-sharded (DTensor) parameters; record without "
-                                f"it (the band, gradient norms, micro-batch gradient samples, snapshots, "
-                                f"checkpoints and curvature probes with curvature_hvp='fd' are supported)")
+                                f"it (the band, gradient norms, micro-batch gradient samples, snapshots and "
+                                f"checkpoints and curvature probes by finite differences are supported)")
 
 
 class NullWriter:

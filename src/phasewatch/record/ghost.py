@@ -31,6 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import RecorderError
+from .gram import add_gram64
 
 
 def _conv1d_type() -> type | None:
@@ -127,8 +128,8 @@ def _dense_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     q = d.shape[2]
     if n * T * p_ * q + n * n * p_ * q < n * n * T * T * (p_ + q):
         # (per-example gradients in the layer's dtype, as autograd forms them; the Gram in float64)
-        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1).to(_F64)
-        return g @ g.T
+        g = torch.einsum("ntp,ntq->npq", a, d).reshape(n, -1)
+        return add_gram64(g, torch.zeros(n, n, dtype=_F64, device=g.device))
     A, D = a.reshape(n * T, -1).to(_F64), d.reshape(n * T, -1).to(_F64)
     return ((A @ A.T) * (D @ D.T)).reshape(n, T, n, T).sum(dim=(1, 3))
 
@@ -169,17 +170,23 @@ def _layernorm_hat(m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return (x - mu) / torch.sqrt(var + m.eps)
 
 
+def _cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The calls' positions joined along dim 1; one call's contiguous tensor as it is (a cat would
+    only copy it into the same layout, so the products downstream see the same operands)."""
+    return xs[0] if len(xs) == 1 and xs[0].is_contiguous() else torch.cat(xs, dim=1)
+
+
 def _factors(kind: str, m: torch.nn.Module, calls: list, grads: list, n: int):
     """(a, d): inputs (n, T, p) (token ids (n, T) for an embedding) and output grads (n, T, q)
     over all calls; for Conv2d a = the unfolded input patches, T = output pixels."""
     if kind == "conv2d":
-        a = torch.cat([torch.nn.functional.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
-                       .transpose(1, 2) for x in calls], dim=1)
-        return a, torch.cat([g.reshape(n, g.shape[1], -1).transpose(1, 2) for g in grads], dim=1)
-    d = torch.cat([_flat(g, n) for g in grads], dim=1)
+        a = _cat([torch.nn.functional.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+                  .transpose(1, 2) for x in calls])
+        return a, _cat([g.reshape(n, g.shape[1], -1).transpose(1, 2) for g in grads])
+    d = _cat([_flat(g, n) for g in grads])
     if kind == "embedding":
-        return torch.cat([x.reshape(n, -1) for x in calls], dim=1), d
-    return torch.cat([_flat(x, n) for x in calls], dim=1), d
+        return _cat([x.reshape(n, -1) for x in calls]), d
+    return _cat([_flat(x, n) for x in calls]), d
 
 
 def _explicit(kind: str, role: str, m: torch.nn.Module, calls: list, grads: list, n: int) -> torch.Tensor:

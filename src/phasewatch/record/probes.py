@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import RecorderError
 from .dtensor import local
+from .gram import add_gram64
 
 _BN = torch.nn.modules.batchnorm._BatchNorm
 
@@ -45,8 +46,7 @@ def gram_statistics(samples: Sequence[torch.Tensor], group_of: Sequence[int], n_
     n_all = int(samples[0].shape[0])
     Ms = torch.zeros(n_groups, n_all, n_all, dtype=torch.float64, device=dev)
     for s_, gi in zip(samples, group_of):
-        g = s_.reshape(n_all, -1).to(torch.float64)
-        Ms[gi] += g @ g.T
+        add_gram64(s_.reshape(n_all, -1), Ms[gi])
     return gram_matrix_statistics(Ms, n_max)
 
 

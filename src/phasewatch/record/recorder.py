@@ -213,10 +213,8 @@ class Recorder(RingMixin, DrainMixin):
             # (gradient samples: the micro-batch route only, see ShardSync.sample_exchange)
             fsdp.refuse_options(grad_probe=grad.probe,
                                 grad_source=grad.source if grad.source not in (None, "micro_batch") else None,
-                                grad_mask=grad.mask or None, grad_proj_dim=grad.proj_dim or None)
-            from .curvature_fsdp import refuse  # curvature: the FD route only (record/curvature_fsdp.py)
-
-            refuse(curv)
+                                grad_mask=grad.mask or None, grad_proj_dim=grad.proj_dim or None,
+                                ntk_inputs=curv.options["ntk_inputs"])  # curvature: record/curvature_fsdp.py
         return bool(sharded)
 
     # the quantities' state read by the rest of the recorder and by record/fsdp.py, distributed.py
@@ -456,10 +454,6 @@ class Recorder(RingMixin, DrainMixin):
 
             self._hooks.append(DistributedSchedule(self._curv_service, optimizer, self.curvature, self.step,
                                                    on_probe=self._ddp_curvature_probe).handle)
-        if self._shard is not None and self._curv is not None:  # FSDP2: every rank probes (curvature_fsdp.py)
-            from .curvature_fsdp import ShardedSchedule
-
-            self._hooks.append(ShardedSchedule(self, self._curvq, optimizer, self.step).handle)
 
     # ------------------------------------------------------------------------------------------
     # public API

@@ -30,7 +30,8 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
                 curvature_tol: float = 1e-6, curvature_max_iter: int | None = None,
                 curvature_trace: int | str | None = None, curvature_mode: str = "eval",
                 curvature_hvp: str = "auto", curvature_groups: bool | list[str] = False,
-                curvature_basis_device: str = "auto", ntk_inputs: Any = None, ntk_outputs: str = "trace",
+                curvature_basis_device: str = "auto", curvature_basis_dtype: str = "float64",
+                ntk_inputs: Any = None, ntk_outputs: str = "trace",
                 ntk_method: str = "auto", controllers: Iterable[Any] | None = None,
                 batch_size: int | None = None) -> dict[type, Quantity]:
     """The quantities of the recorder's keyword arguments (one of each kind, off where not asked).
@@ -114,10 +115,11 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
         True (every layer group) or a list of group names: λ_max of each group's diagonal Hessian
         block as well (columns ``group_lambda``/``group_residual``).
         ``curvature_basis_device``: where the Lanczos basis lives (``"auto"``, ``"cpu"``, a device;
-        memory model in :func:`phasewatch.record.curvature.lanczos`).  Under DDP build the recorder
+        memory model in :func:`phasewatch.record.curvature.lanczos`); ``curvature_basis_dtype``
+        ``"float64"`` (default) or ``"float32"`` (half the memory).  Under DDP build the recorder
         on every rank with that rank's share of the probe batch as ``curvature_batch``: the products
         are all-reduced (:mod:`phasewatch.record.curvature_ddp`), so the row is the one-process probe
-        on the whole batch; rank 0 writes.
+        on the whole batch; rank 0 writes.  FSDP2: FD on the shards (:mod:`phasewatch.record.curvature_fsdp`).
     controllers, batch_size: :class:`Controllers` ``(controllers, batch_size=...)``,
         :mod:`phasewatch.record.control` controllers (off unless given) and the training batch size
         B for the ``C_batch``/``p_batch`` estimates (optional); when and how they run is described there.
@@ -132,7 +134,7 @@ def from_kwargs(*, snapshot_every: Any = None, snapshot_kind: str = "raw", snaps
     curv = Curvature(curvature_every, batch=curvature_batch, loss=curvature_loss, topk=curvature_topk,
                      tol=curvature_tol, max_iter=curvature_max_iter, trace=curvature_trace, mode=curvature_mode,
                      hvp=curvature_hvp, groups=curvature_groups, basis_device=curvature_basis_device,
-                     ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method)
+                     basis_dtype=curvature_basis_dtype, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method)
     return {Snapshots: snaps, Checkpoints: Checkpoints(checkpoint_every), GradNoise: grad, Curvature: curv,
             Controllers: ctrl}
 

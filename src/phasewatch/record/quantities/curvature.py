@@ -28,7 +28,7 @@ class Curvature(Quantity):
                  loss: Callable[[Any, Any], torch.Tensor] | None = None, topk: int = 1, tol: float = 1e-6,
                  max_iter: int | None = None, trace: int | str | None = None, mode: str = "eval",
                  hvp: str = "auto", groups: bool | list[str] = False, basis_device: str = "auto",
-                 ntk_inputs: Any = None, ntk_outputs: str = "trace", ntk_method: str = "auto") -> None:
+                 basis_dtype: str = "float64", ntk_inputs: Any = None, ntk_outputs: str = "trace", ntk_method: str = "auto") -> None:
         super().__init__(every)
         if self.on and batch is None and ntk_inputs is None:
             raise RecorderError("curvature_every is given but neither curvature_batch nor ntk_inputs; "
@@ -37,7 +37,7 @@ class Curvature(Quantity):
             raise RecorderError("curvature_batch/ntk_inputs are given but curvature_every is not; say when to probe")
         self.options = dict(loss_fn=loss, batch=batch, top_k=topk, tol=tol, max_iter=max_iter, trace=trace,
                             mode=mode, ntk_inputs=ntk_inputs, ntk_outputs=ntk_outputs, ntk_method=ntk_method,
-                            hvp=hvp, basis_device=basis_device)
+                            hvp=hvp, basis_device=basis_device, basis_dtype=_basis_dtype(basis_dtype))
         self.groups = groups  # per-group λ_max: True (every layer group) or a list of group names
         self.probe: Any = None  # the CurvatureProbe, once bound (None again after a failure)
         self.service: Any = None  # under DDP: every rank's share of the probe batch, products all-reduced
@@ -56,14 +56,16 @@ class Curvature(Quantity):
         try:
             cgroups = _curvature_groups(self.groups, rec.group_labels, rec._param_group)
             net = rec._model
-            if rec._shard is not None:  # FSDP2: shard-local FD products on every rank
-                from ..curvature_fsdp import bind
-
-                self.probe = bind(rec, o)
-                return
             if o["batch"] is not None and ddp_active(rec._shard is not None):
                 net = unwrap(rec._model)
                 self.service = make_service(rec._model, rec.params, o["loss_fn"], o["batch"], o["mode"])
+            if rec._shard is not None:  # FSDP2: shard-local FD products on every rank (record/curvature_fsdp.py)
+                from ..curvature_fsdp import fsdp_probe
+
+                o["hvp"] = "fd" if o["hvp"] == "auto" else o["hvp"]
+                self.probe = fsdp_probe(CurvatureProbe(net, rec.params, optimizer=rec.optimizer, groups=cgroups,
+                                                       group_names=rec.group_labels, **o))
+                return
             self.probe = CurvatureProbe(net, rec.params, optimizer=rec.optimizer, groups=cgroups,
                                         group_names=rec.group_labels, service=self.service, **o)
         except PhasewatchError as e:
@@ -71,10 +73,8 @@ class Curvature(Quantity):
 
     def should_compute(self, step: int) -> bool:
         """True at the steps this quantity runs after (under DDP the distributed schedule's hook
-        runs the probe instead, :meth:`phasewatch.Recorder._ddp_curvature_probe`; under FSDP2
-        :class:`phasewatch.record.curvature_fsdp.ShardedSchedule`)."""
-        return (self.probe is not None and self.service is None and not getattr(self.probe, "sharded", False)
-                and self.schedule(step))
+        runs the probe instead, :meth:`phasewatch.Recorder._ddp_curvature_probe`)."""
+        return self.probe is not None and self.service is None and self.schedule(step)
 
     def config(self, rec: Any) -> dict:
         """The recorder metadata keys of this quantity."""
@@ -96,8 +96,10 @@ def _curvature_probe(rec: Any, q: Curvature, step: int) -> None:
         if c.batch is not None:
             lr = float(rec._cur_lr[0]) if rec._cur_lr else float("nan")
             # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
-            exact_u = not rec._folded and rec.stride == 1 and rec._shard is None and rec._n_updates
+            exact_u = not rec._folded and rec.stride == 1 and rec._n_updates
             upd = rec._ring[(rec._n_updates - 1) % rec.rows] if exact_u else None
+            if upd is not None and rec._shard is not None:  # FSDP2: this rank's shard, in parameter order
+                upd = upd[: sum(t.numel() for t in c.shards_of(rec.params))] if hasattr(c, "shards_of") else None
             row = c.hessian_row(step, lr, update=upd)
             rec.writer.append("curvature", **rows_to_columns([row]))
         if c.ntk_size:
@@ -109,6 +111,15 @@ def _curvature_probe(rec: Any, q: Curvature, step: int) -> None:
         log.warning("phasewatch: curvature probe failed at step %d (%s: %s); curvature probes are off "
                     "for the rest of this run, everything else is still recorded",
                     step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def _basis_dtype(name: Any) -> torch.dtype:
+    """curvature_basis_dtype ("float64" | "float32", or the torch dtype) → the torch dtype."""
+    dt = {"float64": torch.float64, "float32": torch.float32, torch.float64: torch.float64,
+          torch.float32: torch.float32}.get(name)
+    if dt is None:
+        raise RecorderError(f"curvature_basis_dtype={name!r}: use 'float64' or 'float32'")
+    return dt
 
 
 def _curvature_groups(want: Any, labels: list[str], param_group_idx: list[int]) -> list[list[int] | None] | None:

@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 from ...errors import RecorderError
 from ..distributed import choose_source
 from ..ghost import ghost_grams, ghost_plan, unbatched_modules
+from ..gram import add_gram64
 from ..probes import (
     MicroBatchCapture,
     SampleProjector,
@@ -246,8 +247,7 @@ def _ghost_statistics(rec: Any, gn: GradNoise, inputs: Any, targets: Any) -> dic
         samples = per_example_gradients(rec._model, gn.ghost_fallback, inputs, targets, gn.loss, gn.chunk)
         with torch.no_grad():
             for name, s_ in zip(gn.ghost_fallback, samples):
-                g = s_.reshape(s_.shape[0], -1).to(torch.float64)
-                Ms[group[name]] += g @ g.T
+                add_gram64(s_.reshape(s_.shape[0], -1), Ms[group[name]])
         del samples
     return gram_matrix_statistics(Ms, gn.samples_max)
 

@@ -2,8 +2,9 @@
 
 Every rank holds its shards θ_r of the parameters and FSDP2's backward leaves it its shard of the
 gradient, g_r = (∇L)_r, where L is the mean over the ranks of each rank's probe-batch mean loss
-(FSDP2 averages the gradients over ranks; equal to the whole batch's mean loss when every rank
-holds an equal share, or the same batch).  So one product H v, v sharded like the parameters, is
+(FSDP2 averages the gradients over ranks), each rank's loss scaled by W·n_r/N (W ranks, n_r
+examples in its share, N = Σ n_r) so that the average is Σ_r (n_r/N) L_r, the whole probe batch's
+mean loss also when the shares differ (as under DDP, :mod:`phasewatch.record.curvature_ddp`).  So one product H v, v sharded like the parameters, is
 formed without gathering anything (Granziol & Juarev, arXiv:2602.00816): every rank perturbs its
 own shards by ±εv_r, runs the forward and backward (FSDP2 gathers and reduce-scatters as in
 training) and takes the central difference of its gradient shards,
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from ..errors import PhasewatchError
 from .curvature import EigenResult, _pick, _tridiagonal_eigh
+from .curvature_ddp import shard_size
 from .dtensor import is_sharded, local
 from .hvp import _as_args, chunk_weights, model_mode, seeded_randomness
 
@@ -72,10 +74,15 @@ class ShardedFDHessian:
         self.chunks, self.weights = chunk_weights(batch)
         self.unit_roundoff = max(torch.finfo(p.dtype).eps / 2 for p in self.params)
         self._theta = [t.detach().clone() for t in self.shards]
-        s = torch.tensor([float(self.n_local), sum(float((t.to(torch.float64) ** 2).sum()) for t in self._theta)],
-                         dtype=torch.float64)
+        n_r = float(shard_size(batch))
+        s = torch.tensor([float(self.n_local), sum(float((t.to(torch.float64) ** 2).sum()) for t in self._theta),
+                          n_r], dtype=torch.float64)
         _allsum(s)
         self.n, self.theta_norm = int(s[0]), math.sqrt(float(s[1]))
+        # this rank's weight n_r/N; its loss is scaled by W·n_r/N so that FSDP2's mean over the ranks
+        # is the shard-size weighted mean Σ_r (n_r/N) g_r, the whole probe batch's gradient
+        self.share = n_r / float(s[2])
+        self.loss_scale = self.share * dist.get_world_size()
         self._scale = max(self.theta_norm, 1.0)
         self.rel_step = self.unit_roundoff ** (1.0 / 3.0)
         self._eps = self.rel_step * self._scale
@@ -107,7 +114,7 @@ class ShardedFDHessian:
 
     @property
     def loss(self) -> float:
-        """L at θ, averaged over the ranks (as FSDP2 averages the gradients)."""
+        """L at θ of the whole probe batch, Σ_r (n_r/N) L_r."""
         _ = self.gradient
         return self._at_theta[1]
 
@@ -142,8 +149,8 @@ class ShardedFDHessian:
                 for p, g in zip(self.params, saved):
                     p.grad = g
         self.n_gradients += 1
-        s = _allsum(torch.tensor([loss_sum, 1.0], dtype=torch.float64))
-        return out, float(s[0] / s[1])
+        s = _allsum(torch.tensor([self.share * loss_sum], dtype=torch.float64))
+        return out, float(s[0])
 
     def _one_backward(self, inputs: Any, targets: Any) -> float:
         """Forward and loss (failure agreed on by every rank before the backward), then backward."""
@@ -161,7 +168,7 @@ class ShardedFDHessian:
             raise RuntimeError(f"the FSDP curvature forward failed on {int(bad[0])} rank(s)"
                                + (f" ({why.splitlines()[0]})" if why else ""))
         with model_mode(self.model, self.mode):
-            loss.backward()
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         return float(loss.detach())
 
     def _central(self, v: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
@@ -316,7 +323,8 @@ class FSDPCurvatureProbe:
     row, the others' write nothing): the rows of :class:`~phasewatch.record.curvature.CurvatureProbe`
     (same columns) from :class:`ShardedFDHessian` and :func:`sharded_lanczos`; ``hvp`` is always
     ``"fd"``; the trace by a fixed number of Hutchinson probes; ``u_curvature`` along the update
-    when the recorder holds it exactly (its shard); Adam's preconditioned sharpness is NaN."""
+    when the recorder holds it exactly (its shard); Adam's preconditioned sharpness from the local
+    shards of the optimizer's second moments (:class:`_Preconditioned`)."""
 
     def __init__(self, base: Any):
         self.base = base  # a CurvatureProbe (options, thresholds, config)
@@ -367,9 +375,43 @@ class FSDPCurvatureProbe:
             row.update(trace=est, trace_lo=est - half, trace_hi=est + half, trace_se=se, trace_probes=s)
             hvps += s
         threshold, of = b._threshold(lr)
+        if of == "preconditioned" and b.optimizer is not None:  # λ_max(D^{-1/2} H D^{-1/2}), D on the shards
+            from .curvature import adam_preconditioner
+
+            diag, _ = adam_preconditioner(*_local_adam(b.optimizer, b.params))
+            pre = sharded_lanczos(_Preconditioned(op, diag.to(op.device)), 1, tol=max(b.tol, op.noise_floor),
+                                  max_iter=b.max_iter, seed=seed + 2, basis_dtype=b.basis_dtype)
+            hvps += pre.n_matvec
+            row.update(pre_lambda=pre.lambda_max, pre_residual=float(pre.residuals[0]))
         row.update(hvps=hvps, threshold=threshold, threshold_of=of.encode(), seconds=time.perf_counter() - t0,
                    hvp=b"fd", hvp_check=np.nan, u_curvature=ucurv)
         return row
+
+
+def _local_adam(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+    """The optimizer's state and groups over the local shards, and the shards (the keys: ``to_local``
+    makes a new view per call), for :func:`~phasewatch.record.curvature.adam_preconditioner`."""
+    from types import SimpleNamespace
+
+    loc = {id(p): local(p) for p in params}
+    state = {loc[id(p)]: {k: local(v) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in st.items()}
+             for p, st in optimizer.state.items() if id(p) in loc}
+    groups = [dict(g, params=[loc[id(p)] for p in g["params"] if id(p) in loc]) for g in optimizer.param_groups]
+    return SimpleNamespace(state=state, param_groups=groups), [loc[id(p)] for p in params]
+
+
+class _Preconditioned:
+    """v ↦ D^{-1/2} H D^{-1/2} v on the shards (D: this rank's shard of Adam's √v̂ + ε), with the
+    operator's global reductions, for :func:`sharded_lanczos`."""
+
+    def __init__(self, op: ShardedFDHessian, diag: torch.Tensor):
+        self.op, self.r = op, diag.to(torch.float64).rsqrt()
+        self.n, self.n_local, self.device = op.n, op.n_local, op.device
+        self.dot, self.norm, self.random_shard = op.dot, op.norm, op.random_shard
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """D^{-1/2} H D^{-1/2} v (local shards)."""
+        return self.r * self.op.matvec(self.r * v.to(self.r.device, torch.float64))
 
 
 def fsdp_probe(base: Any) -> FSDPCurvatureProbe:

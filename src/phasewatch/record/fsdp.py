@@ -43,7 +43,9 @@ the step post-hook on every rank (also a failed one), gives M_l = Σ_r M_l^(r); 
 into the ``grad_samples`` row (:func:`~phasewatch.record.probes.gram_matrix_statistics`).  The
 vector's size 1 + G·n² is agreed without a collective: n is the number of hook calls, one per
 reduce-scatter, itself a collective, hence the same on every rank.  Per-example probes (full-model
-functional calls), per-rank samples, ``grad_mask``, ``grad_proj_dim`` and curvature probes are refused.
+functional calls), per-rank samples, ``grad_mask`` and ``grad_proj_dim`` are refused.  Curvature probes run
+on every rank by shard-local finite differences (:mod:`phasewatch.record.curvature_fsdp`); autograd
+products, per-group curvature, an adaptive trace and ``ntk_inputs`` are refused.
 
 Failure policy.  Every rank must meet the others at the same collectives, even after its recorder
 failed: a rank whose recorder failed keeps taking part (sending zeros and status 0) until the next

@@ -16,12 +16,12 @@ DEMO_OUT ?= demo-out
 .PHONY: install demo test test-threads test-repeat lint bench claims docs clean
 
 # the tests whose results depend on thread count / reduction order: run under 1 and 2 threads
-THREADED_TESTS ?= tests/record/test_fsdp.py tests/record/test_fsdp_curvature.py tests/record/test_distributed.py tests/record/test_integrations_ddp.py \
+THREADED_TESTS ?= tests/record/test_fsdp.py tests/record/test_fsdp_curvature.py tests/record/test_curvature_fsdp.py tests/record/test_distributed.py tests/record/test_integrations_ddp.py \
 	tests/record/test_integrations.py tests/record/test_curvature.py tests/record/test_recorder.py tests/analysis/test_grad_cov.py \
 	tests/analysis/test_gram.py tests/analysis/test_streaming.py
 # the tests that race processes, signals and the disk: `make test-repeat` runs them REPEAT times
 REPEAT ?= 5
-REPEAT_TESTS ?= tests/record/test_distributed.py tests/record/test_fsdp.py tests/record/test_fsdp_curvature.py tests/record/test_integrations_ddp.py \
+REPEAT_TESTS ?= tests/record/test_distributed.py tests/record/test_fsdp.py tests/record/test_fsdp_curvature.py tests/record/test_curvature_fsdp.py tests/record/test_integrations_ddp.py \
 	tests/record/test_crash.py tests/record/test_signals.py tests/fault
 
 $(BIN)/python:

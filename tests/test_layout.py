@@ -31,11 +31,11 @@ def _imports(name: str, path: Path, modules: dict[str, Path], top_level_only: bo
     """Modules of this package (and external top-level packages) that ``name`` imports."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    # module level, `if TYPE_CHECKING:` blocks included (a type-only import still ties the modules)
+    nodes = [n for top in tree.body for n in ([top, *ast.walk(top)] if isinstance(top, ast.If) else [top])] \
+        if top_level_only else list(ast.walk(tree))
     found: set[str] = set()
     for node in nodes:
-        if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks import nothing at run time
-            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -7,16 +7,13 @@ when first asked for, and a range of rows without reading whole columns (:meth:`
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 import h5py
 import numpy as np
 
 from ..errors import RunFormatError
 from .segments import _READ_ERRORS, _unreadable, read_table
-
-if TYPE_CHECKING:
-    from .reader import Run
 
 _ROW = "\0row"  # pseudo-column of a lazy table while loading: the row's index within its segment
 
@@ -26,9 +23,12 @@ class LazyTable(Mapping):
     from the segments when first asked for (then kept), and whose :meth:`rows` reads a range of
     rows with one h5py slice per segment and column, keeping nothing.  Rows are those of the eager
     reader: segments in order, rows of an interrupted trajectory dropped where a resumed session
-    starts.  Pickles as a reference to the run's files (cached columns are not sent along)."""
+    starts.  Pickles as a reference to the run's files (cached columns are not sent along).
 
-    def __init__(self, run: Run, name: str, columns: list[str], parts: list[tuple[str, dict[str, np.ndarray]]]):
+    ``run`` is the :class:`~phasewatch.store.reader.Run` that owns the table (its ``meta``,
+    ``path``, segment openers and guard); not imported here, so that reader → lazy stays one way."""
+
+    def __init__(self, run: Any, name: str, columns: list[str], parts: list[tuple[str, dict[str, np.ndarray]]]):
         self._run, self.name = run, name
         self._columns = list(dict.fromkeys([*columns, "step"]))  # the eager reader's order
         self._parts: list[tuple[str, np.ndarray, int]] = []  # (segment label, rows in it, first global row)

@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PhasewatchError
-from .curvature import EigenResult, _pick, _tridiagonal_eigh
 from .curvature_ddp import shard_size
 from .dtensor import is_sharded, local
-from .hvp import _as_args, chunk_weights, model_mode, seeded_randomness
+from .hvp import FiniteDifferenceHessian, _as_args, chunk_weights, model_mode, seeded_randomness
+from .lanczos import EigenResult, lanczos
 
 
 def _allsum(x: torch.Tensor, op: Any = None) -> torch.Tensor:
@@ -51,12 +51,13 @@ def _allsum(x: torch.Tensor, op: Any = None) -> torch.Tensor:
     return x
 
 
-class ShardedFDHessian:
+class ShardedFDHessian(FiniteDifferenceHessian):
     """H v by central differences of FSDP2's sharded gradients; vectors are this rank's flat
-    float64 shards (the parameters' local shards in order).  Attributes as
-    :class:`~phasewatch.record.hvp.FiniteDifferenceHessian`: ``n`` (the global P), ``n_local``,
-    ``loss``, ``gradient`` (the local shard), ``n_matvec``, ``n_gradients``, ``steps``,
-    ``error_estimates``, ``noise_floor``; and :meth:`dot` / :meth:`norm` (global, all-reduced)."""
+    float64 shards (the parameters' local shards in order).  The product, its step rule and its
+    error estimates are :class:`~phasewatch.record.hvp.FiniteDifferenceHessian`'s, with every norm
+    summed over the ranks (:meth:`norm`) and the gradient of :meth:`_gradient_at` this rank's
+    shard; ``n`` is the global P, ``n_local`` this rank's; ``loss`` the whole probe batch's,
+    Σ_r (n_r/N) L_r; :meth:`dot` / :meth:`norm` global (all-reduced)."""
 
     route = "fd"
 
@@ -84,6 +85,7 @@ class ShardedFDHessian:
         self.share = n_r / float(s[2])
         self.loss_scale = self.share * dist.get_world_size()
         self._scale = max(self.theta_norm, 1.0)
+        self.fixed = False
         self.rel_step = self.unit_roundoff ** (1.0 / 3.0)
         self._eps = self.rel_step * self._scale
         self.n_matvec = self.n_gradients = 0
@@ -100,23 +102,10 @@ class ShardedFDHessian:
         """‖a‖ over all ranks' shards."""
         return math.sqrt(max(self.dot(a, a), 0.0))
 
-    @property
-    def noise_floor(self) -> float:
-        """100·u^{2/3}, as :attr:`FiniteDifferenceHessian.noise_floor`."""
-        return 100 * self.unit_roundoff ** (2 / 3)
+    _norm = norm  # the base class's step rule, on global norms
 
-    @property
-    def gradient(self) -> torch.Tensor:
-        """This rank's shard of ∇L at θ (flat float64; one gradient evaluation, on first use)."""
-        if self._at_theta is None:
-            self._at_theta = self._gradient_at(None)
-        return self._at_theta[0]
-
-    @property
-    def loss(self) -> float:
-        """L at θ of the whole probe batch, Σ_r (n_r/N) L_r."""
-        _ = self.gradient
-        return self._at_theta[1]
+    def dense(self):  # noqa: D102 - refused, one line
+        raise PhasewatchError("ShardedFDHessian.dense: the dense Hessian needs the whole vector; use one process")
 
     def _gradient_at(self, delta: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """(∇L shard, L) at θ + delta (delta: this rank's flat float64 shard, or None)."""
@@ -171,44 +160,6 @@ class ShardedFDHessian:
             (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         return float(loss.detach())
 
-    def _central(self, v: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
-        """(D, ℓ) for a unit v: the central difference at ε and the curvature length (global norms)."""
-        gp, _ = self._gradient_at(eps * v)
-        gm, _ = self._gradient_at(-eps * v)
-        d = (gp - gm) / (2 * eps)
-        s = _allsum(torch.stack([((gp - 2 * self.gradient + gm) ** 2).sum(), (d ** 2).sum()]).cpu())
-        second, dn = math.sqrt(float(s[0])) / eps ** 2, math.sqrt(float(s[1]))
-        return d, (dn / second if second > 0 and dn > 0 else math.inf)
-
-    def _best(self, ell: float) -> float:
-        eps0 = self.rel_step * self._scale
-        return min(eps0, (3 * self.unit_roundoff * self._scale * ell ** 2) ** (1 / 3)) if math.isfinite(ell) else eps0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of H v for v this rank's shard (the step as FiniteDifferenceHessian's,
-        every scalar all-reduced, so the same ε on every rank)."""
-        v = v.to(self.device, torch.float64)
-        self.n_matvec += 1
-        nv = self.norm(v)
-        if nv == 0:
-            return torch.zeros_like(v)
-        vh = v / nv
-        eps = self._eps
-        d, ell = self._central(vh, eps)
-        best = self._best(ell)
-        if eps > 2 * best:
-            eps = best
-            d, ell = self._central(vh, eps)
-            best = self._best(ell)
-        self._eps = best
-        dn = self.norm(d)
-        trunc = eps ** 2 / (6 * ell ** 2) if math.isfinite(ell) else 0.0
-        self.error_estimates.append(dn * (trunc + self.unit_roundoff * self._scale / eps))
-        self.steps.append(eps)
-        return d * nv
-
-    __call__ = matvec
-
     def random_shard(self, seed: int, kind: str = "normal") -> torch.Tensor:
         """This rank's shard of a global random vector (N(0,1) or Rademacher, from ``seed``): every
         rank draws each full tensor in order and keeps its part, so the vector is one vector."""
@@ -229,79 +180,22 @@ class ShardedFDHessian:
 def sharded_lanczos(op: ShardedFDHessian, k: int = 1, *, which: str = "LA", tol: float = 1e-6,
                     max_iter: int | None = None, seed: int = 0, verify: bool = True,
                     basis_dtype: torch.dtype = torch.float64) -> EigenResult:
-    """:func:`phasewatch.record.curvature.lanczos` (full reorthogonalisation, the same stopping
-    rule and verification) with the Lanczos vectors sharded like the parameters: basis m × P_r
-    per rank, inner products local then all-reduced (one (j+1)-vector per Gram–Schmidt pass), so
-    every rank builds the same T_m and stops at the same iteration.  ``eigenvectors`` are not
+    """:func:`phasewatch.record.lanczos.lanczos` (full reorthogonalisation, the same stopping rule
+    and verification) with the Lanczos vectors sharded like the parameters: basis m × P_r per rank,
+    every inner product local then all-reduced (``reduce``: one scalar or (j+1)-vector per
+    Gram–Schmidt pass), so every rank builds the same T_m and stops at the same iteration.  The
+    start vector is :meth:`ShardedFDHessian.random_shard` of ``seed``; ``eigenvectors`` are not
     returned (they would be sharded)."""
-    n = op.n
-    if k < 1 or k > n:
-        raise PhasewatchError(f"k={k}: need 1 <= k <= n={n}")
-    m_max = int(min(n, max_iter or max(100, 20 * k)))
-    q = op.random_shard(seed)
-    q = q / op.norm(q)
-    basis = torch.empty((m_max, op.n_local), dtype=basis_dtype, device=q.device)
-    basis[0] = q
-    alphas: list[float] = []
-    betas: list[float] = []
-    converged = invariant = False
-    theta = s = None
-    beta, m, n_mv = 0.0, 0, 0
-    for j in range(m_max):
-        w = op.matvec(basis[j].to(torch.float64)).clone()
-        n_mv += 1
-        w, a, beta = _sharded_orthogonalise(w, basis[: j + 1], betas[-1] if betas else 0.0)
-        alphas.append(a)
-        m = j + 1
-        theta, s = _tridiagonal_eigh(alphas, betas)
-        invariant = beta <= 1e-13 * max(np.abs(theta).max(), np.finfo(float).tiny)
-        if m >= k:
-            idx = _pick(theta, k, which)
-            est = beta * np.abs(s[-1, idx])
-            if invariant or np.all(est <= tol * np.maximum(np.abs(theta[idx]), 1e-300)):
-                converged = True
-                break
-        if invariant:
-            break
-        if j + 1 < m_max:
-            betas.append(beta)
-            basis[j + 1].copy_(w / beta)
-    idx = _pick(theta, min(k, m), which)
-    vals = theta[idx]
-    if verify:
-        coeff = torch.as_tensor(s[:, idx], dtype=torch.float64).to(basis.dtype)
-        vecs = (basis[:m].T @ coeff).T.to(torch.float64)
-        res = np.empty(len(vals))
-        for i in range(len(vals)):
-            y = vecs[i] / op.norm(vecs[i])
-            res[i] = op.norm(op.matvec(y) - float(vals[i]) * y)
-        n_mv += len(vals)
-        if converged and not invariant:
-            converged = bool(np.all(res <= max(10 * tol, 1e-12) * np.maximum(np.abs(vals), 1e-300)))
-    else:
-        res = beta * np.abs(s[-1, idx])
-    return EigenResult(eigenvalues=np.asarray(vals, dtype=float), residuals=res, n_matvec=n_mv,
-                       iterations=m, converged=converged, which=which, tol=tol)
+    if k < 1 or k > op.n:
+        raise PhasewatchError(f"k={k}: need 1 <= k <= n={op.n}")
+    return lanczos(op.matvec, op.n, k, which=which, tol=tol, max_iter=max_iter, v0=op.random_shard(seed),
+                   device=op.device, verify=verify, basis_dtype=basis_dtype, basis_device=op.device,
+                   reduce=_reduce_sum)
 
 
-def _sharded_orthogonalise(w: torch.Tensor, v: torch.Tensor, beta_prev: float) -> tuple[torch.Tensor, float, float]:
-    """:func:`phasewatch.record.curvature._orthogonalise` on shards: the same recurrence and
-    conditional second Gram–Schmidt pass, each inner product a local one all-reduced."""
-    q = v[-1].to(w.dtype)
-    alpha = float(_allsum(torch.dot(w, q).reshape(1).cpu())[0])
-    w.sub_(q, alpha=alpha)
-    if v.shape[0] > 1:
-        w.sub_(v[-2].to(w.dtype), alpha=beta_prev)
-    beta = math.sqrt(float(_allsum((w ** 2).sum().reshape(1).cpu())[0]))
-    for _ in range(2):
-        before = beta
-        h = _allsum(torch.mv(v, w.to(v.dtype)).to(torch.float64).cpu()).to(w.device)
-        w.sub_(torch.mv(v.T, h.to(v.dtype)).to(w.dtype))
-        alpha += float(h[-1])
-        beta = math.sqrt(float(_allsum((w ** 2).sum().reshape(1).cpu())[0]))
-        if beta >= 0.7071 * before:
-            break
-    return w, alpha, beta
+def _reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the ranks of a small float64 tensor (through the host: gloo reduces CPU tensors)."""
+    return _allsum(x.detach().to("cpu", torch.float64).clone()).to(x.device)
 
 
 def sharded_trace(op: ShardedFDHessian, samples: int = 10, seed: int = 0) -> tuple[float, float]:

@@ -230,7 +230,12 @@ class FiniteDifferenceHessian:
 
     def step(self, v: torch.Tensor) -> float:
         """The a-priori step ε₀ for a product with v: rel_step · max(‖θ‖, 1) / ‖v‖."""
-        return self.rel_step * self._scale / float(torch.linalg.vector_norm(v))
+        return self.rel_step * self._scale / self._norm(v)
+
+    def _norm(self, x: torch.Tensor) -> float:
+        """‖x‖ of a flat vector (the sharded operator of :mod:`~phasewatch.record.curvature_fsdp`
+        sums it over the ranks' shards, so every scalar of the step rule is global)."""
+        return float(torch.linalg.vector_norm(x))
 
 
     def _gradient_at(self, delta: torch.Tensor | None) -> tuple[torch.Tensor, float]:
@@ -267,8 +272,8 @@ class FiniteDifferenceHessian:
         gp, _ = self._gradient_at(eps * v)
         gm, _ = self._gradient_at(-eps * v)
         d = (gp - gm) / (2 * eps)
-        second = float(torch.linalg.vector_norm(gp - 2 * self.gradient + gm)) / eps ** 2
-        dn = float(torch.linalg.vector_norm(d))
+        second = self._norm(gp - 2 * self.gradient + gm) / eps ** 2
+        dn = self._norm(d)
         return d, (dn / second if second > 0 and dn > 0 else math.inf)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -276,7 +281,7 @@ class FiniteDifferenceHessian:
         float64 on the parameters' device."""
         v = v.to(self.device, torch.float64)
         self.n_matvec += 1
-        nv = float(torch.linalg.vector_norm(v))
+        nv = self._norm(v)
         if nv == 0:
             return torch.zeros_like(v)
         vh = v / nv
@@ -290,7 +295,7 @@ class FiniteDifferenceHessian:
                 d, ell = self._central(vh, eps)
                 best = min(eps0, (3 * u * self._scale * ell ** 2) ** (1 / 3)) if math.isfinite(ell) else eps0
             self._eps = best
-        dn = float(torch.linalg.vector_norm(d))
+        dn = self._norm(d)
         trunc = eps ** 2 / (6 * ell ** 2) if math.isfinite(ell) else 0.0
         self.error_estimates.append(dn * (trunc + u * self._scale / eps))
         self.steps.append(eps)

@@ -228,11 +228,6 @@ class FSDPCurvatureProbe:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["base"], name)
 
-    @staticmethod
-    def shards_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """This rank's shards of ``params`` (the recorder's ring holds an exact update in this order)."""
-        return [local(p) for p in params]
-
     def config(self) -> dict:
         """The base probe's metadata, with the route and the distribution stated."""
         world = dist.get_world_size()

@@ -95,11 +95,10 @@ def _curvature_probe(rec: Any, q: Curvature, step: int) -> None:
     try:
         if c.batch is not None:
             lr = float(rec._cur_lr[0]) if rec._cur_lr else float("nan")
-            # u_t exactly as the ring holds it: every tensor exact, one step per update, one process
+            # u_t exactly as the ring holds it: every tensor exact, one step per update (under FSDP2 the
+            # ring row is this rank's shards in parameter order, the vector the sharded probe takes)
             exact_u = not rec._folded and rec.stride == 1 and rec._n_updates
             upd = rec._ring[(rec._n_updates - 1) % rec.rows] if exact_u else None
-            if upd is not None and rec._shard is not None:  # FSDP2: this rank's shard, in parameter order
-                upd = upd[: sum(t.numel() for t in c.shards_of(rec.params))] if hasattr(c, "shards_of") else None
             row = c.hessian_row(step, lr, update=upd)
             rec.writer.append("curvature", **rows_to_columns([row]))
         if c.ntk_size:

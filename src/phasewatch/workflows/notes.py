@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..analysis.consolidation import consolidation_ratio
+from ..analysis.hill_kernel import hill_top, top_order_statistics
 
 __all__ = ["N_SAMPLES", "MODULAR", "minibatch_gradients", "notes_ratio", "hill_alpha_notes", "train_modular",
            "modular_runs", "modular_setup"]
@@ -64,13 +65,15 @@ def notes_ratio(G: np.ndarray, b: float = 1) -> dict[str, float]:
 
 
 def hill_alpha_notes(values: np.ndarray, k: int = 100) -> float:
-    """The notes' tail index of ``|values|``: ``1 / mean log(x_(i) / x_(k+1))`` over the top ``k``,
-    clipped to [1, 2] (the notes' clip).  Needs more than ``k`` values."""
-    a = np.sort(np.abs(np.asarray(values, float).ravel()))[::-1]
-    if a.size <= k or a[k] <= 0:
+    """The notes' tail index of ``|values|``: Hill's ``k / Σ_{i≤k} ln(x_(i) / x_(k+1))`` over the top
+    ``k`` (the project's one Hill kernel, :func:`~phasewatch.analysis.hill_kernel.hill_top`),
+    clipped to [1, 2] (the notes' clip).  NaN with fewer than ``k + 1`` values, a non-positive
+    threshold, or a tail the kernel refuses as tied (an atom)."""
+    a = np.abs(np.asarray(values, float).ravel())
+    if a.size <= k:
         return float("nan")
-    h = float(np.mean(np.log(a[:k] / a[k])))
-    return float(np.clip(1.0 / h, 1.0, 2.0)) if h > 0 else 2.0
+    alpha = float(hill_top(top_order_statistics(a, k)).alpha)
+    return float(np.clip(alpha, 1.0, 2.0)) if np.isfinite(alpha) else float("nan")
 
 
 def train_modular(*, p: int = 71, width: int = 512, steps: int = 600, batch_size: int = 256, lr: float = 1e-3,

@@ -8,16 +8,12 @@ bit-identical after a probe; a probe failure on rank 1 switches the probes off o
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from gloo_ranks import reports, run_ranks
 
 from phasewatch import curvature as cv
 from phasewatch import open_run
@@ -147,31 +143,13 @@ WORKER = COMMON + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("curv_fsdp")
     script = out / "worker.py"
     script.write_text(WORKER)
-    threads = os.environ.get("PHASEWATCH_TEST_THREADS", "1")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": threads}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(out)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-        for p in procs:  # a hang must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], errs
-    reports = [json.loads((out / f"report-{r}.json").read_text()) for r in range(2)]
-    return out, reports, errs
+    errs = run_ranks(script, out, timeout=240)
+    return out, reports(out), errs
 
 
 def _dense(theta: list[np.ndarray], pre: np.ndarray | None = None) -> tuple[np.ndarray, float]:

@@ -9,15 +9,12 @@ reduction), and against brute force on the FSDP run's own gathered parameters (f
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from gloo_ranks import reports, run_ranks
 
 import phasewatch
 
@@ -176,29 +173,13 @@ WORKER = TRAIN + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The 2-rank FSDP runs (one pair of worker processes) and their single-process references."""
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": os.environ.get("PHASEWATCH_TEST_THREADS", "1")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(out)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=150)[1] for p in procs]
-    finally:
-        for p in procs:  # a hang (a collective one rank never joins) must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], errs
+    errs = run_ranks(script, out, timeout=150)
     import torch
 
     ns: dict = {}
@@ -213,9 +194,8 @@ def runs(tmp_path_factory):
         _, mb_brute = ns["train"](out / "mb64-single", "mb64")
     finally:
         torch.set_num_threads(threads)
-    reports = [json.loads((out / f"report-{r}.json").read_text()) for r in range(2)]
     np.save(out / "mb64-brute.npy", np.array(mb_brute))  # (rows, n, P): full micro-batch gradients
-    return out, reports, errs
+    return out, reports(out), errs
 
 
 def _scale(band: np.ndarray) -> np.ndarray:

@@ -8,16 +8,12 @@ forward on one rank raises on every rank without a hang.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from gloo_ranks import reports, run_ranks
 
 from phasewatch.record import curvature as cv
 
@@ -143,12 +139,6 @@ WORKER = BUILD + textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One pair of 2-rank workers for both tests: (their reports, their directory)."""
@@ -159,19 +149,8 @@ def runs(tmp_path_factory):
 def _run(tmp_path) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "OMP_NUM_THREADS": os.environ.get("PHASEWATCH_TEST_THREADS", "1")}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=150)[1] for p in procs]
-    finally:
-        for p in procs:  # a hang (a collective one rank never joins) must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], errs
-    return [json.loads((tmp_path / f"report-{r}.json").read_text()) for r in range(2)]
+    run_ranks(script, tmp_path, timeout=150)
+    return reports(tmp_path)
 
 
 def test_fsdp_fd_probe_equals_one_process_and_dense_hessian(runs):

@@ -88,6 +88,9 @@ upward-biased, target.
       Gaussian noise of any covariance (often much wider than necessary when
       the noise is spread over many directions), but not guaranteed for
       heavy-tailed noise. Store the moment statistics to do better.
+    * With fewer than 4 samples (``MOMENTS_MIN_N``) the moment estimates cannot carry T's own
+      sampling noise (at n = 2 it is estimated as exactly 0: ``d_1 = -d_2``), so the Gaussian
+      bound is used for those measurements whatever moments are stored.
     * Where the standard error of log(A/T) exceeds 1 the log-scale interval is
       replaced by the linear one, R·(1 ± z·se) clipped at 0 (the log expansion
       fails there: its upper end reaches 1e100 when the signal is buried).
@@ -123,6 +126,11 @@ from .result import Estimate
 
 Variant = Literal["canonical", "naive", "langevin", "levy"]
 CIKind = Literal["bootstrap", "delta", "none"]
+
+#: Fewest samples for the moment-based delta interval: below it the fourth-moment term Var‖dᵢ‖²
+#: (T's own sampling noise) has at most two degrees of freedom, and none at n = 2 (d₁ = −d₂), so
+#: the Gaussian worst-case bound is used instead (``ci_method`` says so).
+MOMENTS_MIN_N = 4
 _VARIANTS: tuple[str, ...] = ("canonical", "naive", "langevin", "levy")
 #: Flag raised when the bias-corrected signal ``||g_bar||^2 - T/n`` is <= 0 (C reported as 0).
 FLAG_UNRESOLVED: str = "signal not resolved (bias-corrected C <= 0)"
@@ -620,8 +628,8 @@ def _ratio_interval(ci: str, R: np.ndarray, m: _Measurement, level: float, n_boo
     """``(interval of R = A/T with a trailing axis of 2, ci_method)``: the basic bootstrap on the log
     scale with raw samples, else the delta method (module docstring), or NaN for ``"none"``."""
     ci_method = ci
-    if ci == "bootstrap" and m.gram is None:
-        ci_method = "delta"
+    if ci == "bootstrap" and (m.gram is None or np.any(np.asarray(m.n) < MOMENTS_MIN_N)):
+        ci_method = "delta"  # (fewer than 4 samples have at most 10 distinct resamples: no bootstrap)
     if ci_method == "bootstrap":
         assert m.gram is not None
         rng = _rng(seed)
@@ -636,6 +644,13 @@ def _ratio_interval(ci: str, R: np.ndarray, m: _Measurement, level: float, n_boo
         z = float(stats.norm.ppf(0.5 + level / 2.0))
         if m.moments is not None:
             var_log = _delta_var_log_ratio_moments(m.n, m.A, m.T, *m.moments)
+            # n < MOMENTS_MIN_N: the sample moments cannot carry T's own variance (at n = 2,
+            # d_1 = -d_2 makes Var_i ||d_i||^2 exactly 0, an interval that ignores the noise of T
+            # altogether); those measurements get the conservative Gaussian bound instead
+            few = np.asarray(m.n) < MOMENTS_MIN_N
+            if few.any():
+                var_log = np.where(few, _delta_var_log_ratio_gaussian_bound(m.n, m.A, m.T), var_log)
+                ci_method = "delta-gaussian-bound" if few.all() else "delta (delta-gaussian-bound where n < 4)"
         else:
             var_log = _delta_var_log_ratio_gaussian_bound(m.n, m.A, m.T)
             ci_method = "delta-gaussian-bound"

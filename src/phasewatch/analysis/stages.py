@@ -281,7 +281,9 @@ def event_table(evs: list[Event]) -> Table:
 def _probe_conventions(o: AnalysisOptions) -> dict[str, str]:
     lv = o.level_note
     return {
-        "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI" + lv + "; C_naive = ||g_bar||^2/T; "
+        "C": "canonical (||g_bar||^2 - T/n)/T with delta-method CI" + lv + " (from the stored moments; with "
+             "n < 4 samples the Gaussian worst-case bound, wide: their moments cannot estimate the noise of T)"
+             "; C_naive = ||g_bar||^2/T; "
              "C_per_example = C/b; B_simple = 1/C_per_example; C_batch = B*C_per_example (B the training "
              "batch: Recorder(batch_size), else b*n for micro-batch/per-rank samples), p_batch = C_batch/(1+C_batch)",
         "C_langevin": "B ||g_bar||^2/(eta^2 b T) (= ||g||^2/(2DP), D = eta^2 sigma^2/(2B)), delta-method CI" + lv

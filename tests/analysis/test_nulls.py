@@ -509,3 +509,27 @@ def test_null_off_drops_only_the_null_columns_and_says_so(tmp_path):
     assert (tmp_path / "o.png").stat().st_size > 0
     with pytest.raises(PhasewatchError, match="'off'"):
         phasewatch.analyze(sample, null="of")
+
+
+def test_null_band_says_its_dimension_when_n2_samples_cannot_estimate_it(tmp_path):
+    """Gradient-noise rows with n = 2 give no participation ratio (no Tr(S^2) to correct): the band
+    falls back to the recorded dimension and the summary says so, instead of calling the fallback
+    a participation ratio."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    with phasewatch.Recorder(tmp_path / "r", model, opt, grad_samples_every=5, grad_source="micro_batch") as rec:
+        for _ in range(40):
+            opt.zero_grad()
+            for half in (slice(0, 32), slice(32, 64)):  # two micro-batches: n = 2 samples
+                (torch.nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
+            opt.step()
+    a = phasewatch.analyze(tmp_path / "r")
+    assert set(np.asarray(a.probes["n"]).tolist()) == {2}
+    P = sum(p.numel() for p in model.parameters())
+    assert a.null["dim"] == P
+    assert "give no participation ratio" in a.null["dim_source"]
+    assert f"null band    d_eff = the recorded dimension {P}" in a.summary()

@@ -53,17 +53,22 @@ def null_dimension(run):
         gs = run.table("grad_samples")
         ok = np.asarray(gs["n"]) >= 2
         if ok.any():
-            pr = np.asarray(gradcov.probe_columns(gs)["cov_eff_rank_corrected"], dtype=float)
+            raw = np.asarray(gradcov.probe_columns(gs)["cov_eff_rank_corrected"], dtype=float)[ok]
+            has = np.isfinite(raw) & (raw > 0)
+            if not has.any():  # e.g. n = 2 micro-batches: no estimate of Tr(S^2) to correct
+                return rec_dim, (f"{why}; the {int(ok.sum())} gradient-noise measurements (n = "
+                                 f"{int(np.min(np.asarray(gs['n'])[ok]))}) give no participation ratio")
             ms = np.asarray(gs["step"])[ok]
-            pr = np.where(np.isfinite(pr[ok]) & (pr[ok] > 0), np.minimum(pr[ok], rec_dim), rec_dim)
+            pr = np.where(has, np.minimum(raw, rec_dim), rec_dim)
 
             def dims(steps):
                 i = np.searchsorted(ms, np.asarray(steps), side="right") - 1
                 return np.where(i >= 0, pr[np.maximum(i, 0)], rec_dim)
 
             return dims, ("per window the participation ratio Tr(S)^2/Tr(S^2) of the gradient-noise covariance "
-                          f"at the latest measurement (median {np.median(pr):.4g} over {pr.size}; the recorded "
-                          f"dimension {rec_dim:g} before the first)")
+                          f"at the latest measurement (median {np.median(pr[has]):.4g} over the {int(has.sum())} of "
+                          f"{pr.size} measurements that estimate it; the recorded dimension {rec_dim:g} before the "
+                          "first and at the others)")
     return rec_dim, why
 
 

@@ -279,6 +279,8 @@ class Analysis:
                          f"median gap ratio {d['gap_ratio_median']:.3g}")
         if "gap_excess_median" in d:
             lines.append("null         " + null_reading(d))
+            if self.null.get("draws"):
+                lines.append("null band    d_eff = " + str(self.null.get("dim_source", self.null.get("dim"))))
         elif self.null.get("kind") == "off" and "kstar_mode" in d:
             lines.append("null         off (null='off'): k* and the gap ratio are not judged against momentum alone")
         if "A_dk_median" in d:

@@ -87,7 +87,7 @@ class NullSetup:
         if m is None:
             return {"kind": "off", "draws": 0, "source": "null='off': no momentum null computed"}
         return {"kind": m.kind, "beta": m.beta, "rho1": float(m.rho(2)[1]), "stride": m.stride,
-                "dim": self.why if callable(self.dim) else self.dim,
+                "dim": self.why if callable(self.dim) else self.dim, "dim_source": str(self.why),
                 "draws": int(o.null_draws) if self.banded else 0, "level": float(o.null_level), "source": m.source}
 
 

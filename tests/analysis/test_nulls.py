@@ -521,7 +521,7 @@ def test_null_band_says_its_dimension_when_n2_samples_cannot_estimate_it(tmp_pat
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
-    with phasewatch.Recorder(tmp_path / "r", model, opt, grad_samples_every=5, grad_source="micro_batch") as rec:
+    with phasewatch.Recorder(tmp_path / "r", model, opt, grad_samples_every=5, grad_source="micro_batch"):
         for _ in range(40):
             opt.zero_grad()
             for half in (slice(0, 32), slice(32, 64)):  # two micro-batches: n = 2 samples
